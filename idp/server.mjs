@@ -1,0 +1,256 @@
+// The identity provider for tokenhub's tests and demo: npm `oidc-provider`
+// (a certified OpenID provider) with PKCE required, refresh-token rotation on,
+// a login form where any user name logs in, and state kept in a directory so
+// the provider can be stopped and started again without losing grants.
+//
+// Settings (environment):
+//   IDP_PORT               port on 127.0.0.1 (default 9000)
+//   IDP_STATE_DIR          where keys and grants are kept (default ./.idp-state)
+//   IDP_CLIENT_ID          the relying party's client id (default tokenhub)
+//   IDP_CLIENT_SECRET      its secret (default tokenhub-secret)
+//   IDP_REDIRECT_URIS      comma-separated redirect URIs
+//   IDP_ACCESS_TOKEN_TTL   access-token lifetime in seconds (default 3600)
+//   IDP_TEST_CONTROL=1     enable /_test/* (counters, killing a user's grants)
+//   IDP_PARENT_PID         exit when this process is gone (tests that start us)
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import Provider from 'oidc-provider';
+
+const port = Number(process.env.IDP_PORT || 9000);
+const issuer = `http://127.0.0.1:${port}`;
+const stateDir = path.resolve(process.env.IDP_STATE_DIR || '.idp-state');
+const clientId = process.env.IDP_CLIENT_ID || 'tokenhub';
+const clientSecret = process.env.IDP_CLIENT_SECRET || 'tokenhub-secret';
+const redirectUris = (process.env.IDP_REDIRECT_URIS || 'http://127.0.0.1:8000/callback')
+  .split(',').map((s) => s.trim()).filter(Boolean);
+const accessTtl = Number(process.env.IDP_ACCESS_TOKEN_TTL || 3600);
+const testControl = process.env.IDP_TEST_CONTROL === '1';
+
+fs.mkdirSync(stateDir, { recursive: true });
+
+// Signing keys survive restarts so tokens issued before a restart still verify.
+function loadKeys() {
+  const file = path.join(stateDir, 'jwks.json');
+  if (fs.existsSync(file)) return JSON.parse(fs.readFileSync(file, 'utf8'));
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const jwk = { ...privateKey.export({ format: 'jwk' }), kid: crypto.randomUUID(), use: 'sig', alg: 'RS256' };
+  const jwks = { keys: [jwk] };
+  fs.writeFileSync(file, JSON.stringify(jwks), { mode: 0o600 });
+  return jwks;
+}
+
+// A small file-backed adapter: the whole store is one JSON file, rewritten on
+// each change. Enough for tests and a demo, and it survives a restart.
+const storeFile = path.join(stateDir, 'store.json');
+const store = fs.existsSync(storeFile) ? JSON.parse(fs.readFileSync(storeFile, 'utf8')) : {};
+function persist() {
+  const tmp = `${storeFile}.tmp`;
+  fs.writeFileSync(tmp, JSON.stringify(store));
+  fs.renameSync(tmp, storeFile);
+}
+function now() { return Math.floor(Date.now() / 1000); }
+
+class FileAdapter {
+  constructor(name) { this.name = name; }
+  key(id) { return `${this.name}:${id}`; }
+  async upsert(id, payload, expiresIn) {
+    store[this.key(id)] = { payload, exp: expiresIn ? now() + expiresIn : null };
+    persist();
+  }
+  async find(id) {
+    const entry = store[this.key(id)];
+    if (!entry) return undefined;
+    if (entry.exp && entry.exp < now()) { delete store[this.key(id)]; persist(); return undefined; }
+    return entry.payload;
+  }
+  async findByUserCode(userCode) {
+    return Object.values(store).map((e) => e.payload).find((p) => p.userCode === userCode);
+  }
+  async findByUid(uid) {
+    const hit = Object.entries(store).find(([k, e]) => k.startsWith(`${this.name}:`) && e.payload.uid === uid);
+    return hit ? this.find(hit[0].slice(this.name.length + 1)) : undefined;
+  }
+  async consume(id) {
+    const entry = store[this.key(id)];
+    if (entry) { entry.payload.consumed = now(); persist(); }
+  }
+  async destroy(id) { delete store[this.key(id)]; persist(); }
+  async revokeByGrantId(grantId) {
+    for (const [k, e] of Object.entries(store)) if (e.payload.grantId === grantId) delete store[k];
+    persist();
+  }
+}
+
+function groupsFor(user) {
+  const groups = ['users'];
+  if (user.startsWith('admin')) groups.push('admins');
+  return groups;
+}
+
+const configuration = {
+  adapter: FileAdapter,
+  jwks: loadKeys(),
+  clients: [{
+    client_id: clientId,
+    client_secret: clientSecret,
+    redirect_uris: redirectUris,
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    token_endpoint_auth_method: 'client_secret_basic',
+  }],
+  pkce: { required: () => true },
+  rotateRefreshToken: () => true,
+  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+  scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
+  claims: {
+    openid: ['sub'],
+    email: ['email', 'email_verified'],
+    profile: ['name', 'preferred_username'],
+    groups: ['groups'],
+  },
+  ttl: {
+    AccessToken: accessTtl,
+    AuthorizationCode: 60,
+    IdToken: accessTtl,
+    RefreshToken: 14 * 24 * 3600,
+    Grant: 14 * 24 * 3600,
+    Session: 14 * 24 * 3600,
+    Interaction: 3600,
+  },
+  cookies: { keys: ['tokenhub-test-idp-cookie-key'] },
+  features: {
+    devInteractions: { enabled: false },
+    revocation: { enabled: true },
+    userinfo: { enabled: true },
+  },
+  // Every user consents to what the relying party asks: no consent screen.
+  loadExistingGrant: async (ctx) => {
+    const grantId = ctx.oidc.result?.consent?.grantId
+      || ctx.oidc.session.grantIdFor(ctx.oidc.client.clientId);
+    let grant = grantId ? await ctx.oidc.provider.Grant.find(grantId) : undefined;
+    if (!grant) {
+      grant = new ctx.oidc.provider.Grant({ accountId: ctx.oidc.session.accountId, clientId: ctx.oidc.client.clientId });
+    }
+    grant.addOIDCScope(ctx.oidc.requestParamScopes ? [...ctx.oidc.requestParamScopes].join(' ') : 'openid');
+    await grant.save();
+    return grant;
+  },
+  findAccount: async (_ctx, id) => ({
+    accountId: id,
+    claims: async () => ({
+      sub: id,
+      preferred_username: id,
+      name: id,
+      email: `${id}@example.org`,
+      email_verified: true,
+      groups: groupsFor(id),
+    }),
+  }),
+  interactions: { url: (_ctx, interaction) => `/interaction/${interaction.uid}` },
+  renderError: async (ctx, out) => {
+    ctx.type = 'html';
+    ctx.body = `<!doctype html><title>IdP error</title><h1>${out.error}</h1><p>${out.error_description || ''}</p>`;
+  },
+};
+
+const provider = new Provider(issuer, configuration);
+
+const counters = { authorization_code: 0, refresh_token: 0, refresh_token_error: 0 };
+provider.on('grant.success', (ctx) => {
+  const type = ctx.oidc.params.grant_type;
+  if (type in counters) counters[type] += 1;
+});
+provider.on('grant.error', (ctx) => {
+  if (ctx.oidc?.params?.grant_type === 'refresh_token') counters.refresh_token_error += 1;
+});
+
+async function readForm(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > 16 * 1024) throw new Error('form too large');
+    chunks.push(chunk);
+  }
+  return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
+}
+
+function escapeHtml(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+}
+
+// The login form: any user name logs in, the password is not checked.
+provider.use(async (ctx, next) => {
+  const m = ctx.path.match(/^\/interaction\/([^/]+)(\/login)?$/);
+  if (!m) return next();
+  ctx.set('cache-control', 'no-store');
+  const details = await provider.interactionDetails(ctx.req, ctx.res);
+  if (ctx.method === 'GET' && !m[2]) {
+    if (details.prompt.name !== 'login') {
+      // Only consent is missing: loadExistingGrant grants it, so just finish.
+      await provider.interactionFinished(ctx.req, ctx.res, {
+        login: { accountId: details.session.accountId },
+      }, { mergeWithLastSubmission: true });
+      return undefined;
+    }
+    ctx.type = 'html';
+    ctx.body = `<!doctype html><html><head><title>Test IdP sign-in</title></head><body>
+<h1>Test identity provider</h1><p>Any user name signs in; the password is not checked.</p>
+<form method="post" action="/interaction/${escapeHtml(details.uid)}/login">
+<label>User name <input name="login" id="login" autofocus required></label>
+<label>Password <input name="password" id="password" type="password"></label>
+<button type="submit" id="submit">Sign in</button></form></body></html>`;
+    return undefined;
+  }
+  if (ctx.method === 'POST' && m[2]) {
+    const form = await readForm(ctx.req);
+    const login = (form.get('login') || '').trim();
+    if (!/^[a-z0-9][a-z0-9._-]{0,63}$/.test(login)) {
+      ctx.status = 400;
+      ctx.body = 'user name must be lower-case letters, digits, ".", "_" or "-"';
+      return undefined;
+    }
+    await provider.interactionFinished(ctx.req, ctx.res, { login: { accountId: login } }, { mergeWithLastSubmission: false });
+    return undefined;
+  }
+  return next();
+});
+
+// Test control, off unless IDP_TEST_CONTROL=1.
+provider.use(async (ctx, next) => {
+  if (!testControl || !ctx.path.startsWith('/_test/')) return next();
+  ctx.type = 'json';
+  if (ctx.path === '/_test/stats') {
+    ctx.body = counters;
+  } else if (ctx.path === '/_test/kill' && ctx.method === 'POST') {
+    // Kill every grant (and so every refresh token) of one account.
+    const account = ctx.query.account;
+    let killed = 0;
+    for (const [k, e] of Object.entries(store)) {
+      if (k.startsWith('Grant:') && e.payload.accountId === account) {
+        await new FileAdapter('Grant').revokeByGrantId(k.slice('Grant:'.length));
+        delete store[k];
+        killed += 1;
+      }
+    }
+    persist();
+    ctx.body = { killed };
+  } else {
+    ctx.status = 404;
+    ctx.body = { error: 'not_found' };
+  }
+  return undefined;
+});
+
+// A test runner that dies without cleaning up must not leave us behind.
+const parentPid = Number(process.env.IDP_PARENT_PID || 0);
+if (parentPid) {
+  setInterval(() => {
+    try { process.kill(parentPid, 0); } catch { process.exit(0); }
+  }, 1000).unref();
+}
+
+provider.listen(port, '127.0.0.1', () => {
+  console.log(`test IdP listening at ${issuer}`);
+});

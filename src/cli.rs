@@ -1,0 +1,118 @@
+//! The command line: `tokenhub serve` and `tokenhub keygen`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat, Settings};
+use crate::crypto::KeyRing;
+use crate::state::App;
+
+/// OpenID Connect login, token vault and token service for JupyterHub.
+///
+/// Every setting of `serve` can be given as a flag, as the environment
+/// variable shown, or in the TOML file named by --config.
+#[derive(Debug, Parser)]
+#[command(name = "tokenhub", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(Box<Settings>),
+    /// Print a new random encryption key for TOKENHUB_CRYPT_KEY.
+    Keygen,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen => {
+            println!("{}", KeyRing::generate_key());
+            ExitCode::SUCCESS
+        }
+        Command::Serve(settings) => {
+            let jupyterhub_key = std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from);
+            let config = match settings.with_file().and_then(|s| s.into_config(jupyterhub_key)) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("tokenhub: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "tokenhub stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Runs the service until SIGINT or SIGTERM, then drains requests in flight.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let bind = config.http.bind;
+    let state = App::new(config).await?;
+    state.upstream.warm_up().await;
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        public_url = %state.config.http.public_url,
+        database = ?state.vault.store().backend(),
+        "tokenhub listening"
+    );
+    let purge_state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tick.tick().await;
+            if let Err(e) = purge_state.vault.store().purge_expired(crate::time::now()).await {
+                tracing::warn!(error = %e, "purging expired codes and tokens failed");
+            }
+        }
+    });
+    axum::serve(listener, crate::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("tokenhub stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

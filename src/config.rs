@@ -1,0 +1,442 @@
+//! Configuration: settings from the command line, `TOKENHUB_*` environment
+//! variables and an optional TOML file (in that order of precedence), turned
+//! into one checked [`Config`] split per concern.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+/// Every setting of `tokenhub serve`. Each is a flag, an environment variable
+/// and a key of the TOML file (the field name).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of these settings (keys are the flag names with `_`);
+    /// the environment and flags override it.
+    #[arg(long, env = "TOKENHUB_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on.
+    #[arg(long, env = "TOKENHUB_BIND", help_heading = "HTTP")]
+    pub bind: Option<SocketAddr>,
+
+    /// Public base URL of tokenhub as browsers and the hub reach it, e.g.
+    /// `https://hub.example.org/services/tokenhub`. Default: `http://<bind>`,
+    /// or the hub's proxy prefix when JupyterHub runs tokenhub as a service.
+    #[arg(long, env = "TOKENHUB_PUBLIC_URL", help_heading = "HTTP")]
+    pub public_url: Option<Url>,
+
+    /// Path prefix that JupyterHub gives a managed service (set by the hub).
+    #[arg(long, env = "JUPYTERHUB_SERVICE_PREFIX", help_heading = "HTTP")]
+    pub service_prefix: Option<String>,
+
+    /// Issuer URL of the upstream OpenID provider (discovery is read from
+    /// `<issuer>/.well-known/openid-configuration`).
+    /// Written exactly as the provider's discovery document states it.
+    #[arg(long, env = "TOKENHUB_OIDC_ISSUER", help_heading = "Upstream OpenID provider")]
+    pub oidc_issuer: Option<String>,
+
+    /// Client id registered at the upstream provider.
+    #[arg(long, env = "TOKENHUB_OIDC_CLIENT_ID", help_heading = "Upstream OpenID provider")]
+    pub oidc_client_id: Option<String>,
+
+    /// Client secret registered at the upstream provider.
+    #[arg(long, env = "TOKENHUB_OIDC_CLIENT_SECRET", hide_env_values = true, help_heading = "Upstream OpenID provider")]
+    pub oidc_client_secret: Option<SecretString>,
+
+    /// Space-separated scopes to request upstream. `openid` is always added.
+    #[arg(long, env = "TOKENHUB_OIDC_SCOPES", help_heading = "Upstream OpenID provider", default_value = None)]
+    pub oidc_scopes: Option<String>,
+
+    /// Redirect URI registered upstream. Default: `<public_url>/callback`.
+    #[arg(long, env = "TOKENHUB_OIDC_REDIRECT_URI", help_heading = "Upstream OpenID provider")]
+    pub oidc_redirect_uri: Option<Url>,
+
+    /// Upstream claim that becomes the JupyterHub user name.
+    #[arg(long, env = "TOKENHUB_USERNAME_CLAIM", help_heading = "Upstream OpenID provider")]
+    pub username_claim: Option<String>,
+
+    /// Upstream claim that holds the user's groups.
+    #[arg(long, env = "TOKENHUB_GROUPS_CLAIM", help_heading = "Upstream OpenID provider")]
+    pub groups_claim: Option<String>,
+
+    /// Client id of the one registered client, JupyterHub.
+    #[arg(long, env = "TOKENHUB_HUB_CLIENT_ID", help_heading = "JupyterHub as OAuth client")]
+    pub hub_client_id: Option<String>,
+
+    /// Client secret of JupyterHub.
+    #[arg(long, env = "TOKENHUB_HUB_CLIENT_SECRET", hide_env_values = true, help_heading = "JupyterHub as OAuth client")]
+    pub hub_client_secret: Option<SecretString>,
+
+    /// JupyterHub's OAuth callback URL, e.g. `https://hub.example.org/hub/oauth_callback`.
+    #[arg(long, env = "TOKENHUB_HUB_REDIRECT_URI", help_heading = "JupyterHub as OAuth client")]
+    pub hub_redirect_uri: Option<Url>,
+
+    /// Lifetime in seconds of the access tokens tokenhub issues to the hub.
+    #[arg(long, env = "TOKENHUB_HUB_TOKEN_TTL", help_heading = "JupyterHub as OAuth client")]
+    pub hub_token_ttl: Option<u64>,
+
+    /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
+    #[arg(long, env = "TOKENHUB_DATABASE_URL", help_heading = "Vault")]
+    pub database_url: Option<String>,
+
+    /// Encryption keys, `;`-separated, 32 bytes each as hex or base64; the first
+    /// encrypts, all decrypt. Falls back to JUPYTERHUB_CRYPT_KEY.
+    #[arg(long, env = "TOKENHUB_CRYPT_KEY", hide_env_values = true, help_heading = "Vault")]
+    pub crypt_key: Option<SecretString>,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `tokenhub=debug`.
+    #[arg(long, env = "TOKENHUB_LOG", help_heading = "Logging")]
+    pub log: Option<String>,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "TOKENHUB_LOG_FORMAT", help_heading = "Logging")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A setting that is missing or wrong, named by its environment variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is not given.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A setting has a value that cannot work.
+    #[error("{name}: {reason}")]
+    Invalid {
+        /// The environment variable.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TOML file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Where tokenhub listens and how it is reached.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Listening address.
+    pub bind: SocketAddr,
+    /// Public base URL, without a trailing slash.
+    pub public_url: Url,
+    /// Path prefix every route lives under (`""` for the root).
+    pub base_path: String,
+    /// Whether cookies get the `Secure` attribute (public URL is https).
+    pub secure_cookies: bool,
+}
+
+/// The upstream OpenID provider.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Issuer URL, exactly as configured (discovery compares it verbatim).
+    pub issuer: String,
+    /// Our client id there.
+    pub client_id: String,
+    /// Our client secret there.
+    pub client_secret: SecretString,
+    /// Scopes to request (always includes `openid`).
+    pub scopes: Vec<String>,
+    /// Our redirect URI there.
+    pub redirect_uri: Url,
+    /// Claim that names the user.
+    pub username_claim: String,
+    /// Claim that lists the user's groups.
+    pub groups_claim: String,
+}
+
+/// JupyterHub, the one client of tokenhub's own OAuth provider.
+#[derive(Debug, Clone)]
+pub struct HubClientConfig {
+    /// Client id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: SecretString,
+    /// The only redirect URI accepted.
+    pub redirect_uri: Url,
+    /// Lifetime of access tokens issued to the hub, in seconds.
+    pub token_ttl: u64,
+}
+
+/// The vault: database and keys.
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    /// Database URL.
+    pub database_url: String,
+    /// The key list, unparsed.
+    pub crypt_key: SecretString,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `EnvFilter` directive.
+    pub filter: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// The whole checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP.
+    pub http: HttpConfig,
+    /// Upstream provider.
+    pub upstream: UpstreamConfig,
+    /// JupyterHub as client.
+    pub hub: HubClientConfig,
+    /// Vault.
+    pub vault: VaultConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+const DEFAULT_SCOPES: &str = "openid email profile offline_access";
+
+impl Settings {
+    /// Fills every unset field from `file` (lower precedence).
+    fn or(self, file: Settings) -> Settings {
+        macro_rules! pick {
+            ($($f:ident),*) => { Settings { config: self.config, $($f: self.$f.or(file.$f)),* } };
+        }
+        pick!(
+            bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
+            oidc_scopes, oidc_redirect_uri, username_claim, groups_claim, hub_client_id,
+            hub_client_secret, hub_redirect_uri, hub_token_ttl, database_url, crypt_key, log,
+            log_format
+        )
+    }
+
+    /// Reads the TOML file, if one is named, under the environment and flags.
+    pub fn with_file(self) -> Result<Settings, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let file: Settings = toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(self.or(file))
+    }
+
+    /// Checks the settings and applies defaults. `jupyterhub_crypt_key` is the
+    /// fallback key list (the hub's own variable).
+    pub fn into_config(self, jupyterhub_crypt_key: Option<SecretString>) -> Result<Config, ConfigError> {
+        let bind = self.bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+        let public_url = match self.public_url {
+            Some(url) => url,
+            None => {
+                let prefix = self.service_prefix.as_deref().unwrap_or("/");
+                Url::parse(&format!("http://{bind}{prefix}")).map_err(|e| ConfigError::Invalid {
+                    name: "TOKENHUB_PUBLIC_URL",
+                    reason: e.to_string(),
+                })?
+            }
+        };
+        if !matches!(public_url.scheme(), "http" | "https") {
+            return Err(ConfigError::Invalid {
+                name: "TOKENHUB_PUBLIC_URL",
+                reason: "must be an http or https URL".into(),
+            });
+        }
+        let base_path = public_url.path().trim_end_matches('/').to_string();
+        let public_url = trim_slash(public_url);
+        let redirect_uri = match self.oidc_redirect_uri {
+            Some(url) => url,
+            None => join(&public_url, "/callback"),
+        };
+        let mut scopes: Vec<String> = self
+            .oidc_scopes
+            .as_deref()
+            .unwrap_or(DEFAULT_SCOPES)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !scopes.iter().any(|s| s == "openid") {
+            scopes.insert(0, "openid".into());
+        }
+        let crypt_key = self
+            .crypt_key
+            .or(jupyterhub_crypt_key)
+            .ok_or(ConfigError::Missing("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY)"))?;
+        Ok(Config {
+            http: HttpConfig {
+                bind,
+                secure_cookies: public_url.scheme() == "https",
+                public_url,
+                base_path,
+            },
+            upstream: UpstreamConfig {
+                issuer: check_issuer(self.oidc_issuer.ok_or(ConfigError::Missing("TOKENHUB_OIDC_ISSUER"))?)?,
+                client_id: self.oidc_client_id.ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_ID"))?,
+                client_secret: self
+                    .oidc_client_secret
+                    .ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_SECRET"))?,
+                scopes,
+                redirect_uri,
+                username_claim: self.username_claim.unwrap_or_else(|| "preferred_username".into()),
+                groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
+            },
+            hub: HubClientConfig {
+                client_id: self.hub_client_id.ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_ID"))?,
+                client_secret: self
+                    .hub_client_secret
+                    .ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_SECRET"))?,
+                redirect_uri: self
+                    .hub_redirect_uri
+                    .ok_or(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI"))?,
+                token_ttl: self.hub_token_ttl.unwrap_or(3600),
+            },
+            vault: VaultConfig {
+                database_url: self
+                    .database_url
+                    .unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
+                crypt_key,
+            },
+            log: LogConfig {
+                filter: self.log.unwrap_or_else(|| "info".into()),
+                format: self.log_format.unwrap_or_default(),
+            },
+        })
+    }
+}
+
+fn check_issuer(issuer: String) -> Result<String, ConfigError> {
+    let invalid = |reason: &str| ConfigError::Invalid { name: "TOKENHUB_OIDC_ISSUER", reason: reason.into() };
+    let url = Url::parse(&issuer).map_err(|e| invalid(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("must be an http(s) URL without query or fragment"));
+    }
+    Ok(issuer)
+}
+
+fn trim_slash(mut url: Url) -> Url {
+    let path = url.path().trim_end_matches('/').to_string();
+    url.set_path(&path);
+    url
+}
+
+/// `base` (no trailing slash) with `path` appended.
+pub fn join(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let joined = format!("{}{}", base.path().trim_end_matches('/'), path);
+    url.set_path(&joined);
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn minimal() -> Settings {
+        Settings {
+            oidc_issuer: Some("https://idp.example.org".into()),
+            oidc_client_id: Some("c".into()),
+            oidc_client_secret: Some("s".into()),
+            hub_client_id: Some("hub".into()),
+            hub_client_secret: Some("hs".into()),
+            hub_redirect_uri: Some(Url::parse("http://127.0.0.1:8081/hub/oauth_callback").unwrap()),
+            crypt_key: Some("k".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_service_prefix() {
+        let config = Settings {
+            service_prefix: Some("/services/tokenhub/".into()),
+            ..minimal()
+        }
+        .into_config(None)
+        .unwrap();
+        assert_eq!(config.http.base_path, "/services/tokenhub");
+        assert_eq!(config.http.public_url.as_str(), "http://127.0.0.1:8000/services/tokenhub");
+        assert_eq!(
+            config.upstream.redirect_uri.as_str(),
+            "http://127.0.0.1:8000/services/tokenhub/callback"
+        );
+        assert_eq!(config.upstream.scopes, ["openid", "email", "profile", "offline_access"]);
+        assert!(!config.http.secure_cookies);
+    }
+
+    #[test]
+    fn public_url_root_has_empty_base_path() {
+        let config = Settings {
+            public_url: Some(Url::parse("https://th.example.org/").unwrap()),
+            oidc_scopes: Some("email offline_access".into()),
+            ..minimal()
+        }
+        .into_config(None)
+        .unwrap();
+        assert_eq!(config.http.base_path, "");
+        assert!(config.http.secure_cookies);
+        assert_eq!(config.upstream.redirect_uri.as_str(), "https://th.example.org/callback");
+        assert_eq!(config.upstream.scopes, ["openid", "email", "offline_access"]);
+    }
+
+    #[test]
+    fn crypt_key_falls_back_to_jupyterhub_and_is_required() {
+        let mut s = minimal();
+        s.crypt_key = None;
+        let err = s.clone().into_config(None).unwrap_err();
+        assert!(err.to_string().contains("TOKENHUB_CRYPT_KEY"));
+        let config = s.into_config(Some("hubkey".into())).unwrap();
+        assert_eq!(config.vault.crypt_key.expose_secret(), "hubkey");
+    }
+
+    #[test]
+    fn missing_or_bad_issuer_is_named() {
+        let mut s = minimal();
+        s.oidc_issuer = None;
+        assert_eq!(s.clone().into_config(None).unwrap_err().to_string(), "TOKENHUB_OIDC_ISSUER is required");
+        s.oidc_issuer = Some("ftp://idp".into());
+        assert!(s.clone().into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_OIDC_ISSUER"));
+        s.oidc_issuer = Some("https://cilogon.org".into());
+        assert_eq!(s.into_config(None).unwrap().upstream.issuer, "https://cilogon.org", "kept verbatim");
+    }
+
+    #[test]
+    fn toml_file_fills_what_the_environment_leaves_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenhub.toml");
+        std::fs::write(&path, "oidc_client_id = \"from-file\"\nusername_claim = \"email\"\nbind = \"127.0.0.1:9999\"\n").unwrap();
+        let s = Settings {
+            config: Some(path.clone()),
+            username_claim: Some("sub".into()),
+            ..minimal()
+        };
+        let config = s.with_file().unwrap().into_config(None).unwrap();
+        assert_eq!(config.upstream.client_id, "c", "environment wins over the file");
+        assert_eq!(config.upstream.username_claim, "sub");
+        assert_eq!(config.http.bind.port(), 9999, "file fills unset values");
+        std::fs::write(&path, "no_such_setting = 1\n").unwrap();
+        let err = Settings { config: Some(path), ..minimal() }.with_file().unwrap_err();
+        assert!(err.to_string().contains("no_such_setting"));
+    }
+}

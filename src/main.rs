@@ -1,0 +1,5 @@
+//! The `tokenhub` binary: see `tokenhub --help`.
+
+fn main() -> std::process::ExitCode {
+    tokenhub::cli::main()
+}

@@ -1,0 +1,88 @@
+//! `App`: everything a request handler needs, built once at start-up and
+//! shared. Tests build their own with [`App::new`], so nothing is global.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+use crate::crypto::KeyRing;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::upstream::Upstream;
+use crate::vault::Vault;
+
+/// Shared application state.
+#[derive(Debug)]
+pub struct App {
+    /// The checked configuration.
+    pub config: Config,
+    /// Encryption keys.
+    pub keys: Arc<KeyRing>,
+    /// The token vault.
+    pub vault: Vault,
+    /// The upstream OpenID provider.
+    pub upstream: Upstream,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// What handlers receive.
+pub type AppState = Arc<App>;
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The key list is invalid.
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::CryptoError),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// The HTTP client for talking to the IdP: no redirects (OAuth endpoints must
+/// not be followed elsewhere), bounded time.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .user_agent(concat!("tokenhub/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+impl App {
+    /// Opens the vault and prepares the upstream client.
+    pub async fn new(config: Config) -> Result<AppState, StartError> {
+        let keys = Arc::new(KeyRing::parse(config.vault.crypt_key.expose_secret())?);
+        let store = Store::connect(&config.vault.database_url).await?;
+        let upstream = Upstream::new(config.upstream.clone(), http_client()?);
+        Ok(Arc::new(App {
+            vault: Vault::new(store, keys.clone()),
+            keys,
+            upstream,
+            metrics: Metrics::default(),
+            config,
+        }))
+    }
+
+    /// A URL of tokenhub's own, from a path like `/callback`.
+    pub fn url(&self, path: &str) -> url::Url {
+        crate::config::join(&self.config.http.public_url, path)
+    }
+
+    /// Where a user goes to start again: the hub's home (derived from its
+    /// OAuth callback, `…/hub/oauth_callback` → `…/hub/`).
+    pub fn hub_home(&self) -> String {
+        let callback = self.config.hub.redirect_uri.as_str();
+        match callback.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/"),
+            None => callback.to_string(),
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The database: rows as they are stored, behind one small interface that
+//! works on SQLite (the embedded default) and PostgreSQL (several replicas).
+//!
+//! Queries are written once, in the SQL both backends accept (`$n`
+//! placeholders, `ON CONFLICT`, `RETURNING`), and run through sqlx's `Any`
+//! driver. Each backend has its own migrations folder. This module knows
+//! nothing of encryption: the [`crate::vault`] seals values before they get here.
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// A database failure. Callers turn it into a 500/503; the text never holds
+/// token values because no query binds plaintext secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL names a backend tokenhub does not support.
+    #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    /// Any error from the driver.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// A lineage row: sealed token values and their plain metadata.
+#[derive(Debug, Clone)]
+pub struct LineageRow {
+    /// JupyterHub user name.
+    pub username: String,
+    /// Upstream issuer.
+    pub issuer: String,
+    /// Upstream subject.
+    pub subject: String,
+    /// Sealed access token.
+    pub access_token: Vec<u8>,
+    /// Sealed ID token.
+    pub id_token: Vec<u8>,
+    /// Sealed refresh token, if the IdP issued one.
+    pub refresh_token: Option<Vec<u8>>,
+    /// Sealed JSON object of the user's claims.
+    pub claims: Vec<u8>,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+    /// When the access token expires (unix seconds).
+    pub access_expires_at: Option<i64>,
+    /// Incremented on every change of the token set.
+    pub version: i64,
+    /// `active` or `dead` (the upstream grant is gone).
+    pub status: String,
+    /// When this lineage began (the login).
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+    /// Last upstream refresh.
+    pub refreshed_at: Option<i64>,
+}
+
+/// An authorization code issued to the hub (stored by hash).
+#[derive(Debug, Clone)]
+pub struct HubCodeRow {
+    /// SHA-256 of the code, hex.
+    pub code_hash: String,
+    /// The user the code logs in.
+    pub username: String,
+    /// The lineage's issuer.
+    pub issuer: String,
+    /// The client it was issued to.
+    pub client_id: String,
+    /// The redirect URI it was issued for.
+    pub redirect_uri: String,
+    /// The client's PKCE S256 challenge, if it sent one.
+    pub code_challenge: Option<String>,
+    /// Scope the client asked for.
+    pub scope: String,
+    /// Expiry (unix seconds).
+    pub expires_at: i64,
+}
+
+/// Whether a hub token is an access or a refresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubTokenKind {
+    /// Bearer token for userinfo.
+    Access,
+    /// Token for the refresh_token grant.
+    Refresh,
+}
+
+impl HubTokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            HubTokenKind::Access => "access",
+            HubTokenKind::Refresh => "refresh",
+        }
+    }
+}
+
+/// A token issued to the hub (stored by hash).
+#[derive(Debug, Clone)]
+pub struct HubTokenRow {
+    /// SHA-256 of the token, hex.
+    pub token_hash: String,
+    /// Access or refresh.
+    pub kind: HubTokenKind,
+    /// The user.
+    pub username: String,
+    /// The lineage's issuer.
+    pub issuer: String,
+    /// The client.
+    pub client_id: String,
+    /// Granted scope.
+    pub scope: String,
+    /// Expiry (unix seconds).
+    pub expires_at: i64,
+    /// Issue time (unix seconds).
+    pub created_at: i64,
+}
+
+/// The connection pool and the backend behind it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const LINEAGE_COLUMNS: &str = "username, issuer, subject, access_token, id_token, refresh_token, \
+     claims, scope, access_expires_at, version, status, created_at, updated_at, refreshed_at";
+
+fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
+    Ok(LineageRow {
+        username: row.try_get("username")?,
+        issuer: row.try_get("issuer")?,
+        subject: row.try_get("subject")?,
+        access_token: row.try_get("access_token")?,
+        id_token: row.try_get("id_token")?,
+        refresh_token: row.try_get("refresh_token")?,
+        claims: row.try_get("claims")?,
+        scope: row.try_get("scope")?,
+        access_expires_at: row.try_get("access_expires_at")?,
+        version: row.try_get("version")?,
+        status: row.try_get("status")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        refreshed_at: row.try_get("refreshed_at")?,
+    })
+}
+
+fn hub_code_from_row(row: &AnyRow) -> Result<HubCodeRow, sqlx::Error> {
+    Ok(HubCodeRow {
+        code_hash: row.try_get("code_hash")?,
+        username: row.try_get("username")?,
+        issuer: row.try_get("issuer")?,
+        client_id: row.try_get("client_id")?,
+        redirect_uri: row.try_get("redirect_uri")?,
+        code_challenge: row.try_get("code_challenge")?,
+        scope: row.try_get("scope")?,
+        expires_at: row.try_get("expires_at")?,
+    })
+}
+
+fn hub_token_from_row(row: &AnyRow, kind: HubTokenKind) -> Result<HubTokenRow, sqlx::Error> {
+    Ok(HubTokenRow {
+        token_hash: row.try_get("token_hash")?,
+        kind,
+        username: row.try_get("username")?,
+        issuer: row.try_get("issuer")?,
+        client_id: row.try_get("client_id")?,
+        scope: row.try_get("scope")?,
+        expires_at: row.try_get("expires_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Connects, creating an SQLite file if needed, and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the writer; wait for a
+                        // busy writer rather than fail.
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Stores `row` as the user's lineage for its issuer, replacing any
+    /// earlier one. The stored version is one more than the replaced row's
+    /// (1 for a first login); it is returned.
+    pub async fn replace_lineage(&self, row: &LineageRow) -> Result<i64, StoreError> {
+        let sql = format!(
+            "INSERT INTO lineages ({LINEAGE_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13) \
+             ON CONFLICT (username, issuer) DO UPDATE SET \
+               subject = excluded.subject, access_token = excluded.access_token, \
+               id_token = excluded.id_token, refresh_token = excluded.refresh_token, \
+               claims = excluded.claims, scope = excluded.scope, \
+               access_expires_at = excluded.access_expires_at, \
+               version = lineages.version + 1, status = excluded.status, \
+               created_at = excluded.created_at, updated_at = excluded.updated_at, \
+               refreshed_at = excluded.refreshed_at \
+             RETURNING version"
+        );
+        let version: i64 = sqlx::query_scalar(&sql)
+            .bind(&row.username)
+            .bind(&row.issuer)
+            .bind(&row.subject)
+            .bind(&row.access_token)
+            .bind(&row.id_token)
+            .bind(&row.refresh_token)
+            .bind(&row.claims)
+            .bind(&row.scope)
+            .bind(row.access_expires_at)
+            .bind(&row.status)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .bind(row.refreshed_at)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(version)
+    }
+
+    /// The user's lineage for `issuer`, if there is one.
+    pub async fn lineage(&self, username: &str, issuer: &str) -> Result<Option<LineageRow>, StoreError> {
+        let sql = format!("SELECT {LINEAGE_COLUMNS} FROM lineages WHERE username = $1 AND issuer = $2");
+        let row = sqlx::query(&sql)
+            .bind(username)
+            .bind(issuer)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(lineage_from_row).transpose()?)
+    }
+
+    /// Stores a new authorization code.
+    pub async fn insert_hub_code(&self, code: &HubCodeRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hub_codes (code_hash, username, issuer, client_id, redirect_uri, \
+             code_challenge, scope, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&code.code_hash)
+        .bind(&code.username)
+        .bind(&code.issuer)
+        .bind(&code.client_id)
+        .bind(&code.redirect_uri)
+        .bind(&code.code_challenge)
+        .bind(&code.scope)
+        .bind(code.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes and returns the code: a code can be taken once, by one caller,
+    /// even with several replicas.
+    pub async fn take_hub_code(&self, code_hash: &str) -> Result<Option<HubCodeRow>, StoreError> {
+        let row = sqlx::query(
+            "DELETE FROM hub_codes WHERE code_hash = $1 RETURNING code_hash, username, issuer, \
+             client_id, redirect_uri, code_challenge, scope, expires_at",
+        )
+        .bind(code_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(hub_code_from_row).transpose()?)
+    }
+
+    /// Stores a token issued to the hub.
+    pub async fn insert_hub_token(&self, token: &HubTokenRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hub_tokens (token_hash, kind, username, issuer, client_id, scope, \
+             expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&token.token_hash)
+        .bind(token.kind.as_str())
+        .bind(&token.username)
+        .bind(&token.issuer)
+        .bind(&token.client_id)
+        .bind(&token.scope)
+        .bind(token.expires_at)
+        .bind(token.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Looks a hub token up (`take` removes it: refresh tokens are single use).
+    pub async fn hub_token(
+        &self,
+        token_hash: &str,
+        kind: HubTokenKind,
+        take: bool,
+    ) -> Result<Option<HubTokenRow>, StoreError> {
+        let verb = if take { "DELETE FROM hub_tokens" } else { "SELECT * FROM hub_tokens" };
+        let returning = if take { " RETURNING *" } else { "" };
+        let sql = format!("{verb} WHERE token_hash = $1 AND kind = $2{returning}");
+        let row = sqlx::query(&sql)
+            .bind(token_hash)
+            .bind(kind.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(|r| hub_token_from_row(r, kind)).transpose()?)
+    }
+
+    /// Deletes codes and hub tokens that expired before `now`.
+    pub async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
+        let codes = sqlx::query("DELETE FROM hub_codes WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let tokens = sqlx::query("DELETE FROM hub_tokens WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(codes.rows_affected() + tokens.rows_affected())
+    }
+}

@@ -1,0 +1,169 @@
+//! The token vault: a user's current lineage, sealed before it reaches the
+//! [`Store`] and opened after it leaves. Associated data binds every sealed
+//! value to its user, issuer and field, so a value copied to another row or
+//! column does not open.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+use crate::crypto::{CryptoError, KeyRing};
+use crate::store::{LineageRow, Store, StoreError};
+use crate::time::now;
+
+/// The tokens the upstream IdP issued at login or at the last refresh.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    /// Access token.
+    pub access_token: SecretString,
+    /// ID token (a JWT).
+    pub id_token: SecretString,
+    /// Refresh token, when the IdP issued one.
+    pub refresh_token: Option<SecretString>,
+    /// When the access token expires (unix seconds), if the IdP said.
+    pub access_expires_at: Option<i64>,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// A user's lineage, opened.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    /// JupyterHub user name.
+    pub username: String,
+    /// Upstream issuer.
+    pub issuer: String,
+    /// Upstream subject.
+    pub subject: String,
+    /// The tokens.
+    pub tokens: TokenSet,
+    /// Claims from the ID token and userinfo.
+    pub claims: Map<String, Value>,
+    /// Incremented on every change.
+    pub version: i64,
+    /// False once the upstream grant is known to be dead.
+    pub active: bool,
+    /// Start of the lineage (login time).
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+    /// Last upstream refresh.
+    pub refreshed_at: Option<i64>,
+}
+
+/// Why the vault failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored value did not open (wrong key list or tampering).
+    #[error("stored tokens for user {username:?} do not decrypt: {source}")]
+    Crypto {
+        /// The row's user.
+        username: String,
+        /// Why.
+        source: CryptoError,
+    },
+}
+
+/// Sealed storage of lineages.
+#[derive(Debug, Clone)]
+pub struct Vault {
+    store: Store,
+    keys: Arc<KeyRing>,
+}
+
+fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
+    format!("tokenhub lineage\0{username}\0{issuer}\0{field}").into_bytes()
+}
+
+impl Vault {
+    /// A vault over `store`, sealing with `keys`.
+    pub fn new(store: Store, keys: Arc<KeyRing>) -> Self {
+        Self { store, keys }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stores a new lineage from a login, replacing the user's previous one for
+    /// that issuer. Returns its version.
+    pub async fn save_login(
+        &self,
+        username: &str,
+        issuer: &str,
+        subject: &str,
+        tokens: &TokenSet,
+        claims: &Map<String, Value>,
+    ) -> Result<i64, VaultError> {
+        let seal = |field: &str, value: &[u8]| self.keys.seal(value, &aad(username, issuer, field));
+        let now = now();
+        let row = LineageRow {
+            username: username.into(),
+            issuer: issuer.into(),
+            subject: subject.into(),
+            access_token: seal("access_token", tokens.access_token.expose_secret().as_bytes()),
+            id_token: seal("id_token", tokens.id_token.expose_secret().as_bytes()),
+            refresh_token: tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| seal("refresh_token", t.expose_secret().as_bytes())),
+            claims: seal("claims", &serde_json::to_vec(claims).expect("a JSON map serializes")),
+            scope: tokens.scope.clone(),
+            access_expires_at: tokens.access_expires_at,
+            version: 1,
+            status: "active".into(),
+            created_at: now,
+            updated_at: now,
+            refreshed_at: None,
+        };
+        Ok(self.store.replace_lineage(&row).await?)
+    }
+
+    /// The user's current lineage for `issuer`, opened.
+    pub async fn load(&self, username: &str, issuer: &str) -> Result<Option<Lineage>, VaultError> {
+        let Some(row) = self.store.lineage(username, issuer).await? else {
+            return Ok(None);
+        };
+        self.open_row(row).map(Some)
+    }
+
+    fn open_row(&self, row: LineageRow) -> Result<Lineage, VaultError> {
+        let crypto = |source| VaultError::Crypto { username: row.username.clone(), source };
+        let open = |field: &str, sealed: &[u8]| -> Result<String, VaultError> {
+            let plain = self
+                .keys
+                .open(sealed, &aad(&row.username, &row.issuer, field))
+                .map_err(crypto)?;
+            String::from_utf8(plain).map_err(|_| crypto(CryptoError::Malformed))
+        };
+        let claims: Map<String, Value> = serde_json::from_str(&open("claims", &row.claims)?)
+            .map_err(|_| crypto(CryptoError::Malformed))?;
+        Ok(Lineage {
+            tokens: TokenSet {
+                access_token: open("access_token", &row.access_token)?.into(),
+                id_token: open("id_token", &row.id_token)?.into(),
+                refresh_token: row
+                    .refresh_token
+                    .as_deref()
+                    .map(|t| open("refresh_token", t).map(SecretString::from))
+                    .transpose()?,
+                access_expires_at: row.access_expires_at,
+                scope: row.scope.clone(),
+            },
+            claims,
+            version: row.version,
+            active: row.status == "active",
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            refreshed_at: row.refreshed_at,
+            username: row.username,
+            issuer: row.issuer,
+            subject: row.subject,
+        })
+    }
+}

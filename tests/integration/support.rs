@@ -1,0 +1,389 @@
+//! Test harness: `TestApp` (tokenhub in-process on a loopback port), the
+//! shared `oidc-provider` process, a `Browser` that follows the login flow
+//! like a browser would, and `Hub`, a client playing JupyterHub.
+
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::LOCATION;
+use serde_json::Value;
+use tokenhub::config::Settings;
+use tokenhub::crypto::pkce_s256;
+use tokenhub::{App, AppState};
+use url::Url;
+
+pub const HUB_CLIENT_ID: &str = "jupyterhub";
+pub const HUB_CLIENT_SECRET: &str = "hub-client-secret";
+pub const HUB_REDIRECT_URI: &str = "http://127.0.0.1:8081/hub/oauth_callback";
+/// The callback registered at the IdP. Browsers in these tests stop at the
+/// IdP's redirect and deliver its query to the `TestApp` they talk to.
+pub const UPSTREAM_REDIRECT_URI: &str = "http://127.0.0.1:9/callback";
+pub const IDP_CLIENT_ID: &str = "tokenhub";
+pub const IDP_CLIENT_SECRET: &str = "tokenhub-idp-secret";
+pub const CRYPT_KEY: &str = "4f1c2b3a9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
+
+// ---------------------------------------------------------------- logs
+
+/// Everything every in-process tokenhub of this test binary logged.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogWriter(buffer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug,hyper=info,h2=info,rustls=info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buffer
+    });
+}
+
+/// The captured logs so far.
+pub fn logs() -> String {
+    init_logs();
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+// ---------------------------------------------------------------- tokenhub
+
+/// tokenhub serving on 127.0.0.1 with its own SQLite file.
+pub struct TestApp {
+    pub state: AppState,
+    pub base: String,
+    pub db_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Builds a [`TestApp`]; defaults point at the shared oidc-provider.
+pub struct TestAppBuilder {
+    settings: Settings,
+    base_path: String,
+}
+
+impl TestApp {
+    pub fn builder(issuer: &str) -> TestAppBuilder {
+        TestAppBuilder {
+            settings: Settings {
+                oidc_issuer: Some(issuer.into()),
+                oidc_client_id: Some(IDP_CLIENT_ID.into()),
+                oidc_client_secret: Some(IDP_CLIENT_SECRET.into()),
+                oidc_redirect_uri: Some(Url::parse(UPSTREAM_REDIRECT_URI).unwrap()),
+                oidc_scopes: Some("openid email profile groups offline_access".into()),
+                hub_client_id: Some(HUB_CLIENT_ID.into()),
+                hub_client_secret: Some(HUB_CLIENT_SECRET.into()),
+                hub_redirect_uri: Some(Url::parse(HUB_REDIRECT_URI).unwrap()),
+                crypt_key: Some(CRYPT_KEY.into()),
+                ..Default::default()
+            },
+            base_path: String::new(),
+        }
+    }
+
+    /// A URL of this tokenhub.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Runs SQL against the app's database file, for checks and for aging rows.
+    pub async fn sql(&self, sql: &str) -> Vec<sqlx::sqlite::SqliteRow> {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", self.db_path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(sql).fetch_all(&mut conn).await.unwrap()
+    }
+
+    /// Number of lineages in the vault.
+    pub async fn lineage_count(&self) -> i64 {
+        use sqlx::Row;
+        self.sql("SELECT COUNT(*) AS n FROM lineages").await[0].get("n")
+    }
+
+    /// The database file and its write-ahead log, as bytes.
+    pub fn database_bytes(&self) -> Vec<u8> {
+        let mut bytes = std::fs::read(&self.db_path).unwrap();
+        let wal = self.db_path.with_extension("sqlite-wal");
+        if let Ok(more) = std::fs::read(wal) {
+            bytes.extend(more);
+        }
+        bytes
+    }
+}
+
+impl TestAppBuilder {
+    pub fn settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    pub fn base_path(mut self, path: &str) -> Self {
+        self.base_path = path.into();
+        self
+    }
+
+    pub async fn spawn(mut self) -> TestApp {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("tokenhub.sqlite");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let base = format!("http://{addr}{}", self.base_path);
+        self.settings.public_url = Some(Url::parse(&base).unwrap());
+        self.settings.database_url = Some(format!("sqlite://{}?mode=rwc", db_path.display()));
+        let config = self.settings.into_config(None).unwrap();
+        let state = App::new(config).await.unwrap();
+        let router = tokenhub::app(state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        TestApp { state, base, db_path, _dir: dir }
+    }
+}
+
+// ---------------------------------------------------------------- the IdP
+
+/// The shared oidc-provider process of this test binary.
+pub struct Idp {
+    pub issuer: String,
+    _child: Child,
+}
+
+static IDP: OnceLock<Idp> = OnceLock::new();
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Idp {
+    /// Starts oidc-provider once per test binary (PKCE required, rotation on).
+    pub fn shared() -> &'static Idp {
+        IDP.get_or_init(|| {
+            let root = repo_root();
+            assert!(
+                root.join("idp/node_modules/oidc-provider").exists(),
+                "the test IdP is not installed: run `npm ci --prefix idp`"
+            );
+            let port = free_port();
+            let state_dir = tempfile::tempdir().unwrap().keep();
+            let log = std::fs::File::create(state_dir.join("idp.log")).unwrap();
+            let child = Command::new("node")
+                .arg(root.join("idp/server.mjs"))
+                .env("IDP_PORT", port.to_string())
+                .env("IDP_STATE_DIR", &state_dir)
+                .env("IDP_CLIENT_ID", IDP_CLIENT_ID)
+                .env("IDP_CLIENT_SECRET", IDP_CLIENT_SECRET)
+                .env("IDP_REDIRECT_URIS", UPSTREAM_REDIRECT_URI)
+                .env("IDP_TEST_CONTROL", "1")
+                .env("IDP_PARENT_PID", std::process::id().to_string())
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("node runs");
+            wait_for_port(port, "oidc-provider");
+            Idp { issuer: format!("http://127.0.0.1:{port}"), _child: child }
+        })
+    }
+
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/_test/stats", self.issuer)).await.unwrap().json().await.unwrap()
+    }
+}
+
+// ---------------------------------------------------------------- browser and hub
+
+/// A browser: keeps cookies, follows nothing by itself.
+pub struct Browser {
+    pub http: reqwest::Client,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where a response redirects to.
+pub fn location(response: &reqwest::Response) -> Url {
+    let status = response.status();
+    assert!(status.is_redirection(), "expected a redirect, got {status}");
+    let value = response.headers().get(LOCATION).expect("Location header").to_str().unwrap();
+    Url::parse(value).unwrap_or_else(|_| response.url().join(value).unwrap())
+}
+
+pub fn query(url: &Url, name: &str) -> Option<String> {
+    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+impl Browser {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .cookie_store(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, url: impl reqwest::IntoUrl) -> reqwest::Response {
+        self.http.get(url).send().await.unwrap()
+    }
+
+    /// At the IdP: follows its redirects, signs in as `user` on the login
+    /// form, and returns the redirect back to tokenhub's callback.
+    pub async fn sign_in_at_idp(&self, mut url: Url, user: &str) -> Url {
+        for _ in 0..10 {
+            if url.as_str().starts_with(UPSTREAM_REDIRECT_URI) {
+                return url;
+            }
+            let response = self.get(url.clone()).await;
+            if response.status() == StatusCode::OK {
+                let page = response.text().await.unwrap();
+                assert!(page.contains("name=\"login\""), "expected the IdP login form, got: {page}");
+                let action = url.join(&format!("{}/login", url.path())).unwrap();
+                let response = self
+                    .http
+                    .post(action)
+                    .form(&[("login", user), ("password", "x")])
+                    .send()
+                    .await
+                    .unwrap();
+                url = location(&response);
+            } else {
+                url = location(&response);
+            }
+        }
+        panic!("the IdP did not send the browser back");
+    }
+
+    /// Delivers the IdP's redirect to `app`'s callback.
+    pub async fn deliver_callback(&self, app: &TestApp, idp_redirect: &Url) -> reqwest::Response {
+        let query = idp_redirect.query().unwrap_or("");
+        self.get(format!("{}?{query}", app.url("/callback"))).await
+    }
+}
+
+/// A hub login in progress: what the hub keeps between authorize and token.
+pub struct HubLogin {
+    pub state: String,
+    pub verifier: String,
+}
+
+/// JupyterHub's side of the protocol.
+pub struct Hub;
+
+impl Hub {
+    /// The authorize URL the hub would send the browser to, with PKCE.
+    pub fn authorize_url(app: &TestApp) -> (String, HubLogin) {
+        let verifier = tokenhub::crypto::random_token();
+        let state = tokenhub::crypto::random_token();
+        let mut url = Url::parse(&app.url("/oauth2/authorize")).unwrap();
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", HUB_CLIENT_ID)
+            .append_pair("redirect_uri", HUB_REDIRECT_URI)
+            .append_pair("state", &state)
+            .append_pair("scope", "openid profile email")
+            .append_pair("code_challenge", &pkce_s256(&verifier))
+            .append_pair("code_challenge_method", "S256");
+        (url.to_string(), HubLogin { state, verifier })
+    }
+
+    /// Browser goes hub → tokenhub → IdP → tokenhub → hub; returns the code.
+    pub async fn login(app: &TestApp, browser: &Browser, user: &str) -> (String, HubLogin) {
+        let (url, login) = Self::authorize_url(app);
+        let response = browser.get(url).await;
+        let to_idp = location(&response);
+        assert!(to_idp.as_str().starts_with(&format!("{}/auth", Idp::shared().issuer)), "{to_idp}");
+        let back = browser.sign_in_at_idp(to_idp, user).await;
+        let response = browser.deliver_callback(app, &back).await;
+        let to_hub = location(&response);
+        assert!(to_hub.as_str().starts_with(HUB_REDIRECT_URI), "expected the hub's callback, got {to_hub}");
+        assert_eq!(query(&to_hub, "state").as_deref(), Some(login.state.as_str()));
+        (query(&to_hub, "code").expect("code"), login)
+    }
+
+    /// The token request, with client_secret_basic.
+    pub async fn exchange(app: &TestApp, form: &[(&str, &str)]) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(app.url("/oauth2/token"))
+            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn exchange_code(app: &TestApp, code: &str, login: &HubLogin) -> reqwest::Response {
+        Self::exchange(
+            app,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", HUB_REDIRECT_URI),
+                ("code_verifier", &login.verifier),
+            ],
+        )
+        .await
+    }
+
+    pub async fn userinfo(app: &TestApp, access_token: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(app.url("/oauth2/userinfo"))
+            .bearer_auth(access_token)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts an OAuth JSON error with this status and code; returns the body.
+pub async fn assert_json_error(response: reqwest::Response, status: StatusCode, error: &str) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+    assert!(content_type.starts_with("application/json"), "{content_type}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], error, "{body}");
+    assert!(body["error_description"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    body
+}
+
+/// Asserts a readable HTML error page with this status; returns its text.
+pub async fn assert_error_page(response: reqwest::Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status);
+    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let page = response.text().await.unwrap();
+    assert!(page.contains("id=\"error-title\""), "{page}");
+    assert!(!page.contains("panicked") && !page.contains("RUST_BACKTRACE"), "{page}");
+    page
+}
