@@ -129,7 +129,7 @@ async fn a_well_formed_id_token_logs_in() {
     let response = login_with(&app, &idp, |nonce| token_response(&sign(&idp.claims(nonce), "k1", KEY1))).await;
     assert!(location(&response).as_str().starts_with(HUB_REDIRECT_URI));
     assert_eq!(app.lineage_count().await, 1);
-    let lineage = app.state.vault.load("mockuser", &idp.issuer()).await.unwrap().unwrap();
+    let lineage = app.state().vault.load("mockuser", &idp.issuer()).await.unwrap().unwrap();
     assert_eq!(lineage.subject, "mock-subject");
 }
 

@@ -30,7 +30,7 @@ async fn hub_login_stores_upstream_tokens_and_serves_userinfo() {
     assert_eq!(info["upstream_issuer"], idp.issuer.as_str());
 
     // The vault holds the upstream tokens, and they are the IdP's.
-    let lineage = app.state.vault.load("alice", &idp.issuer).await.unwrap().expect("lineage stored");
+    let lineage = app.state().vault.load("alice", &idp.issuer).await.unwrap().expect("lineage stored");
     assert_eq!(lineage.subject, "alice");
     assert_eq!(lineage.version, 1);
     assert!(lineage.active);
@@ -60,11 +60,11 @@ async fn a_new_login_replaces_the_lineage() {
     let app = TestApp::builder(&idp.issuer).spawn().await;
     let browser = Browser::new();
     Hub::login(&app, &browser, "bob").await;
-    let first = app.state.vault.load("bob", &idp.issuer).await.unwrap().unwrap();
+    let first = app.state().vault.load("bob", &idp.issuer).await.unwrap().unwrap();
     // A second login (the IdP session is alive: no form this time).
     let (code, login) = Hub::login(&app, &browser, "bob").await;
     assert_eq!(Hub::exchange_code(&app, &code, &login).await.status(), StatusCode::OK);
-    let second = app.state.vault.load("bob", &idp.issuer).await.unwrap().unwrap();
+    let second = app.state().vault.load("bob", &idp.issuer).await.unwrap().unwrap();
     assert_eq!(second.version, first.version + 1);
     assert_ne!(
         second.tokens.refresh_token.as_ref().unwrap().expose_secret(),
@@ -135,7 +135,7 @@ async fn no_token_value_reaches_the_database_file_or_the_logs() {
     let browser = Browser::new();
     let (code, login) = Hub::login(&app, &browser, "frank").await;
     let hub_tokens: Value = Hub::exchange_code(&app, &code, &login).await.json().await.unwrap();
-    let lineage = app.state.vault.load("frank", &idp.issuer).await.unwrap().unwrap();
+    let lineage = app.state().vault.load("frank", &idp.issuer).await.unwrap().unwrap();
 
     let mut secrets = vec![
         lineage.tokens.access_token.expose_secret().to_string(),

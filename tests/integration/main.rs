@@ -2,7 +2,9 @@
 
 mod support;
 
+mod binary;
 mod id_token;
 mod login_flow;
 mod rejections;
 mod service;
+mod store_backends;

@@ -9,7 +9,7 @@ use tower::ServiceExt;
 use crate::support::*;
 
 async fn call(app: &TestApp, uri: &str) -> (StatusCode, String) {
-    let response = tokenhub::app(app.state.clone())
+    let response = tokenhub::app(app.state().clone())
         .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
         .await
         .unwrap();

@@ -67,16 +67,18 @@ pub fn logs() -> String {
 
 /// tokenhub serving on 127.0.0.1 with its own SQLite file.
 pub struct TestApp {
-    pub state: AppState,
+    /// The in-process state (`None` for a tokenhub running as a process).
+    state: Option<AppState>,
     pub base: String,
     pub db_path: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Builds a [`TestApp`]; defaults point at the shared oidc-provider.
 pub struct TestAppBuilder {
     settings: Settings,
     base_path: String,
+    database_url: Option<String>,
 }
 
 impl TestApp {
@@ -95,7 +97,18 @@ impl TestApp {
                 ..Default::default()
             },
             base_path: String::new(),
+            database_url: None,
         }
+    }
+
+    /// A tokenhub running elsewhere (a `tokenhub serve` process).
+    pub fn external(base: String, db_path: PathBuf) -> TestApp {
+        TestApp { state: None, base, db_path, _dir: None }
+    }
+
+    /// The in-process state.
+    pub fn state(&self) -> &AppState {
+        self.state.as_ref().expect("an in-process TestApp")
     }
 
     /// A URL of this tokenhub.
@@ -139,6 +152,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Uses this database instead of a new SQLite file.
+    pub fn database(mut self, url: String) -> Self {
+        self.database_url = Some(url);
+        self
+    }
+
     pub async fn spawn(mut self) -> TestApp {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
@@ -147,12 +166,13 @@ impl TestAppBuilder {
         let addr = listener.local_addr().unwrap();
         let base = format!("http://{addr}{}", self.base_path);
         self.settings.public_url = Some(Url::parse(&base).unwrap());
-        self.settings.database_url = Some(format!("sqlite://{}?mode=rwc", db_path.display()));
+        self.settings.database_url =
+            Some(self.database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", db_path.display())));
         let config = self.settings.into_config(None).unwrap();
         let state = App::new(config).await.unwrap();
         let router = tokenhub::app(state.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        TestApp { state, base, db_path, _dir: dir }
+        TestApp { state: Some(state), base, db_path, _dir: Some(dir) }
     }
 }
 
@@ -215,6 +235,111 @@ impl Idp {
 
     pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/_test/stats", self.issuer)).await.unwrap().json().await.unwrap()
+    }
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// A PostgreSQL server for this test binary: `TOKENHUB_TEST_POSTGRES_URL`
+/// if set, else one started from Debian's packages in a temporary directory.
+pub struct Postgres {
+    url: String,
+    _child: Option<Child>,
+}
+
+static POSTGRES: OnceLock<Postgres> = OnceLock::new();
+
+fn postgres_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .into_iter()
+        .rev()
+        .map(|bin| bin.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs a command as the `postgres` user when we are root (PostgreSQL
+/// refuses to run as root).
+fn as_postgres_user(program: &Path) -> Command {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc_getuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+impl Postgres {
+    pub fn shared() -> &'static Postgres {
+        POSTGRES.get_or_init(|| {
+            if let Ok(url) = std::env::var("TOKENHUB_TEST_POSTGRES_URL") {
+                return Postgres { url, _child: None };
+            }
+            let dir = tempfile::tempdir().unwrap().keep();
+            let data = dir.join("data");
+            let _ = Command::new("chown").arg("-R").arg("postgres").arg(&dir).status();
+            let status = as_postgres_user(&postgres_bin("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+                .stdout(Stdio::null())
+                .status()
+                .expect("initdb runs (apt-get install postgresql)");
+            assert!(status.success(), "initdb failed");
+            let port = free_port();
+            // The shell loop stops the server when this test process is gone (it
+            // runs as another user, so it watches /proc rather than signalling).
+            let script = format!(
+                "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c full_page_writes=off -c max_connections=200 & pg=$!; \
+                 while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; kill $pg",
+                parent = std::process::id()
+            );
+            let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
+            let mut command = as_postgres_user(Path::new("sh"));
+            let child = command
+                .arg("-c")
+                .arg(script)
+                .arg(postgres_bin("postgres"))
+                .arg(&data)
+                .arg(&dir)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("postgres starts");
+            wait_for_port(port, "PostgreSQL");
+            Postgres { url: format!("postgres://postgres@127.0.0.1:{port}"), _child: Some(child) }
+        })
+    }
+
+    /// A new, empty database; returns its URL.
+    pub async fn new_database(&self) -> String {
+        use sqlx::Connection;
+        let name = format!("tokenhub_test_{}", tokenhub::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = loop {
+            match sqlx::PgConnection::connect(&format!("{}/postgres", self.url)).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("PostgreSQL does not accept connections: {e}"),
+            }
+        };
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+        format!("{}/{name}", self.url)
     }
 }
 

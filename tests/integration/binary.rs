@@ -1,0 +1,143 @@
+//! The `tokenhub` binary itself: help, keygen, configuration errors, and a
+//! login through `tokenhub serve` with its JSON logs checked for secrets.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenhub");
+
+#[test]
+fn help_documents_every_setting() {
+    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let source = include_str!("../../src/config.rs");
+    let vars: Vec<&str> = source
+        .split("env = \"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert!(vars.len() >= 18, "{vars:?}");
+    for var in vars {
+        assert!(help.contains(var), "{var} is not in `tokenhub serve --help`");
+    }
+    let top = Command::new(BIN).arg("--help").output().unwrap();
+    let top = String::from_utf8(top.stdout).unwrap();
+    assert!(top.contains("serve") && top.contains("keygen"));
+}
+
+#[test]
+fn keygen_prints_a_usable_key() {
+    let out = Command::new(BIN).arg("keygen").output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap();
+    tokenhub::crypto::KeyRing::parse(key.trim()).unwrap();
+}
+
+#[test]
+fn missing_settings_are_named_and_exit_2() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("TOKENHUB_CRYPT_KEY", CRYPT_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("TOKENHUB_OIDC_ISSUER is required"), "{err}");
+    let bad_key = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .envs([
+            ("TOKENHUB_OIDC_ISSUER", "http://127.0.0.1:1"),
+            ("TOKENHUB_OIDC_CLIENT_ID", "a"),
+            ("TOKENHUB_OIDC_CLIENT_SECRET", "b"),
+            ("TOKENHUB_HUB_CLIENT_ID", "c"),
+            ("TOKENHUB_HUB_CLIENT_SECRET", "d"),
+            ("TOKENHUB_HUB_REDIRECT_URI", "http://127.0.0.1:2/hub/oauth_callback"),
+            ("JUPYTERHUB_CRYPT_KEY", "not-a-key"),
+            ("TOKENHUB_DATABASE_URL", "sqlite::memory:"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad_key.status.success());
+    let err = String::from_utf8(bad_key.stderr).unwrap();
+    assert!(err.contains("encryption key #1"), "{err}");
+    assert!(!err.contains("not-a-key"), "the key value is not echoed");
+}
+
+#[tokio::test]
+async fn serve_logs_no_secrets_and_stops_on_sigterm() {
+    let idp = Idp::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log_path = dir.path().join("tokenhub.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .envs([
+            ("TOKENHUB_BIND", format!("127.0.0.1:{port}")),
+            ("TOKENHUB_OIDC_ISSUER", idp.issuer.clone()),
+            ("TOKENHUB_OIDC_CLIENT_ID", IDP_CLIENT_ID.into()),
+            ("TOKENHUB_OIDC_CLIENT_SECRET", IDP_CLIENT_SECRET.into()),
+            ("TOKENHUB_OIDC_REDIRECT_URI", UPSTREAM_REDIRECT_URI.into()),
+            ("TOKENHUB_HUB_CLIENT_ID", HUB_CLIENT_ID.into()),
+            ("TOKENHUB_HUB_CLIENT_SECRET", HUB_CLIENT_SECRET.into()),
+            ("TOKENHUB_HUB_REDIRECT_URI", HUB_REDIRECT_URI.into()),
+            ("JUPYTERHUB_CRYPT_KEY", CRYPT_KEY.into()),
+            ("TOKENHUB_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("th.sqlite").display())),
+            ("TOKENHUB_LOG", "debug,hyper=info,h2=info,rustls=info".into()),
+            ("TOKENHUB_LOG_FORMAT", "json".into()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    wait_for_port(port, "tokenhub serve");
+    let app = TestApp::external(format!("http://127.0.0.1:{port}"), dir.path().join("th.sqlite"));
+    let health: Value = reqwest::get(app.url("/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+
+    let browser = Browser::new();
+    let (code, login) = Hub::login(&app, &browser, "pat").await;
+    let response = Hub::exchange_code(&app, &code, &login).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let tokens: Value = response.json().await.unwrap();
+    assert_eq!(Hub::userinfo(&app, tokens["access_token"].as_str().unwrap()).await.status(), StatusCode::OK);
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "tokenhub did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<Value> = logs.lines().map(|l| serde_json::from_str(l).expect("every log line is JSON")).collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "login stored"), "{logs}");
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "tokenhub stopped"), "{logs}");
+    let secrets = [
+        code.as_str(),
+        tokens["access_token"].as_str().unwrap(),
+        tokens["refresh_token"].as_str().unwrap(),
+        HUB_CLIENT_SECRET,
+        IDP_CLIENT_SECRET,
+        CRYPT_KEY,
+    ];
+    for secret in secrets {
+        assert!(!logs.contains(secret), "a secret is in tokenhub's log");
+    }
+    let database = app.database_bytes();
+    for secret in &secrets[..3] {
+        assert!(!database.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
