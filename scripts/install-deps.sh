@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what tokenhub's tests and demo need on a fresh machine; quick when
 # everything is already there. Safe to run again.
-#   Debian packages: PostgreSQL (tests start their own server)
-#   npm: the test identity provider (idp/, from its lockfile)
+#   Debian packages: PostgreSQL (the tests start their own server), chromium
+#   npm (from lockfiles): the test identity provider (idp/) and
+#                         configurable-http-proxy (hub/)
+#   Python venv (.venv, pinned hub/requirements.txt): JupyterHub,
+#                         OAuthenticator, JupyterLab, fabrictestbed, Playwright
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(postgresql)
+apt_packages=(postgresql chromium)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,7 +24,20 @@ if ((${#missing[@]})); then
 fi
 
 command -v node >/dev/null || { echo "node (Node.js 20+) is required" >&2; exit 1; }
-if [ ! -d idp/node_modules/oidc-provider ] || [ idp/package-lock.json -nt idp/node_modules/.package-lock.json ]; then
-  echo "installing the test identity provider (npm ci in idp/)"
-  npm ci --prefix idp --no-audit --no-fund --loglevel=error
+for dir in idp hub; do
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "installing npm packages in $dir/"
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+  fi
+done
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "creating the Python venv (.venv)"
+  "$PYTHON" -m venv .venv
+fi
+if ! cmp -s hub/requirements.txt .venv/.installed-requirements.txt; then
+  echo "installing Python packages (hub/requirements.txt)"
+  .venv/bin/pip install -q --disable-pip-version-check -r hub/requirements.txt
+  cp hub/requirements.txt .venv/.installed-requirements.txt
 fi

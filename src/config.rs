@@ -81,6 +81,32 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_HUB_TOKEN_TTL", help_heading = "JupyterHub as OAuth client")]
     pub hub_token_ttl: Option<u64>,
 
+    /// The hub's REST API, e.g. `http://127.0.0.1:8081/hub/api` (set by the
+    /// hub for a managed service). Needed to identify notebook callers and to
+    /// write the token file into running servers.
+    #[arg(long, env = "JUPYTERHUB_API_URL", help_heading = "JupyterHub as OAuth client")]
+    pub hub_api_url: Option<Url>,
+
+    /// tokenhub's own API token at the hub (set by the hub for a managed
+    /// service); its role needs `read:users:name`, `read:servers`, `access:servers`.
+    #[arg(long, env = "JUPYTERHUB_API_TOKEN", hide_env_values = true, help_heading = "JupyterHub as OAuth client")]
+    pub hub_api_token: Option<SecretString>,
+
+    /// Where tokenhub reaches users' servers through the hub's proxy, e.g.
+    /// `http://proxy-public`. Default: the origin of TOKENHUB_HUB_REDIRECT_URI.
+    #[arg(long, env = "TOKENHUB_HUB_URL", help_heading = "JupyterHub as OAuth client")]
+    pub hub_url: Option<Url>,
+
+    /// Path of the token file inside each server, relative to the server's
+    /// root directory (what FABRIC_TOKEN_LOCATION points at).
+    #[arg(long, env = "TOKENHUB_TOKEN_FILE", help_heading = "JupyterHub as OAuth client")]
+    pub token_file: Option<String>,
+
+    /// The address a hub-managed service should listen on (set by the hub);
+    /// used when TOKENHUB_BIND is not given.
+    #[arg(long, env = "JUPYTERHUB_SERVICE_URL", help_heading = "HTTP")]
+    pub service_url: Option<Url>,
+
     /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
     #[arg(long, env = "TOKENHUB_DATABASE_URL", help_heading = "Vault")]
     pub database_url: Option<String>,
@@ -177,6 +203,14 @@ pub struct HubClientConfig {
     pub redirect_uri: Url,
     /// Lifetime of access tokens issued to the hub, in seconds.
     pub token_ttl: u64,
+    /// The hub's REST API, if tokenhub may call it.
+    pub api_url: Option<Url>,
+    /// tokenhub's API token at the hub.
+    pub api_token: Option<SecretString>,
+    /// Base URL of the hub's proxy, for users' servers.
+    pub proxy_url: Url,
+    /// The token file's path inside a server's root directory.
+    pub token_file: String,
 }
 
 /// The vault: database and keys.
@@ -223,8 +257,8 @@ impl Settings {
         pick!(
             bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
             oidc_scopes, oidc_redirect_uri, username_claim, groups_claim, hub_client_id,
-            hub_client_secret, hub_redirect_uri, hub_token_ttl, database_url, crypt_key, log,
-            log_format
+            hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
+            token_file, service_url, database_url, crypt_key, log, log_format
         )
     }
 
@@ -247,7 +281,14 @@ impl Settings {
     /// Checks the settings and applies defaults. `jupyterhub_crypt_key` is the
     /// fallback key list (the hub's own variable).
     pub fn into_config(self, jupyterhub_crypt_key: Option<SecretString>) -> Result<Config, ConfigError> {
-        let bind = self.bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+        let from_service_url = self.service_url.as_ref().and_then(|u| {
+            let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
+            Some(SocketAddr::new(host.parse().ok()?, u.port_or_known_default()?))
+        });
+        let bind = self
+            .bind
+            .or(from_service_url)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         let public_url = match self.public_url {
             Some(url) => url,
             None => {
@@ -303,6 +344,16 @@ impl Settings {
                 groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
             },
             hub: HubClientConfig {
+                proxy_url: match (self.hub_url, &self.hub_redirect_uri) {
+                    (Some(url), _) => trim_slash(url),
+                    (None, Some(redirect)) => trim_slash(Url::parse(&redirect.origin().ascii_serialization()).map_err(|e| {
+                        ConfigError::Invalid { name: "TOKENHUB_HUB_REDIRECT_URI", reason: e.to_string() }
+                    })?),
+                    (None, None) => return Err(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI")),
+                },
+                api_url: self.hub_api_url,
+                api_token: self.hub_api_token,
+                token_file: self.token_file.unwrap_or_else(|| ".tokens.json".into()),
                 client_id: self.hub_client_id.ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_ID"))?,
                 client_secret: self
                     .hub_client_secret
@@ -383,6 +434,21 @@ mod tests {
         );
         assert_eq!(config.upstream.scopes, ["openid", "email", "profile", "offline_access"]);
         assert!(!config.http.secure_cookies);
+        assert_eq!(config.hub.proxy_url.as_str(), "http://127.0.0.1:8081/");
+        assert_eq!(config.hub.token_file, ".tokens.json");
+    }
+
+    #[test]
+    fn a_managed_service_listens_where_the_hub_says() {
+        let config = Settings {
+            service_url: Some(Url::parse("http://127.0.0.1:10101").unwrap()),
+            service_prefix: Some("/services/tokenhub/".into()),
+            ..minimal()
+        }
+        .into_config(None)
+        .unwrap();
+        assert_eq!(config.http.bind.to_string(), "127.0.0.1:10101");
+        assert_eq!(config.http.public_url.as_str(), "http://127.0.0.1:10101/services/tokenhub");
     }
 
     #[test]

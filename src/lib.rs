@@ -2,10 +2,15 @@
 //! tokens issued at login in an encrypted vault, and hands them to the
 //! user's notebook servers. See README.md for the whole picture.
 
+pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod delivery;
 pub mod errors;
+pub mod fabric;
+pub mod hub;
 pub mod login;
 pub mod metrics;
 pub mod provider;
@@ -39,7 +44,9 @@ pub fn app(state: AppState) -> Router {
         .route("/oauth2/authorize", get(login::authorize))
         .route("/oauth2/token", axum::routing::post(provider::token))
         .route("/oauth2/userinfo", get(provider::userinfo).post(provider::userinfo))
-        .route("/callback", get(login::callback));
+        .route("/callback", get(login::callback))
+        .route("/api/v1/tokens", get(api::tokens))
+        .route("/api/v1/hub/spawn", axum::routing::post(api::spawn));
     let base = state.config.http.base_path.clone();
     let routes = if base.is_empty() { routes } else { Router::new().nest(&base, routes) };
     routes

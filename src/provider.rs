@@ -8,12 +8,10 @@ use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::auth::{authenticate_hub_client, presented_token};
 use crate::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
@@ -67,7 +65,7 @@ pub async fn token(
 ) -> Result<Response, ApiError> {
     let result = async {
         let Form(form) = form.map_err(form_error)?;
-        authenticate_client(&app, &headers, &form)?;
+        authenticate_hub_client(&app.config.hub, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
         match form.grant_type.as_deref() {
             Some("authorization_code") => authorization_code_grant(&app, &form).await,
             Some("refresh_token") => refresh_token_grant(&app, &form).await,
@@ -88,40 +86,6 @@ pub async fn token(
         }
     }
     result
-}
-
-/// Checks the client's credentials, from the Basic header or the form.
-fn authenticate_client(app: &AppState, headers: &HeaderMap, form: &TokenForm) -> Result<(), ApiError> {
-    let (id, secret) = match headers.get(header::AUTHORIZATION) {
-        Some(value) => basic_credentials(value).ok_or_else(|| ApiError::invalid_client("malformed Basic authorization header"))?,
-        None => match (&form.client_id, &form.client_secret) {
-            (Some(id), Some(secret)) => (id.clone(), secret.clone()),
-            _ => return Err(ApiError::invalid_client("client authentication is required")),
-        },
-    };
-    let hub = &app.config.hub;
-    let id_ok = constant_time_eq(&id, &hub.client_id);
-    let secret_ok = constant_time_eq(&secret, hub.client_secret.expose_secret());
-    if !(id_ok && secret_ok) {
-        return Err(ApiError::invalid_client("client authentication failed"));
-    }
-    if form.client_id.as_deref().is_some_and(|form_id| form_id != id) {
-        return Err(ApiError::invalid_request("client_id in the form differs from the authenticated client"));
-    }
-    Ok(())
-}
-
-/// Decodes `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1).
-fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
-    let encoded = value.to_str().ok()?.strip_prefix("Basic ")?;
-    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    let unescape = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-    };
-    Some((unescape(id)?, unescape(secret)?))
 }
 
 async fn authorization_code_grant(app: &AppState, form: &TokenForm) -> Result<Response, ApiError> {
@@ -223,12 +187,7 @@ async fn issue_tokens(app: &AppState, username: &str, issuer: &str, scope: &str)
 
 /// `GET|POST /oauth2/userinfo`: who the hub's access token belongs to.
 pub async fn userinfo(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .ok_or_else(|| ApiError::invalid_token("a Bearer access token is required"))?;
+    let token = presented_token(&headers).ok_or_else(|| ApiError::invalid_token("a Bearer access token is required"))?;
     let row = app
         .vault
         .store()

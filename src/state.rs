@@ -8,6 +8,8 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::crypto::KeyRing;
+use crate::delivery::Deliveries;
+use crate::hub::HubApi;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::Upstream;
@@ -26,6 +28,10 @@ pub struct App {
     pub upstream: Upstream,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// The hub's API and users' servers.
+    pub hub: HubApi,
+    /// Token files written to servers.
+    pub deliveries: Deliveries,
 }
 
 /// What handlers receive.
@@ -61,12 +67,15 @@ impl App {
     pub async fn new(config: Config) -> Result<AppState, StartError> {
         let keys = Arc::new(KeyRing::parse(config.vault.crypt_key.expose_secret())?);
         let store = Store::connect(&config.vault.database_url).await?;
-        let upstream = Upstream::new(config.upstream.clone(), http_client()?);
+        let http = http_client()?;
+        let upstream = Upstream::new(config.upstream.clone(), http.clone());
         Ok(Arc::new(App {
             vault: Vault::new(store, keys.clone()),
             keys,
             upstream,
             metrics: Metrics::default(),
+            hub: HubApi::new(&config.hub, http),
+            deliveries: Deliveries::default(),
             config,
         }))
     }

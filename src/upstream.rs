@@ -275,7 +275,7 @@ impl Upstream {
         check_at_hash(client, id_token, nonce, access_token)?;
         // The signature is verified: now read every claim, standard or not,
         // from the payload (the username and groups claims are configurable).
-        raw_claims(&id_token.to_string())
+        jwt_claims(&id_token.to_string())
     }
 
     async fn refetch_jwks(&self, current: &Arc<Discovered>) -> Result<Arc<Discovered>, UpstreamError> {
@@ -392,7 +392,7 @@ fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
 }
 
 /// The payload of a JWT as a JSON object. Only for tokens already verified.
-fn raw_claims(jwt: &str) -> Result<Map<String, Value>, UpstreamError> {
+pub fn jwt_claims(jwt: &str) -> Result<Map<String, Value>, UpstreamError> {
     let payload = jwt
         .split('.')
         .nth(1)

@@ -1,0 +1,48 @@
+# JupyterHub configuration for running tokenhub on one machine: the demo
+# (scripts/demo.sh) and the end-to-end tests. Everything on 127.0.0.1, users'
+# servers as local processes. The tokenhub part is hub/tokenhub_config.py,
+# the same block that goes into Zero to JupyterHub's hub.extraConfig.
+#
+#   HUB_STATE_DIR   hub database, cookie secret and users' home directories
+#   HUB_PORT        the proxy's public port (default 8000)
+#   HUB_API_PORT    the hub's own port (default 8081)
+#   HUB_PROXY_API_PORT  the proxy's API port (default 8001)
+#   HUB_TEST_ADMIN_TOKEN  (tests only) an admin service token
+import os
+
+c = get_config()  # noqa: F821
+
+here = os.path.dirname(os.path.abspath(__file__))
+state = os.path.abspath(os.environ.get("HUB_STATE_DIR", os.path.join(here, ".demo", "hub")))
+os.makedirs(state, exist_ok=True)
+port = int(os.environ.get("HUB_PORT", "8000"))
+
+c.JupyterHub.bind_url = f"http://127.0.0.1:{port}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = int(os.environ.get("HUB_API_PORT", "8081"))
+c.JupyterHub.db_url = f"sqlite:///{os.path.join(state, 'jupyterhub.sqlite')}"
+c.JupyterHub.cookie_secret_file = os.path.join(state, "jupyterhub_cookie_secret")
+c.JupyterHub.pid_file = os.path.join(state, "jupyterhub.pid")
+c.ConfigurableHTTPProxy.command = [os.path.join(here, "hub", "node_modules", ".bin", "configurable-http-proxy")]
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{os.environ.get('HUB_PROXY_API_PORT', '8001')}"
+c.ConfigurableHTTPProxy.pid_file = os.path.join(state, "proxy.pid")
+
+# Users' servers run as local processes in their own directories under the
+# state folder; as root, Jupyter needs --allow-root.
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(state, "home", "{username}")
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 120
+c.Spawner.http_timeout = 120
+if os.geteuid() == 0:
+    c.Spawner.args = ["--allow-root"]
+c.JupyterHub.shutdown_on_logout = False
+
+# The end-to-end tests inspect servers (their pids) through an admin service.
+if os.environ.get("HUB_TEST_ADMIN_TOKEN"):
+    c.JupyterHub.services.append({"name": "e2e-admin", "api_token": os.environ["HUB_TEST_ADMIN_TOKEN"]})
+    c.JupyterHub.load_roles.append(
+        {"name": "e2e-admin", "scopes": ["admin:users", "admin:servers", "admin:server_state"], "services": ["e2e-admin"]}
+    )
+
+load_subconfig(os.path.join(here, "hub", "tokenhub_config.py"))  # noqa: F821

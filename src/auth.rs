@@ -1,0 +1,59 @@
+//! Credentials presented to tokenhub: the hub's client credentials (Basic or
+//! form fields) and bearer-style tokens (`Bearer …` or JupyterHub's `token …`).
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::ExposeSecret;
+
+use crate::config::HubClientConfig;
+use crate::crypto::constant_time_eq;
+use crate::errors::ApiError;
+
+/// Checks the hub's client credentials, from the Basic header or, failing
+/// that, from `form_id`/`form_secret` (client_secret_post).
+pub fn authenticate_hub_client(
+    hub: &HubClientConfig,
+    headers: &HeaderMap,
+    form_id: Option<&str>,
+    form_secret: Option<&str>,
+) -> Result<(), ApiError> {
+    let (id, secret) = match headers.get(header::AUTHORIZATION) {
+        Some(value) => basic_credentials(value).ok_or_else(|| ApiError::invalid_client("malformed Basic authorization header"))?,
+        None => match (form_id, form_secret) {
+            (Some(id), Some(secret)) => (id.to_string(), secret.to_string()),
+            _ => return Err(ApiError::invalid_client("client authentication is required")),
+        },
+    };
+    // Evaluate both comparisons so timing does not tell which one failed.
+    let id_ok = constant_time_eq(&id, &hub.client_id);
+    let secret_ok = constant_time_eq(&secret, hub.client_secret.expose_secret());
+    if !(id_ok && secret_ok) {
+        return Err(ApiError::invalid_client("client authentication failed"));
+    }
+    if form_id.is_some_and(|form_id| form_id != id) {
+        return Err(ApiError::invalid_request("client_id in the form differs from the authenticated client"));
+    }
+    Ok(())
+}
+
+/// Decodes `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1).
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let encoded = value.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((unescape(id)?, unescape(secret)?))
+}
+
+/// The token in `Authorization: Bearer …` or `Authorization: token …`.
+pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (matches!(scheme.to_ascii_lowercase().as_str(), "bearer" | "token") && !token.is_empty()).then_some(token)
+}

@@ -1,0 +1,139 @@
+//! Putting the user's tokens where the notebook reads them: the token file
+//! (`~/.tokens.json`) in each running server, written through the server's
+//! Contents API. Written once a new server is ready, and again in every
+//! running server whenever the lineage changes, so a file never keeps a token
+//! tokenhub has rotated away.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::fabric;
+use crate::hub::{HubError, ServerInfo};
+use crate::state::AppState;
+use crate::time::now;
+
+/// How long to wait for a spawning server to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+const READY_POLL: Duration = Duration::from_millis(500);
+/// Polls a server may be missing from the hub's list before we stop waiting.
+const ABSENT_POLLS: u32 = 10;
+
+/// When a server last got the file, and which lineage version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Server name (`""` for the default server).
+    pub server: String,
+    /// Lineage version written.
+    pub version: i64,
+    /// When (unix seconds).
+    pub at: i64,
+}
+
+/// Book-keeping of deliveries and of servers being waited for.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    done: Mutex<HashMap<String, HashMap<String, Delivery>>>,
+    waiting: Mutex<HashSet<(String, String)>>,
+}
+
+impl Deliveries {
+    /// What each of the user's servers last got.
+    pub async fn of(&self, username: &str) -> Vec<Delivery> {
+        let done = self.done.lock().await;
+        let mut list: Vec<Delivery> = done.get(username).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        list.sort_by(|a, b| a.server.cmp(&b.server));
+        list
+    }
+}
+
+/// Writes the user's current token file into one server.
+async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Result<Option<i64>, HubError> {
+    let lineage = match app.vault.load(username, app.upstream.issuer()).await {
+        Ok(Some(lineage)) => lineage,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::error!(user = %username, error = %e, "cannot read the lineage to write the token file");
+            return Ok(None);
+        }
+    };
+    let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
+    app.hub.write_token_file(server, &document).await?;
+    let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
+    app.deliveries
+        .done
+        .lock()
+        .await
+        .entry(username.to_string())
+        .or_default()
+        .insert(server.name.clone(), delivery);
+    tracing::info!(user = %username, server = %server.name, version = lineage.version, "token file written");
+    Ok(Some(lineage.version))
+}
+
+/// Rewrites the token file in every ready server of the user; returns how
+/// many servers got it. Failures are logged, not returned: a server that
+/// is stopping must not fail a refresh.
+pub async fn write_all(app: &AppState, username: &str) -> usize {
+    if !app.hub.configured() {
+        return 0;
+    }
+    let servers = match app.hub.servers(username).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::warn!(user = %username, error = %e, "cannot list the user's servers");
+            return 0;
+        }
+    };
+    let mut written = 0;
+    for server in servers.iter().filter(|s| s.ready) {
+        match write_one(app, username, server).await {
+            Ok(Some(_)) => written += 1,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(user = %username, server = %server.name, error = %e, "token file not written"),
+        }
+    }
+    written
+}
+
+/// Waits in the background for a spawning server to become ready, then
+/// writes its token file. One waiter per server.
+pub fn write_when_ready(app: AppState, username: String, server_name: String) {
+    if !app.hub.configured() {
+        tracing::warn!("the hub API is not configured: token files are not written");
+        return;
+    }
+    tokio::spawn(async move {
+        let key = (username.clone(), server_name.clone());
+        if !app.deliveries.waiting.lock().await.insert(key.clone()) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut outcome = Err("the server did not become ready in time".to_string());
+        let mut absent = 0;
+        while tokio::time::Instant::now() < deadline {
+            match app.hub.servers(&username).await {
+                Ok(servers) => match servers.iter().find(|s| s.name == server_name) {
+                    Some(server) if server.ready => {
+                        outcome = write_one(&app, &username, server).await.map(|_| ()).map_err(|e| e.to_string());
+                        break;
+                    }
+                    Some(_) => absent = 0,
+                    // Gone for a while: the spawn failed or the server was stopped.
+                    None if absent >= ABSENT_POLLS => {
+                        outcome = Err("the server went away before it was ready".into());
+                        break;
+                    }
+                    None => absent += 1,
+                },
+                Err(e) => tracing::debug!(error = %e, "waiting for the server: hub not answering"),
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        if let Err(e) = outcome {
+            tracing::warn!(user = %username, server = %server_name, error = %e, "token file not written");
+        }
+        app.deliveries.waiting.lock().await.remove(&key);
+    });
+}

@@ -1,0 +1,226 @@
+//! Talking to JupyterHub as a service: who owns an API token
+//! (`GET /hub/api/user`, cached briefly), which servers a user runs, and
+//! writing a file into a running server through its Contents API.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::config::{HubClientConfig, join};
+use crate::crypto::digest_hex;
+
+/// How long the owner of a token is remembered.
+const IDENTITY_TTL: Duration = Duration::from_secs(60);
+/// Most identities remembered at once (the cache is cleared when full).
+const IDENTITY_CACHE_MAX: usize = 10_000;
+
+/// Why a call to the hub failed. Texts hold no token values.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// tokenhub was not given `JUPYTERHUB_API_URL` and `JUPYTERHUB_API_TOKEN`.
+    #[error("the hub API is not configured (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)")]
+    NotConfigured,
+    /// The hub or the server could not be reached.
+    #[error("the hub could not be reached: {0}")]
+    Unreachable(String),
+    /// The hub or the server answered with an unexpected status.
+    #[error("{what} answered {status}")]
+    Status {
+        /// Which call.
+        what: &'static str,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The answer was not the expected JSON.
+    #[error("the hub's answer is not valid: {0}")]
+    BadResponse(String),
+}
+
+/// Who a hub API token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user's name.
+    pub username: String,
+}
+
+/// One of a user's servers, as the hub reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerInfo {
+    /// The server's name (`""` for the default server).
+    #[serde(default)]
+    pub name: String,
+    /// Whether it is up and answering.
+    #[serde(default)]
+    pub ready: bool,
+    /// Its path behind the proxy, e.g. `/user/alice/`.
+    pub url: String,
+}
+
+#[derive(Deserialize)]
+struct UserModel {
+    name: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    servers: HashMap<String, ServerInfo>,
+}
+
+/// A client of the hub's API and of users' servers.
+pub struct HubApi {
+    api_url: Option<Url>,
+    api_token: Option<SecretString>,
+    proxy_url: Url,
+    token_file: String,
+    http: reqwest::Client,
+    identities: Mutex<HashMap<String, (Identity, Instant)>>,
+}
+
+impl std::fmt::Debug for HubApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubApi")
+            .field("api_url", &self.api_url.as_ref().map(Url::as_str))
+            .field("proxy_url", &self.proxy_url.as_str())
+            .finish()
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> HubError {
+    HubError::Unreachable(e.without_url().to_string())
+}
+
+impl HubApi {
+    /// A client for the hub described by `config`.
+    pub fn new(config: &HubClientConfig, http: reqwest::Client) -> Self {
+        Self {
+            api_url: config.api_url.clone(),
+            api_token: config.api_token.clone(),
+            proxy_url: config.proxy_url.clone(),
+            token_file: config.token_file.clone(),
+            http,
+            identities: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether tokenhub can call the hub at all.
+    pub fn configured(&self) -> bool {
+        self.api_url.is_some() && self.api_token.is_some()
+    }
+
+    /// The token file's path inside a server.
+    pub fn token_file(&self) -> &str {
+        &self.token_file
+    }
+
+    fn api(&self, path: &str) -> Result<(Url, &SecretString), HubError> {
+        match (&self.api_url, &self.api_token) {
+            (Some(url), Some(token)) => Ok((join(url, path), token)),
+            _ => Err(HubError::NotConfigured),
+        }
+    }
+
+    /// The user a hub API token (a server's `JUPYTERHUB_API_TOKEN`, or any
+    /// user token) belongs to; `None` when the hub does not know it or it
+    /// belongs to a service.
+    pub async fn identify(&self, token: &str) -> Result<Option<Identity>, HubError> {
+        let key = digest_hex(token);
+        if let Some((identity, at)) = self.identities.lock().await.get(&key)
+            && at.elapsed() < IDENTITY_TTL
+        {
+            return Ok(Some(identity.clone()));
+        }
+        let (url, _) = self.api("/user")?;
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", format!("token {token}"))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        match response.status().as_u16() {
+            200 => {}
+            401 | 403 | 404 => return Ok(None),
+            status => return Err(HubError::Status { what: "the hub's /user", status }),
+        }
+        let user: UserModel = response
+            .json()
+            .await
+            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        if user.kind.as_deref().is_some_and(|k| k != "user") {
+            return Ok(None);
+        }
+        let identity = Identity { username: user.name };
+        let mut cache = self.identities.lock().await;
+        if cache.len() >= IDENTITY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (identity.clone(), Instant::now()));
+        Ok(Some(identity))
+    }
+
+    /// The user's servers (ready or not).
+    pub async fn servers(&self, username: &str) -> Result<Vec<ServerInfo>, HubError> {
+        let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", format!("token {}", token.expose_secret()))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => return Ok(vec![]),
+            status => return Err(HubError::Status { what: "the hub's /users", status }),
+        }
+        let user: UserModel = response
+            .json()
+            .await
+            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        Ok(user
+            .servers
+            .into_iter()
+            .map(|(name, mut server)| {
+                server.name = name;
+                server
+            })
+            .collect())
+    }
+
+    /// Writes `content` as the token file of a running server, through the
+    /// server's Contents API behind the proxy.
+    pub async fn write_token_file(&self, server: &ServerInfo, content: &str) -> Result<(), HubError> {
+        let (_, token) = self.api("/")?;
+        let path = format!(
+            "{}api/contents/{}",
+            ensure_slash(&server.url),
+            self.token_file.trim_start_matches('/')
+        );
+        let url = join(&self.proxy_url, &path);
+        let body = json!({ "type": "file", "format": "text", "content": content });
+        let response = self
+            .http
+            .put(url)
+            .header("authorization", format!("token {}", token.expose_secret()))
+            .json(&body)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !response.status().is_success() {
+            return Err(HubError::Status { what: "the server's Contents API", status: response.status().as_u16() });
+        }
+        Ok(())
+    }
+}
+
+fn ensure_slash(path: &str) -> String {
+    if path.ends_with('/') { path.to_string() } else { format!("{path}/") }
+}
+
+fn urlencode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}

@@ -1,0 +1,158 @@
+"""Fixtures for the end-to-end tests: the real stack (oidc-provider, JupyterHub
+with configurable-http-proxy, tokenhub as a managed service, local-process
+servers) and Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "hub"))
+
+from stack import Stack, free_port  # noqa: E402
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture(scope="session")
+def stack():
+    state = Path(tempfile.mkdtemp(prefix="tokenhub-e2e-"))
+    s = Stack(
+        state_dir=state,
+        hub_port=free_port(),
+        hub_api_port=free_port(),
+        proxy_api_port=free_port(),
+        idp_port=free_port(),
+        tokenhub_port=free_port(),
+        tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
+    )
+    try:
+        s.start()
+    except Exception:
+        s.stop()
+        for log in (s.hub_log, s.idp_log):
+            if log.exists():
+                print(log.read_text()[-5000:], file=sys.stderr)
+        raise
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+class Hub:
+    """The hub's REST API as an admin service, plus helpers on servers."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+
+    def api(self, method: str, path: str, token: str | None = None):
+        req = urllib.request.Request(
+            f"{self.stack.hub_url}/hub/api{path}",
+            method=method,
+            headers={"Authorization": f"token {token or self.stack.admin_token}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+            return json.loads(body) if body else None
+
+    def server_pid(self, user: str) -> int:
+        model = self.api("GET", f"/users/{user}")
+        return model["servers"][""]["state"]["pid"]
+
+    def server_env(self, user: str) -> dict:
+        raw = Path(f"/proc/{self.server_pid(user)}/environ").read_bytes()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+    def stop_server(self, user: str) -> None:
+        try:
+            self.api("DELETE", f"/users/{user}/server")
+        except urllib.error.HTTPError as e:
+            if e.code != 204:
+                raise
+        deadline = time.monotonic() + 60
+        while self.api("GET", f"/users/{user}")["servers"]:
+            assert time.monotonic() < deadline, "server did not stop"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def hub(stack):
+    return Hub(stack)
+
+
+def log_in_and_spawn(page, stack: Stack, user: str) -> None:
+    """The browser opens the hub, goes through tokenhub to the IdP, signs in
+    and lands in its running server."""
+    page.goto(f"{stack.hub_url}/hub/")
+    page.click("a:has-text('Sign in with')")
+    if page.url.startswith(stack.idp_url):  # no IdP session yet: the login form
+        page.fill("#login", user)
+        page.fill("#password", "anything")
+        page.click("#submit")
+    page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"), timeout=120_000)
+
+
+def tokenhub_tokens(stack: Stack, server_api_token: str, query: str = "") -> dict:
+    req = urllib.request.Request(
+        f"{stack.tokenhub_url}/api/v1/tokens{query}", headers={"Authorization": f"token {server_api_token}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def jwt_payload(token: str) -> dict:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def wait_for_file(path: str, predicate, timeout: float = 30) -> dict:
+    """Reads the token file with FABlib's own reader until `predicate(document)` holds."""
+    from fabrictestbed.external_api.credmgr_client import CredmgrClient
+
+    deadline = time.monotonic() + timeout
+    document = {}
+    while time.monotonic() < deadline:
+        try:
+            document = CredmgrClient.load_file(path)
+        except (OSError, ValueError):
+            document = {}
+        if document and predicate(document):
+            return document
+        time.sleep(0.25)
+    raise AssertionError(f"{path} did not reach the expected state in {timeout}s: {sorted(document)}")
+
+
+# Every token value a test saw, for the final check of the logs.
+SEEN_TOKENS: set[str] = set()
+
+
+def remember(*values) -> None:
+    SEEN_TOKENS.update(v for v in values if isinstance(v, str) and len(v) >= 16)
