@@ -143,18 +143,28 @@ class Stack:
         return self
 
     def stop(self) -> None:
+        """Stops everything: the hub first (it stops the servers, tokenhub
+        and the proxy), then whatever is left."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # children left in its group
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        # The proxy runs in a session of its own: stop it by its pid file.
+        pid_file = self.state_dir / "hub" / "proxy.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
         self.procs.clear()
 
 
