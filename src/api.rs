@@ -21,7 +21,11 @@ use crate::fabric;
 use crate::hub::HubError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::vault::Lineage;
+use crate::crypto::{constant_time_eq, digest_hex};
+use crate::refresh::{Fresh, RefreshError, Want};
+
+/// How long a refresh token rotated away still gets the current set back.
+pub const ROTATION_GRACE_SECS: i64 = 120;
 
 fn no_store(body: Value) -> Response {
     let mut response = Json(body).into_response();
@@ -92,9 +96,12 @@ pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiEr
     Ok(identity.username)
 }
 
-fn tokens_json(app: &AppState, lineage: &Lineage) -> Value {
+fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
+    let lineage = &fresh.lineage;
     let t = &lineage.tokens;
     json!({
+        "refreshed": fresh.refreshed,
+        "min_valid_capped_to": fresh.capped_min_valid,
         "user": lineage.username,
         "issuer": lineage.issuer,
         "subject": lineage.subject,
@@ -111,22 +118,117 @@ fn tokens_json(app: &AppState, lineage: &Lineage) -> Value {
     })
 }
 
-/// `GET /api/v1/tokens`: the caller's current tokens (`format=fabric` for
-/// the `~/.tokens.json` document).
+/// The API's answer when fresh tokens cannot be had.
+fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
+    let reauth = app.url("/refresh").to_string();
+    match e {
+        RefreshError::NoLineage => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_grant", "tokenhub holds no tokens for you: sign in again")
+            .with_reauth(reauth),
+        RefreshError::Dead(reason) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_grant",
+            format!("the identity provider no longer accepts your login ({reason}); open reauth_url to renew it"),
+        )
+        .with_reauth(reauth),
+        RefreshError::Unavailable(_) => {
+            ApiError::unavailable("the identity provider is not answering; your tokens are kept, try again shortly")
+        }
+        RefreshError::Vault(e) => e.into(),
+    }
+}
+
+/// The answer in the asked format (checked by the caller: `fabric` or JSON).
+fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Result<Response, ApiError> {
+    Ok(no_store(match format {
+        Some("fabric") => fabric::document(&fresh.lineage),
+        _ => tokens_json(app, fresh),
+    }))
+}
+
+/// `GET /api/v1/tokens`: the caller's current tokens; `min_valid=N` makes
+/// the access token valid at least N more seconds (refreshing if needed);
+/// `format=fabric` gives the `~/.tokens.json` document.
 pub async fn tokens(
     State(app): State<AppState>,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let username = caller(&app, &headers).await?;
-    let lineage = app
-        .vault
-        .load(&username, app.upstream.issuer())
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_tokens", "tokenhub holds no tokens for you: sign in again"))?;
-    match params.get("format").map(String::as_str) {
-        None | Some("json") => Ok(no_store(tokens_json(&app, &lineage))),
-        Some("fabric") => Ok(no_store(fabric::document(&lineage))),
-        Some(other) => Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)"))),
+    let min_valid = match params.get("min_valid") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))? as i64,
+        ),
+    };
+    let format = params.get("format").map(String::as_str);
+    if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
+        return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
+    let username = caller(&app, &headers).await?;
+    let fresh = app
+        .refresher
+        .fresh(&app, &username, Want { min_valid, force: false })
+        .await
+        .map_err(|e| refresh_error(&app, e))?;
+    answer(&app, &fresh, format)
+}
+
+/// The body of a forced refresh (JSON or form; both optional).
+#[derive(Debug, Default, Deserialize)]
+pub struct RefreshRequest {
+    /// The refresh token the caller holds, if any.
+    refresh_token: Option<String>,
+}
+
+/// `POST /api/v1/tokens/refresh`: refresh now. A caller may send the refresh
+/// token it holds: the current one refreshes; one rotated away moments ago
+/// gets the current set back without an upstream call; anything else is
+/// refused.
+pub async fn force_refresh(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: RefreshRequest = if body.is_empty() {
+        RefreshRequest::default()
+    } else if headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+    {
+        serde_urlencoded::from_bytes(&body).map_err(|_| ApiError::invalid_request("malformed form body"))?
+    } else {
+        serde_json::from_slice(&body).map_err(|_| ApiError::invalid_request("the body must be JSON like {\"refresh_token\": \"…\"}"))?
+    };
+    let username = caller(&app, &headers).await?;
+    if let Some(held) = &request.refresh_token {
+        let lineage = app
+            .vault
+            .load(&username, app.upstream.issuer())
+            .await?
+            .ok_or_else(|| refresh_error(&app, RefreshError::NoLineage))?;
+        let current = lineage.tokens.refresh_token.as_ref().map(|t| t.expose_secret().to_string());
+        if current.as_deref() != Some(held.as_str()) {
+            let rotated_recently = lineage.rotated_at.is_some_and(|at| now() - at <= ROTATION_GRACE_SECS)
+                && lineage
+                    .previous_refresh_hash
+                    .as_deref()
+                    .is_some_and(|h| constant_time_eq(h, &digest_hex(held)));
+            if rotated_recently && lineage.active {
+                // A retry or a late kernel: it gets what replaced its token.
+                let fresh = Fresh { lineage, refreshed: true, capped_min_valid: None };
+                return answer(&app, &fresh, None);
+            }
+            return Err(ApiError::invalid_grant(
+                "this refresh token is not the current one (it was rotated away or never issued); GET /api/v1/tokens gives the current set",
+            )
+            .with_reauth(app.url("/refresh").to_string()));
+        }
+    }
+    let fresh = app
+        .refresher
+        .fresh(&app, &username, Want { min_valid: None, force: true })
+        .await
+        .map_err(|e| refresh_error(&app, e))?;
+    answer(&app, &fresh, None)
 }

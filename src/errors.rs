@@ -29,12 +29,19 @@ pub struct ApiError {
     pub error: &'static str,
     /// Human-readable detail.
     pub description: String,
+    /// Where a person renews the login, when that is the way out.
+    pub reauth_url: Option<String>,
 }
 
 impl ApiError {
     /// Any status and code.
     pub fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
-        Self { status, error, description: description.into() }
+        Self { status, error, description: description.into(), reauth_url: None }
+    }
+    /// Names the URL that renews the login (`/refresh`).
+    pub fn with_reauth(mut self, url: impl Into<String>) -> Self {
+        self.reauth_url = Some(url.into());
+        self
     }
     /// 400 `invalid_request`: a parameter is missing or malformed.
     pub fn invalid_request(description: impl Into<String>) -> Self {
@@ -64,7 +71,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.error, "error_description": self.description });
+        let mut body = json!({ "error": self.error, "error_description": self.description });
+        if let Some(url) = &self.reauth_url {
+            body["reauth_url"] = json!(url);
+        }
         let mut response = (self.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

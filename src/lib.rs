@@ -14,6 +14,7 @@ pub mod hub;
 pub mod login;
 pub mod metrics;
 pub mod provider;
+pub mod refresh;
 pub mod state;
 pub mod store;
 pub mod time;
@@ -46,6 +47,7 @@ pub fn app(state: AppState) -> Router {
         .route("/oauth2/userinfo", get(provider::userinfo).post(provider::userinfo))
         .route("/callback", get(login::callback))
         .route("/api/v1/tokens", get(api::tokens))
+        .route("/api/v1/tokens/refresh", axum::routing::post(api::force_refresh))
         .route("/api/v1/hub/spawn", axum::routing::post(api::spawn));
     let base = state.config.http.base_path.clone();
     let routes = if base.is_empty() { routes } else { Router::new().nest(&base, routes) };

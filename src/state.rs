@@ -11,6 +11,7 @@ use crate::crypto::KeyRing;
 use crate::delivery::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
+use crate::refresh::Refresher;
 use crate::store::Store;
 use crate::upstream::Upstream;
 use crate::vault::Vault;
@@ -32,6 +33,8 @@ pub struct App {
     pub hub: HubApi,
     /// Token files written to servers.
     pub deliveries: Deliveries,
+    /// The single-flight refresher.
+    pub refresher: Refresher,
 }
 
 /// What handlers receive.
@@ -76,6 +79,7 @@ impl App {
             metrics: Metrics::default(),
             hub: HubApi::new(&config.hub, http),
             deliveries: Deliveries::default(),
+            refresher: Refresher::default(),
             config,
         }))
     }

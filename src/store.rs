@@ -64,6 +64,10 @@ pub struct LineageRow {
     pub updated_at: i64,
     /// Last upstream refresh.
     pub refreshed_at: Option<i64>,
+    /// SHA-256 of the refresh token the last refresh rotated away.
+    pub previous_refresh_hash: Option<String>,
+    /// When that rotation happened.
+    pub rotated_at: Option<i64>,
 }
 
 /// An authorization code issued to the hub (stored by hash).
@@ -137,7 +141,8 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 const LINEAGE_COLUMNS: &str = "username, issuer, subject, access_token, id_token, refresh_token, \
-     claims, scope, access_expires_at, version, status, created_at, updated_at, refreshed_at";
+     claims, scope, access_expires_at, version, status, created_at, updated_at, refreshed_at, \
+     previous_refresh_hash, rotated_at";
 
 fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
     Ok(LineageRow {
@@ -155,6 +160,8 @@ fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         refreshed_at: row.try_get("refreshed_at")?,
+        previous_refresh_hash: row.try_get("previous_refresh_hash")?,
+        rotated_at: row.try_get("rotated_at")?,
     })
 }
 
@@ -234,7 +241,7 @@ impl Store {
     pub async fn replace_lineage(&self, row: &LineageRow) -> Result<i64, StoreError> {
         let sql = format!(
             "INSERT INTO lineages ({LINEAGE_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL) \
              ON CONFLICT (username, issuer) DO UPDATE SET \
                subject = excluded.subject, access_token = excluded.access_token, \
                id_token = excluded.id_token, refresh_token = excluded.refresh_token, \
@@ -242,7 +249,8 @@ impl Store {
                access_expires_at = excluded.access_expires_at, \
                version = lineages.version + 1, status = excluded.status, \
                created_at = excluded.created_at, updated_at = excluded.updated_at, \
-               refreshed_at = excluded.refreshed_at \
+               refreshed_at = excluded.refreshed_at, previous_refresh_hash = NULL, \
+               rotated_at = NULL, lease_holder = NULL, lease_until = NULL \
              RETURNING version"
         );
         let version: i64 = sqlx::query_scalar(&sql)
@@ -273,6 +281,97 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(lineage_from_row).transpose()?)
+    }
+
+    /// Stores the result of a refresh, only if the lineage is still at
+    /// `row.version` (a lost race changes nothing and returns `None`). The new
+    /// version is returned; the refresh lease is released.
+    pub async fn store_refresh(&self, row: &LineageRow) -> Result<Option<i64>, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE lineages SET access_token = $3, id_token = $4, refresh_token = $5, scope = $6, \
+             access_expires_at = $7, version = version + 1, updated_at = $8, refreshed_at = $9, \
+             previous_refresh_hash = $10, rotated_at = $11, lease_holder = NULL, lease_until = NULL \
+             WHERE username = $1 AND issuer = $2 AND version = $12 AND status = 'active' \
+             RETURNING version",
+        )
+        .bind(&row.username)
+        .bind(&row.issuer)
+        .bind(&row.access_token)
+        .bind(&row.id_token)
+        .bind(&row.refresh_token)
+        .bind(&row.scope)
+        .bind(row.access_expires_at)
+        .bind(row.updated_at)
+        .bind(row.refreshed_at)
+        .bind(&row.previous_refresh_hash)
+        .bind(row.rotated_at)
+        .bind(row.version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(version)
+    }
+
+    /// Marks the lineage dead (the IdP said `invalid_grant`), if still at `version`.
+    pub async fn mark_dead(&self, username: &str, issuer: &str, version: i64, now: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE lineages SET status = 'dead', version = version + 1, updated_at = $4, \
+             lease_holder = NULL, lease_until = NULL \
+             WHERE username = $1 AND issuer = $2 AND version = $3",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(version)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes the refresh lease of a lineage until `until`, unless another
+    /// holder's lease is still running. Works across replicas.
+    pub async fn try_lease(&self, username: &str, issuer: &str, holder: &str, now: i64, until: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE lineages SET lease_holder = $3, lease_until = $5 \
+             WHERE username = $1 AND issuer = $2 \
+               AND (lease_until IS NULL OR lease_until < $4 OR lease_holder = $3)",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(holder)
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives the lease back (after a failed refresh).
+    pub async fn release_lease(&self, username: &str, issuer: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE lineages SET lease_holder = NULL, lease_until = NULL \
+             WHERE username = $1 AND issuer = $2 AND lease_holder = $3",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the user's lineage and every token issued to the hub for it.
+    pub async fn delete_lineage(&self, username: &str, issuer: &str) -> Result<bool, StoreError> {
+        sqlx::query("DELETE FROM hub_tokens WHERE username = $1 AND issuer = $2")
+            .bind(username)
+            .bind(issuer)
+            .execute(&self.pool)
+            .await?;
+        let done = sqlx::query("DELETE FROM lineages WHERE username = $1 AND issuer = $2")
+            .bind(username)
+            .bind(issuer)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Stores a new authorization code.

@@ -14,7 +14,7 @@ use openidconnect::core::{
 use openidconnect::{
     AccessTokenHash, AuthenticationFlow, AuthorizationCode, ClaimsVerificationError, ClientId,
     ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
-    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError,
+    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
     Scope, SignatureVerificationError, TokenResponse,
 };
 use secrecy::{ExposeSecret, SecretString};
@@ -219,15 +219,9 @@ impl Upstream {
             .ok_or_else(|| UpstreamError::BadResponse("no id_token in the token response".into()))?
             .clone();
         let nonce = Nonce::new(nonce.to_string());
-
-        let claims = match self.verify(&client, &id_token, &nonce, response.access_token()) {
-            Err(UpstreamError::BadIdToken(_)) if names_unknown_key(&client, &id_token, &nonce) => {
-                let refreshed = self.refetch_jwks(&discovered).await?;
-                let client = self.client(&refreshed.metadata)?;
-                self.verify(&client, &id_token, &nonce, response.access_token())?
-            }
-            other => other?,
-        };
+        let claims = self
+            .verify_with_refetch(&discovered, &id_token, Some(&nonce), response.access_token())
+            .await?;
 
         let access_token = response.access_token().secret().clone();
         let mut all_claims = claims;
@@ -263,13 +257,78 @@ impl Upstream {
         })
     }
 
+    /// Verifies an ID token, fetching the key set again (rate-limited) when
+    /// it names a key we do not have; returns its claims as JSON. `nonce` is
+    /// `None` for ID tokens from a refresh, which carry none to check.
+    async fn verify_with_refetch(
+        &self,
+        discovered: &Arc<Discovered>,
+        id_token: &openidconnect::core::CoreIdToken,
+        nonce: Option<&Nonce>,
+        access_token: &openidconnect::AccessToken,
+    ) -> Result<Map<String, Value>, UpstreamError> {
+        let client = self.client(&discovered.metadata)?;
+        match self.verify(&client, id_token, nonce, access_token) {
+            Err(UpstreamError::BadIdToken(_)) if names_unknown_key(&client, id_token, nonce) => {
+                let refreshed = self.refetch_jwks(discovered).await?;
+                let client = self.client(&refreshed.metadata)?;
+                self.verify(&client, id_token, nonce, access_token)
+            }
+            other => other,
+        }
+    }
+
+    /// Refreshes the token set with its refresh token. Values the IdP does
+    /// not send again (a refresh token without rotation, an ID token) are kept.
+    pub async fn refresh(&self, current: &TokenSet, subject: &str) -> Result<TokenSet, UpstreamError> {
+        let refresh_token = current
+            .refresh_token
+            .as_ref()
+            .ok_or_else(|| UpstreamError::InvalidGrant("the lineage has no refresh token".into()))?;
+        let discovered = self.discovered().await?;
+        let client = self.client(&discovered.metadata)?;
+        let response = client
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose_secret().to_string()))
+            .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
+            .request_async(&self.http)
+            .await
+            .map_err(token_error)?;
+        let id_token = match response.id_token() {
+            Some(id_token) => {
+                let claims = self
+                    .verify_with_refetch(&discovered, id_token, None, response.access_token())
+                    .await?;
+                if claims.get("sub").and_then(Value::as_str) != Some(subject) {
+                    return Err(UpstreamError::BadIdToken("the refreshed ID token names another subject".into()));
+                }
+                id_token.to_string()
+            }
+            None => current.id_token.expose_secret().to_string(),
+        };
+        Ok(TokenSet {
+            access_token: response.access_token().secret().clone().into(),
+            id_token: id_token.into(),
+            refresh_token: Some(
+                response
+                    .refresh_token()
+                    .map(|t| t.secret().clone().into())
+                    .unwrap_or_else(|| refresh_token.clone()),
+            ),
+            access_expires_at: response.expires_in().map(|d| now() + d.as_secs() as i64),
+            scope: response
+                .scopes()
+                .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|| current.scope.clone()),
+        })
+    }
+
     /// Verifies the ID token (and its `at_hash`) with the keys we have and
     /// returns its claims as JSON.
     fn verify(
         &self,
         client: &Client,
         id_token: &openidconnect::core::CoreIdToken,
-        nonce: &Nonce,
+        nonce: Option<&Nonce>,
         access_token: &openidconnect::AccessToken,
     ) -> Result<Map<String, Value>, UpstreamError> {
         check_at_hash(client, id_token, nonce, access_token)?;
@@ -340,12 +399,12 @@ impl Upstream {
 fn check_at_hash(
     client: &Client,
     id_token: &openidconnect::core::CoreIdToken,
-    nonce: &Nonce,
+    nonce: Option<&Nonce>,
     access_token: &openidconnect::AccessToken,
 ) -> Result<(), UpstreamError> {
     let bad = |e: &dyn std::fmt::Display| UpstreamError::BadIdToken(e.to_string());
     let verifier = client.id_token_verifier();
-    let claims = id_token.claims(&verifier, nonce).map_err(|e| bad(&e))?;
+    let claims = id_token.claims(&verifier, nonce_check(nonce)).map_err(|e| bad(&e))?;
     let Some(expected) = claims.access_token_hash() else {
         return Ok(());
     };
@@ -358,10 +417,20 @@ fn check_at_hash(
     Ok(())
 }
 
+/// The nonce check: the expected nonce must match; without one (refresh)
+/// any or none is accepted.
+fn nonce_check(expected: Option<&Nonce>) -> impl FnOnce(Option<&Nonce>) -> Result<(), String> + '_ {
+    move |got: Option<&Nonce>| match (expected, got) {
+        (None, _) => Ok(()),
+        (Some(e), Some(g)) if crate::crypto::constant_time_eq(e.secret(), g.secret()) => Ok(()),
+        _ => Err("nonce mismatch".into()),
+    }
+}
+
 /// Whether verification failed only because no key matched the token's `kid`.
-fn names_unknown_key(client: &Client, id_token: &openidconnect::core::CoreIdToken, nonce: &Nonce) -> bool {
+fn names_unknown_key(client: &Client, id_token: &openidconnect::core::CoreIdToken, nonce: Option<&Nonce>) -> bool {
     matches!(
-        id_token.claims(&client.id_token_verifier(), nonce),
+        id_token.claims(&client.id_token_verifier(), nonce_check(nonce)),
         Err(ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey))
     )
 }

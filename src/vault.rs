@@ -50,6 +50,10 @@ pub struct Lineage {
     pub updated_at: i64,
     /// Last upstream refresh.
     pub refreshed_at: Option<i64>,
+    /// SHA-256 of the refresh token the last refresh rotated away.
+    pub previous_refresh_hash: Option<String>,
+    /// When that rotation happened.
+    pub rotated_at: Option<i64>,
 }
 
 /// Why the vault failed.
@@ -120,8 +124,48 @@ impl Vault {
             created_at: now,
             updated_at: now,
             refreshed_at: None,
+            previous_refresh_hash: None,
+            rotated_at: None,
         };
         Ok(self.store.replace_lineage(&row).await?)
+    }
+
+    /// Stores the tokens a refresh of `lineage` returned, if nobody changed
+    /// the lineage meanwhile; returns the stored lineage, or `None` after a
+    /// lost race (the caller re-reads).
+    pub async fn save_refresh(&self, lineage: &Lineage, tokens: &TokenSet) -> Result<Option<Lineage>, VaultError> {
+        let (username, issuer) = (&lineage.username, &lineage.issuer);
+        let seal = |field: &str, value: &str| self.keys.seal(value.as_bytes(), &aad(username, issuer, field));
+        let now = now();
+        let old_refresh = lineage.tokens.refresh_token.as_ref().map(|t| t.expose_secret().to_string());
+        let new_refresh = tokens.refresh_token.as_ref().map(|t| t.expose_secret().to_string());
+        let rotated = old_refresh.is_some() && old_refresh != new_refresh;
+        let row = LineageRow {
+            username: username.clone(),
+            issuer: issuer.clone(),
+            subject: lineage.subject.clone(),
+            access_token: seal("access_token", tokens.access_token.expose_secret()),
+            id_token: seal("id_token", tokens.id_token.expose_secret()),
+            refresh_token: new_refresh.as_deref().map(|t| seal("refresh_token", t)),
+            claims: Vec::new(),
+            scope: tokens.scope.clone(),
+            access_expires_at: tokens.access_expires_at,
+            version: lineage.version,
+            status: "active".into(),
+            created_at: lineage.created_at,
+            updated_at: now,
+            refreshed_at: Some(now),
+            previous_refresh_hash: if rotated {
+                old_refresh.as_deref().map(crate::crypto::digest_hex)
+            } else {
+                lineage.previous_refresh_hash.clone()
+            },
+            rotated_at: if rotated { Some(now) } else { lineage.rotated_at },
+        };
+        match self.store.store_refresh(&row).await? {
+            Some(_) => self.load(username, issuer).await,
+            None => Ok(None),
+        }
     }
 
     /// The user's current lineage for `issuer`, opened.
@@ -161,6 +205,8 @@ impl Vault {
             created_at: row.created_at,
             updated_at: row.updated_at,
             refreshed_at: row.refreshed_at,
+            previous_refresh_hash: row.previous_refresh_hash,
+            rotated_at: row.rotated_at,
             username: row.username,
             issuer: row.issuer,
             subject: row.subject,

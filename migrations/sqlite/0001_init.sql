@@ -15,6 +15,13 @@ CREATE TABLE lineages (
     created_at        INTEGER NOT NULL,
     updated_at        INTEGER NOT NULL,
     refreshed_at      INTEGER,
+    -- SHA-256 of the refresh token the last refresh rotated away, and when:
+    -- a late caller presenting it within a short window gets the current set.
+    previous_refresh_hash TEXT,
+    rotated_at        INTEGER,
+    -- The refresh lease: one replica refreshes a lineage at a time.
+    lease_holder      TEXT,
+    lease_until       INTEGER,
     PRIMARY KEY (username, issuer)
 );
 

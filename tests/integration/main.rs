@@ -5,6 +5,7 @@ mod support;
 mod binary;
 mod id_token;
 mod login_flow;
+mod refresh;
 mod rejections;
 mod service;
 mod store_backends;

@@ -152,6 +152,15 @@ impl TestAppBuilder {
         self
     }
 
+    /// Points tokenhub at a (mock) hub API.
+    pub fn hub(self, hub: &HubMock) -> Self {
+        let api = format!("{}/hub/api", hub.server.uri());
+        self.settings(|s| {
+            s.hub_api_url = Some(Url::parse(&api).unwrap());
+            s.hub_api_token = Some("tokenhub-service-token".into());
+        })
+    }
+
     /// Uses this database instead of a new SQLite file.
     pub fn database(mut self, url: String) -> Self {
         self.database_url = Some(url);
@@ -236,6 +245,44 @@ impl Idp {
     pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/_test/stats", self.issuer)).await.unwrap().json().await.unwrap()
     }
+}
+
+// ---------------------------------------------------------------- a mock hub
+
+/// The hub's `/hub/api/user`, answering for the server tokens it was told.
+pub struct HubMock {
+    pub server: wiremock::MockServer,
+}
+
+impl HubMock {
+    pub async fn start() -> Self {
+        Self { server: wiremock::MockServer::start().await }
+    }
+
+    /// A server API token of `user`'s, known to the hub.
+    pub async fn server_token(&self, user: &str) -> String {
+        use wiremock::matchers::{header, method, path};
+        let token = format!("server-token-{user}-{}", tokenhub::crypto::random_token());
+        wiremock::Mock::given(method("GET"))
+            .and(path("/hub/api/user"))
+            .and(header("authorization", format!("token {token}").as_str()))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "kind": "user", "name": user, "servers": {}
+            })))
+            .mount(&self.server)
+            .await;
+        token
+    }
+}
+
+/// Makes a lineage look `seconds` older (issued and expiring earlier).
+pub async fn age_lineage(app: &TestApp, user: &str, seconds: i64) {
+    app.sql(&format!(
+        "UPDATE lineages SET updated_at = updated_at - {seconds}, \
+         refreshed_at = refreshed_at - {seconds}, access_expires_at = access_expires_at - {seconds} \
+         WHERE username = '{user}'"
+    ))
+    .await;
 }
 
 // ---------------------------------------------------------------- PostgreSQL
