@@ -11,14 +11,14 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::*;
 
-const KEY1: &str = include_str!("../fixtures/key1.pem");
+pub const KEY1: &str = include_str!("../fixtures/key1.pem");
 const KEY2: &str = include_str!("../fixtures/key2.pem");
 const JWK1: &str = include_str!("../fixtures/key1.jwk.json");
 const JWK2: &str = include_str!("../fixtures/key2.jwk.json");
 const ACCESS_TOKEN: &str = "mock-access-token-0123456789abcdef";
 
-struct MockIdp {
-    server: MockServer,
+pub struct MockIdp {
+    pub server: MockServer,
 }
 
 fn jwks(keys: &[&str]) -> Value {
@@ -27,7 +27,7 @@ fn jwks(keys: &[&str]) -> Value {
 
 impl MockIdp {
     /// A provider whose key set first holds only `k1`, then `k1` and `k2`.
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let server = MockServer::start().await;
         let issuer = server.uri();
         Mock::given(method("GET"))
@@ -55,12 +55,12 @@ impl MockIdp {
         Self { server }
     }
 
-    fn issuer(&self) -> String {
+    pub fn issuer(&self) -> String {
         self.server.uri()
     }
 
     /// Standard claims for a login with this nonce.
-    fn claims(&self, nonce: &str) -> Value {
+    pub fn claims(&self, nonce: &str) -> Value {
         let now = tokenhub::time::now();
         json!({
             "iss": self.issuer(),
@@ -80,13 +80,13 @@ impl MockIdp {
     }
 }
 
-fn sign(claims: &Value, kid: &str, pem: &str) -> String {
+pub fn sign(claims: &Value, kid: &str, pem: &str) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.into());
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()).unwrap()
 }
 
-fn token_response(id_token: &str) -> ResponseTemplate {
+pub fn token_response(id_token: &str) -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_json(json!({
         "access_token": ACCESS_TOKEN,
         "token_type": "Bearer",
@@ -98,7 +98,7 @@ fn token_response(id_token: &str) -> ResponseTemplate {
 
 /// Runs one login through tokenhub with the mock answering `token`; returns
 /// tokenhub's answer to the callback.
-async fn login_with(app: &TestApp, idp: &MockIdp, token: impl FnOnce(&str) -> ResponseTemplate) -> reqwest::Response {
+pub async fn login_with(app: &TestApp, idp: &MockIdp, token: impl FnOnce(&str) -> ResponseTemplate) -> reqwest::Response {
     let browser = Browser::new();
     let (url, _) = Hub::authorize_url(app);
     let to_idp = location(&browser.get(url).await);

@@ -3,6 +3,7 @@
 mod support;
 
 mod binary;
+mod faults;
 mod id_token;
 mod login_flow;
 mod refresh;
