@@ -72,24 +72,24 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     Ok(Some(lineage.version))
 }
 
-/// Rewrites the token file in every ready server of the user; returns how
-/// many servers got it. Failures are logged, not returned: a server that
-/// is stopping must not fail a refresh.
-pub async fn write_all(app: &AppState, username: &str) -> usize {
+/// Rewrites the token file in every ready server of the user; returns the
+/// names of the servers that got it. Failures are logged, not returned: a
+/// server that is stopping must not fail a refresh.
+pub async fn write_all(app: &AppState, username: &str) -> Vec<String> {
     if !app.hub.configured() {
-        return 0;
+        return vec![];
     }
     let servers = match app.hub.servers(username).await {
         Ok(servers) => servers,
         Err(e) => {
             tracing::warn!(user = %username, error = %e, "cannot list the user's servers");
-            return 0;
+            return vec![];
         }
     };
-    let mut written = 0;
+    let mut written = vec![];
     for server in servers.iter().filter(|s| s.ready) {
         match write_one(app, username, server).await {
-            Ok(Some(_)) => written += 1,
+            Ok(Some(_)) => written.push(server.name.clone()),
             Ok(None) => {}
             Err(e) => tracing::warn!(user = %username, server = %server.name, error = %e, "token file not written"),
         }

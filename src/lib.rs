@@ -13,8 +13,10 @@ pub mod fabric;
 pub mod hub;
 pub mod login;
 pub mod metrics;
+pub mod pages;
 pub mod provider;
 pub mod refresh;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod time;
@@ -38,19 +40,30 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The whole HTTP interface, mounted under the configured base path.
 pub fn app(state: AppState) -> Router {
-    let routes = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/.well-known/openid-configuration", get(provider::discovery))
-        .route("/oauth2/authorize", get(login::authorize))
-        .route("/oauth2/token", axum::routing::post(provider::token))
-        .route("/oauth2/userinfo", get(provider::userinfo).post(provider::userinfo))
-        .route("/callback", get(login::callback))
-        .route("/api/v1/tokens", get(api::tokens))
-        .route("/api/v1/tokens/refresh", axum::routing::post(api::force_refresh))
-        .route("/api/v1/hub/spawn", axum::routing::post(api::spawn));
+    use axum::routing::post;
     let base = state.config.http.base_path.clone();
-    let routes = if base.is_empty() { routes } else { Router::new().nest(&base, routes) };
+    let at = |path: &str| format!("{base}{path}");
+    let mut routes = Router::new()
+        .route(&at("/"), get(pages::token_page))
+        .route(&at("/login"), get(pages::login))
+        .route(&at("/logout"), get(pages::logout))
+        .route(&at("/refresh"), get(pages::refresh))
+        .route(&at("/tokens.json"), get(pages::download))
+        .route(&at("/revoke"), post(pages::revoke))
+        .route(&at("/healthz"), get(healthz))
+        .route(&at("/metrics"), get(metrics))
+        .route(&at("/.well-known/openid-configuration"), get(provider::discovery))
+        .route(&at("/oauth2/authorize"), get(login::authorize))
+        .route(&at("/oauth2/token"), post(provider::token))
+        .route(&at("/oauth2/userinfo"), get(provider::userinfo).post(provider::userinfo))
+        .route(&at("/callback"), get(login::callback))
+        .route(&at("/api/v1/tokens"), get(api::tokens))
+        .route(&at("/api/v1/tokens/refresh"), post(api::force_refresh))
+        .route(&at("/api/v1/hub/spawn"), post(api::spawn));
+    if !base.is_empty() {
+        // The prefix itself, without the trailing slash, is the token page too.
+        routes = routes.route(&base, get(pages::token_page));
+    }
     routes
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
 use crate::metrics::Metrics;
+use crate::session;
 use crate::state::AppState;
 use crate::store::HubCodeRow;
 use crate::time::now;
@@ -46,10 +47,22 @@ pub struct HubRequest {
     pub code_challenge: Option<String>,
 }
 
+/// Why the browser is signing in upstream, and so where it goes after.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Purpose {
+    /// A hub login: back to the hub with a code.
+    Hub(HubRequest),
+    /// `/refresh`: renew the lineage, rewrite the token files, say so.
+    Refresh,
+    /// Signing in to tokenhub's own token page.
+    Page,
+}
+
 /// What the login cookie holds (sealed).
 #[derive(Serialize, Deserialize)]
 struct PendingLogin {
-    hub: HubRequest,
+    purpose: Purpose,
     nonce: String,
     pkce_verifier: String,
     expires_at: i64,
@@ -115,15 +128,21 @@ pub async fn authorize(
         return Ok(redirect_error(redirect_uri, state, "invalid_request", "code_challenge must be 43 to 128 characters"));
     }
 
+    let hub_request = HubRequest {
+        client_id: client_id.to_string(),
+        redirect_uri: redirect_uri.to_string(),
+        state: state.map(str::to_string),
+        scope: param(&params, "scope").unwrap_or("openid").to_string(),
+        code_challenge: code_challenge.map(str::to_string),
+    };
+    start_login(&app, jar, Purpose::Hub(hub_request)).await
+}
+
+/// Sends the browser to the upstream IdP, remembering why in the login cookie.
+pub async fn start_login(app: &AppState, jar: CookieJar, purpose: Purpose) -> Result<Response, PageError> {
     let upstream = app.upstream.authorization_request().await?;
     let pending = PendingLogin {
-        hub: HubRequest {
-            client_id: client_id.to_string(),
-            redirect_uri: redirect_uri.to_string(),
-            state: state.map(str::to_string),
-            scope: param(&params, "scope").unwrap_or("openid").to_string(),
-            code_challenge: code_challenge.map(str::to_string),
-        },
+        purpose,
         nonce: upstream.nonce,
         pkce_verifier: upstream.pkce_verifier.expose_secret().to_string(),
         expires_at: now() + LOGIN_TTL_SECS,
@@ -233,7 +252,16 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims)
         .await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, "login stored");
+    let jar = jar.clone().remove(
+        Cookie::build(format!("{COOKIE_PREFIX}{state}")).path(format!("{}/callback", app.config.http.base_path)),
+    );
+    let jar = session::start(app, jar, &username);
 
+    let hub = match pending.purpose {
+        Purpose::Hub(hub) => hub,
+        Purpose::Refresh => return Ok((jar, crate::pages::renewed(app, &username).await?).into_response()),
+        Purpose::Page => return Ok((jar, Redirect::to(app.url("/").as_str())).into_response()),
+    };
     let code = random_token();
     app.vault
         .store()
@@ -241,21 +269,18 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
             code_hash: digest_hex(&code),
             username,
             issuer: login.issuer,
-            client_id: pending.hub.client_id,
-            redirect_uri: pending.hub.redirect_uri.clone(),
-            code_challenge: pending.hub.code_challenge,
-            scope: pending.hub.scope,
+            client_id: hub.client_id,
+            redirect_uri: hub.redirect_uri.clone(),
+            code_challenge: hub.code_challenge,
+            scope: hub.scope,
             expires_at: now() + CODE_TTL_SECS,
         })
         .await?;
 
-    let mut back = url::Url::parse(&pending.hub.redirect_uri).expect("redirect URI was checked at authorize");
+    let mut back = url::Url::parse(&hub.redirect_uri).expect("redirect URI was checked at authorize");
     back.query_pairs_mut().append_pair("code", &code);
-    if let Some(hub_state) = &pending.hub.state {
+    if let Some(hub_state) = &hub.state {
         back.query_pairs_mut().append_pair("state", hub_state);
     }
-    let jar = jar.clone().remove(
-        Cookie::build(format!("{COOKIE_PREFIX}{state}")).path(format!("{}/callback", app.config.http.base_path)),
-    );
     Ok((jar, Redirect::to(back.as_str())).into_response())
 }

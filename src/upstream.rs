@@ -322,6 +322,38 @@ impl Upstream {
         })
     }
 
+    /// Revokes a refresh token at the IdP (RFC 7009). `Ok(false)` when the
+    /// IdP advertises no revocation endpoint.
+    pub async fn revoke(&self, refresh_token: &str) -> Result<bool, UpstreamError> {
+        // The typed metadata drops `revocation_endpoint`: read the document itself.
+        let discovery = format!("{}/.well-known/openid-configuration", self.config.issuer.trim_end_matches('/'));
+        let document: Value = self
+            .http
+            .get(discovery)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.without_url()))?
+            .json()
+            .await
+            .map_err(|e| UpstreamError::BadResponse(e.without_url().to_string()))?;
+        let Some(endpoint) = document.get("revocation_endpoint").and_then(Value::as_str) else {
+            return Ok(false);
+        };
+        let response = self
+            .http
+            .post(endpoint)
+            .basic_auth(&self.config.client_id, Some(self.config.client_secret.expose_secret()))
+            .form(&[("token", refresh_token), ("token_type_hint", "refresh_token")])
+            .send()
+            .await
+            .map_err(|e| unreachable(e.without_url()))?;
+        if response.status().is_success() {
+            Ok(true)
+        } else {
+            Err(UpstreamError::Refused(format!("revocation answered {}", response.status())))
+        }
+    }
+
     /// Verifies the ID token (and its `at_hash`) with the keys we have and
     /// returns its claims as JSON.
     fn verify(

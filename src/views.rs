@@ -24,3 +24,89 @@ pub fn render(page: &impl Template) -> String {
         "<!doctype html><title>tokenhub</title><p>This page could not be shown.</p>".into()
     })
 }
+
+/// A short page with a message and links.
+#[derive(Template)]
+#[template(path = "info.html")]
+pub struct InfoPage<'a> {
+    /// Headline.
+    pub title: &'a str,
+    /// Text.
+    pub message: &'a str,
+    /// (label, href) pairs.
+    pub links: Vec<(&'a str, String)>,
+}
+
+/// A lineage as the token page shows it: no token values.
+pub struct LineageView {
+    /// Upstream issuer.
+    pub issuer: String,
+    /// Upstream subject.
+    pub subject: String,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// False once the IdP refused a refresh.
+    pub active: bool,
+    /// Access-token expiry, formatted.
+    pub access_expires: Option<String>,
+    /// ID-token expiry, formatted.
+    pub id_token_expires: Option<String>,
+    /// Start of the lineage, formatted.
+    pub started: String,
+    /// Last refresh, formatted.
+    pub last_refresh: Option<String>,
+    /// Lineage version.
+    pub version: i64,
+    /// Whether there is a refresh token.
+    pub has_refresh_token: bool,
+}
+
+/// A server that got the token file.
+pub struct DeliveryRow {
+    /// Server name.
+    pub server: String,
+    /// Lineage version written.
+    pub version: i64,
+    /// When, formatted.
+    pub at: String,
+}
+
+/// The signed-in user's token page.
+#[derive(Template)]
+#[template(path = "tokens.html")]
+pub struct TokenPage<'a> {
+    /// The user.
+    pub username: &'a str,
+    /// Their lineage, if any.
+    pub lineage: Option<LineageView>,
+    /// Servers that got the file.
+    pub deliveries: Vec<DeliveryRow>,
+    /// Anti-forgery value for the revoke form.
+    pub csrf: &'a str,
+    /// `/refresh`.
+    pub refresh_url: String,
+    /// `/tokens.json`.
+    pub download_url: String,
+    /// `/revoke`.
+    pub revoke_url: String,
+    /// The hub.
+    pub hub_url: String,
+}
+
+/// The page after `/refresh`.
+#[derive(Template)]
+#[template(path = "renewed.html")]
+pub struct RenewedPage<'a> {
+    /// The user.
+    pub username: &'a str,
+    /// True for a refresh, false for a new login.
+    pub refreshed: bool,
+    /// Access-token expiry, formatted.
+    pub access_expires: Option<String>,
+    /// Servers whose token file was rewritten.
+    pub servers: Vec<String>,
+    /// The token page.
+    pub token_page_url: String,
+    /// The hub.
+    pub hub_url: String,
+}

@@ -6,6 +6,7 @@ mod binary;
 mod faults;
 mod id_token;
 mod login_flow;
+mod pages;
 mod refresh;
 mod rejections;
 mod service;

@@ -1,0 +1,211 @@
+//! Pages for a person in the browser: the token page (`/`), `/refresh` (the
+//! URL to open after "invalid_grant"), signing in to tokenhub (`/login`), the
+//! `.tokens.json` download and revocation. Token values never appear in a
+//! page; the download is the one place they leave as a file.
+
+use std::collections::HashMap;
+
+use axum::extract::{Form, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum_extra::extract::CookieJar;
+use secrecy::ExposeSecret;
+
+use crate::crypto::constant_time_eq;
+use crate::delivery;
+use crate::errors::PageError;
+use crate::fabric::{self, timestamp};
+use crate::login::{Purpose, start_login};
+use crate::refresh::{RefreshError, Want};
+use crate::session::{self, Session};
+use crate::state::AppState;
+use crate::time::now;
+use crate::vault::Lineage;
+use crate::views::{self, DeliveryRow, InfoPage, RenewedPage, TokenPage};
+
+fn no_store(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn page(html: String) -> Response {
+    no_store(Html(html).into_response())
+}
+
+/// "in 5 min", "3 h ago": how far `at` is from now.
+fn relative(at: i64) -> String {
+    let delta = at - now();
+    let span = delta.unsigned_abs();
+    let text = match span {
+        0..=59 => format!("{span} s"),
+        60..=5999 => format!("{} min", span / 60),
+        6000..=172_799 => format!("{} h", span / 3600),
+        _ => format!("{} days", span / 86_400),
+    };
+    if delta >= 0 { format!("in {text}") } else { format!("{text} ago") }
+}
+
+async fn lineage_of(app: &AppState, username: &str) -> Result<Option<Lineage>, PageError> {
+    Ok(app.vault.load(username, app.upstream.issuer()).await?)
+}
+
+/// `GET /`: what tokenhub holds for the signed-in user.
+pub async fn token_page(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+    let Some(session) = session::current(&app, &jar) else {
+        let info = InfoPage {
+            title: "tokenhub",
+            message: "tokenhub keeps the tokens your identity provider issued when you signed in to JupyterHub, and hands them to your notebook servers.",
+            links: vec![("Sign in to see your tokens", app.url("/login").to_string())],
+        };
+        return Ok(page(views::render(&info)));
+    };
+    let lineage = lineage_of(&app, &session.username).await?;
+    let deliveries = app.deliveries.of(&session.username).await;
+    let view = TokenPage {
+        username: &session.username,
+        lineage: lineage.as_ref().map(|l| views::LineageView {
+            issuer: l.issuer.clone(),
+            subject: l.subject.clone(),
+            scopes: l.tokens.scope.split_whitespace().map(str::to_string).collect(),
+            active: l.active,
+            access_expires: l.tokens.access_expires_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
+            id_token_expires: fabric::id_token_expiry(l).map(|t| format!("{} ({})", timestamp(t), relative(t))),
+            started: format!("{} ({})", timestamp(l.created_at), relative(l.created_at)),
+            last_refresh: l.refreshed_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
+            version: l.version,
+            has_refresh_token: l.tokens.refresh_token.is_some(),
+        }),
+        deliveries: deliveries
+            .iter()
+            .map(|d| DeliveryRow {
+                server: if d.server.is_empty() { "default server".into() } else { d.server.clone() },
+                version: d.version,
+                at: format!("{} ({})", timestamp(d.at), relative(d.at)),
+            })
+            .collect(),
+        csrf: &session.csrf,
+        refresh_url: app.url("/refresh").to_string(),
+        download_url: app.url("/tokens.json").to_string(),
+        revoke_url: app.url("/revoke").to_string(),
+        hub_url: app.hub_home(),
+    };
+    Ok(page(views::render(&view)))
+}
+
+/// `GET /login`: sign in to tokenhub's token page through the IdP.
+pub async fn login(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+    start_login(&app, jar, Purpose::Page).await
+}
+
+/// `GET /refresh`: renew the user's tokens. With a working lineage this is a
+/// refresh; otherwise (or without a tokenhub session) a new upstream login,
+/// silent while the IdP's own session lasts. Either way the token files of
+/// the user's running servers are rewritten.
+pub async fn refresh(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+    if let Some(session) = session::current(&app, &jar) {
+        match app.refresher.fresh(&app, &session.username, Want { min_valid: None, force: true }).await {
+            Ok(_) => return renewed(&app, &session.username).await,
+            Err(RefreshError::Unavailable(_)) => {
+                return Err(PageError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Identity provider not answering",
+                    "Your identity provider did not answer. Your tokens are kept as they are; please try again in a minute.",
+                )
+                .with_action("Try again", app.url("/refresh").to_string()));
+            }
+            Err(RefreshError::Vault(e)) => return Err(e.into()),
+            Err(RefreshError::Dead(_) | RefreshError::NoLineage) => {} // a new login renews it
+        }
+    }
+    start_login(&app, jar, Purpose::Refresh).await
+}
+
+/// The page after a renewal: writes the token files, then says what was
+/// renewed, until when, and which servers got it.
+pub async fn renewed(app: &AppState, username: &str) -> Result<Response, PageError> {
+    let written = delivery::write_all(app, username).await;
+    let lineage = lineage_of(app, username).await?.ok_or_else(|| {
+        PageError::new(StatusCode::CONFLICT, "Tokens gone", "Your tokens were removed while renewing. Please sign in again.")
+    })?;
+    let view = RenewedPage {
+        username,
+        refreshed: lineage.refreshed_at.is_some_and(|t| now() - t < 60),
+        access_expires: lineage.tokens.access_expires_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
+        servers: written
+            .into_iter()
+            .map(|s| if s.is_empty() { "default server".to_string() } else { s })
+            .collect(),
+        token_page_url: app.url("/").to_string(),
+        hub_url: app.hub_home(),
+    };
+    Ok(page(views::render(&view)))
+}
+
+fn signed_in(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
+    session::current(app, jar).ok_or_else(|| {
+        PageError::new(StatusCode::UNAUTHORIZED, "Not signed in", "Sign in to tokenhub first.")
+            .with_action("Sign in", app.url("/login").to_string())
+    })
+}
+
+/// `GET /tokens.json`: the token file, for a server that has none yet or for
+/// use elsewhere.
+pub async fn download(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+    let session = signed_in(&app, &jar)?;
+    let lineage = lineage_of(&app, &session.username).await?.ok_or_else(|| {
+        PageError::new(StatusCode::NOT_FOUND, "No tokens", "tokenhub holds no tokens for you.")
+            .with_action("Renew", app.url("/refresh").to_string())
+    })?;
+    let body = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
+    Ok(no_store(
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\".tokens.json\""),
+            ],
+            body,
+        )
+            .into_response(),
+    ))
+}
+
+/// `POST /revoke`: revoke the refresh token at the IdP (RFC 7009, when it
+/// offers revocation) and delete the lineage from the vault.
+pub async fn revoke(
+    State(app): State<AppState>,
+    jar: CookieJar,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, PageError> {
+    let session = signed_in(&app, &jar)?;
+    let csrf_ok = form.get("csrf").is_some_and(|c| constant_time_eq(c, &session.csrf));
+    if !csrf_ok {
+        return Err(PageError::new(StatusCode::FORBIDDEN, "Request not accepted", "This form is out of date. Reload the token page and try again.")
+            .with_action("Token page", app.url("/").to_string()));
+    }
+    let issuer = app.upstream.issuer();
+    let mut idp_note = "Your identity provider does not offer revocation; the refresh token stays valid there until it expires.".to_string();
+    if let Some(lineage) = lineage_of(&app, &session.username).await?
+        && let Some(token) = lineage.tokens.refresh_token.as_ref()
+    {
+        match app.upstream.revoke(token.expose_secret()).await {
+            Ok(true) => idp_note = "Your identity provider revoked the refresh token.".into(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(user = %session.username, error = %e, "revocation at the IdP failed");
+                idp_note = "Your identity provider could not be reached to revoke the refresh token; it stays valid there until it expires.".into();
+            }
+        }
+    }
+    app.vault.store().delete_lineage(&session.username, issuer).await?;
+    tracing::info!(user = %session.username, "lineage revoked and deleted");
+    let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
+    let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
+    Ok((session::end(&app, jar), page(views::render(&info))).into_response())
+}
+
+/// `GET /logout`: ends tokenhub's own session (the hub's is separate).
+pub async fn logout(State(app): State<AppState>, jar: CookieJar) -> Response {
+    (session::end(&app, jar), Redirect::to(app.url("/").as_str())).into_response()
+}

@@ -1,0 +1,58 @@
+//! tokenhub's own browser session: a sealed, HttpOnly, SameSite=Lax cookie
+//! naming the user, set when a login passes through tokenhub. It lets the
+//! token page and `/refresh` know who is there without asking the hub.
+
+use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::{Cookie, SameSite};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::random_token;
+use crate::state::App;
+use crate::time::now;
+
+const COOKIE: &str = "tokenhub_session";
+const AAD: &[u8] = b"tokenhub session";
+/// How long a session lasts.
+pub const SESSION_SECS: i64 = 8 * 3600;
+
+/// Who is signed in to tokenhub in this browser.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// The user.
+    pub username: String,
+    /// Anti-forgery value for the page's forms.
+    pub csrf: String,
+    /// Expiry (unix seconds).
+    pub expires_at: i64,
+}
+
+fn cookie_path(app: &App) -> String {
+    if app.config.http.base_path.is_empty() { "/".into() } else { app.config.http.base_path.clone() }
+}
+
+/// Starts a session for `username`.
+pub fn start(app: &App, jar: CookieJar, username: &str) -> CookieJar {
+    let session = Session { username: username.into(), csrf: random_token(), expires_at: now() + SESSION_SECS };
+    let sealed = app.keys.seal_text(&serde_json::to_string(&session).expect("session serializes"), AAD);
+    jar.add(
+        Cookie::build((COOKIE, sealed))
+            .path(cookie_path(app))
+            .http_only(true)
+            .secure(app.config.http.secure_cookies)
+            .same_site(SameSite::Lax)
+            .max_age(time::Duration::seconds(SESSION_SECS)),
+    )
+}
+
+/// The session in this browser, if any and not expired.
+pub fn current(app: &App, jar: &CookieJar) -> Option<Session> {
+    let cookie = jar.get(COOKIE)?;
+    let json = app.keys.open_text(cookie.value(), AAD).ok()?;
+    let session: Session = serde_json::from_str(&json).ok()?;
+    (session.expires_at > now()).then_some(session)
+}
+
+/// Ends the session.
+pub fn end(app: &App, jar: CookieJar) -> CookieJar {
+    jar.remove(Cookie::build(COOKIE).path(cookie_path(app)))
+}

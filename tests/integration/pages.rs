@@ -1,0 +1,130 @@
+//! The browser pages: token page, download, `/refresh` (refresh, or a new
+//! silent login after the grant died), revocation.
+
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn html(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    response.text().await.unwrap()
+}
+
+async fn refreshes_at_idp() -> u64 {
+    Idp::shared().stats().await["refresh_token"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn token_page_shows_the_lineage_but_no_token_value() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let anonymous = html(reqwest::get(app.url("/")).await.unwrap()).await;
+    assert!(anonymous.contains("/login"), "{anonymous}");
+
+    let browser = Browser::new();
+    Hub::login(&app, &browser, "tina").await;
+    let page = html(browser.get(app.url("/")).await).await;
+    assert!(page.contains("Tokens of tina"));
+    assert!(page.contains(&Idp::shared().issuer));
+    assert!(page.contains("offline_access") || page.contains("openid"));
+    let lineage = app.state().vault.load("tina", &Idp::shared().issuer).await.unwrap().unwrap();
+    for secret in [
+        lineage.tokens.access_token.expose_secret(),
+        lineage.tokens.id_token.expose_secret(),
+        lineage.tokens.refresh_token.as_ref().unwrap().expose_secret(),
+    ] {
+        assert!(!page.contains(secret), "a token value is in the page");
+    }
+
+    let download = browser.get(app.url("/tokens.json")).await;
+    assert_eq!(download.status(), StatusCode::OK);
+    assert!(download.headers()["content-disposition"].to_str().unwrap().contains(".tokens.json"));
+    let document: Value = download.json().await.unwrap();
+    assert_eq!(document["refresh_token"], lineage.tokens.refresh_token.as_ref().unwrap().expose_secret());
+    // Without a session there is nothing to download.
+    assert_error_page(reqwest::get(app.url("/tokens.json")).await.unwrap(), StatusCode::UNAUTHORIZED).await;
+}
+
+#[tokio::test]
+async fn refresh_url_refreshes_a_working_lineage() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let browser = Browser::new();
+    Hub::login(&app, &browser, "uma").await;
+    let before = app.state().vault.load("uma", &Idp::shared().issuer).await.unwrap().unwrap();
+    let refreshes = refreshes_at_idp().await;
+    let page = html(browser.get(app.url("/refresh")).await).await;
+    assert!(page.contains("Your tokens were renewed"), "{page}");
+    assert!(page.contains("refreshed your tokens"), "{page}");
+    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    let after = app.state().vault.load("uma", &Idp::shared().issuer).await.unwrap().unwrap();
+    assert_eq!(after.version, before.version + 1);
+}
+
+#[tokio::test]
+async fn refresh_url_signs_in_again_after_invalid_grant() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let browser = Browser::new();
+    Hub::login(&app, &browser, "vera").await;
+    reqwest::Client::new()
+        .post(format!("{}/_test/kill?account=vera", Idp::shared().issuer))
+        .send()
+        .await
+        .unwrap();
+    // The refresh fails with invalid_grant, so the browser goes to the IdP,
+    // whose session is alive: no form, straight back to the callback.
+    let response = browser.get(app.url("/refresh")).await;
+    let to_idp = location(&response);
+    assert!(to_idp.as_str().starts_with(&Idp::shared().issuer));
+    let back = browser.sign_in_at_idp(to_idp, "vera").await;
+    let page = html(browser.deliver_callback(&app, &back).await).await;
+    assert!(page.contains("signed in again"), "{page}");
+    let lineage = app.state().vault.load("vera", &Idp::shared().issuer).await.unwrap().unwrap();
+    assert!(lineage.active);
+    // The new lineage refreshes fine.
+    let refreshes = refreshes_at_idp().await;
+    html(browser.get(app.url("/refresh")).await).await;
+    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+}
+
+#[tokio::test]
+async fn refresh_url_without_a_session_signs_in() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let browser = Browser::new();
+    let to_idp = location(&browser.get(app.url("/refresh")).await);
+    let back = browser.sign_in_at_idp(to_idp, "walt").await;
+    let page = html(browser.deliver_callback(&app, &back).await).await;
+    assert!(page.contains("Your tokens were renewed"));
+    assert!(app.state().vault.load("walt", &Idp::shared().issuer).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn revoke_needs_the_form_token_then_revokes_at_the_idp() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let browser = Browser::new();
+    Hub::login(&app, &browser, "xena").await;
+    let lineage = app.state().vault.load("xena", &Idp::shared().issuer).await.unwrap().unwrap();
+    let refresh_token = lineage.tokens.refresh_token.as_ref().unwrap().expose_secret().to_string();
+
+    let forged = browser.http.post(app.url("/revoke")).form(&[("csrf", "guess")]).send().await.unwrap();
+    assert_error_page(forged, StatusCode::FORBIDDEN).await;
+    assert!(app.state().vault.load("xena", &Idp::shared().issuer).await.unwrap().is_some());
+
+    let page = html(browser.get(app.url("/")).await).await;
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let done = html(browser.http.post(app.url("/revoke")).form(&[("csrf", csrf.as_str())]).send().await.unwrap()).await;
+    assert!(done.contains("revoked the refresh token"), "{done}");
+    assert!(app.state().vault.load("xena", &Idp::shared().issuer).await.unwrap().is_none());
+    // The IdP no longer takes the refresh token.
+    let response = reqwest::Client::new()
+        .post(format!("{}/token", Idp::shared().issuer))
+        .basic_auth(IDP_CLIENT_ID, Some(IDP_CLIENT_SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_grant");
+}
