@@ -93,22 +93,17 @@ class Stack:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHUB_", "JUPYTERHUB_", "IDP_"))}
         # Servers run `jupyterhub-singleuser` from this Python's environment.
         base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
-        callback = f"{self.tokenhub_url}/callback"
-        idp = self._spawn(
-            ["node", str(ROOT / "idp" / "server.mjs")],
-            {
-                **base,
-                "IDP_PORT": str(self.idp_port),
-                "IDP_STATE_DIR": str(self.state_dir / "idp"),
-                "IDP_CLIENT_ID": "tokenhub",
-                "IDP_CLIENT_SECRET": self.idp_client_secret,
-                "IDP_REDIRECT_URIS": callback,
-                "IDP_ACCESS_TOKEN_TTL": str(self.access_token_ttl),
-                "IDP_TEST_CONTROL": "1",
-            },
-            self.idp_log,
-        )
-        wait_for_http(f"{self.idp_url}/.well-known/openid-configuration", "the identity provider", proc=idp)
+        self._idp_env = {
+            **base,
+            "IDP_PORT": str(self.idp_port),
+            "IDP_STATE_DIR": str(self.state_dir / "idp"),
+            "IDP_CLIENT_ID": "tokenhub",
+            "IDP_CLIENT_SECRET": self.idp_client_secret,
+            "IDP_REDIRECT_URIS": f"{self.tokenhub_url}/callback",
+            "IDP_ACCESS_TOKEN_TTL": str(self.access_token_ttl),
+            "IDP_TEST_CONTROL": "1",
+        }
+        self.start_idp()
 
         env = {
             **base,
@@ -141,6 +136,18 @@ class Stack:
         wait_for_http(f"{self.hub_url}/hub/health", "JupyterHub", timeout=90, proc=hub)
         wait_for_http(f"{self.tokenhub_url}/healthz", "tokenhub behind the proxy", timeout=60, proc=hub)
         return self
+
+    def start_idp(self) -> None:
+        """Starts the identity provider (again: its keys and grants are kept
+        in the state directory)."""
+        self.idp = self._spawn(["node", str(ROOT / "idp" / "server.mjs")], self._idp_env, self.idp_log)
+        wait_for_http(f"{self.idp_url}/.well-known/openid-configuration", "the identity provider", proc=self.idp)
+
+    def stop_idp(self) -> None:
+        """Stops the identity provider, as an outage would."""
+        self.idp.terminate()
+        self.idp.wait(timeout=20)
+        self.procs.remove(self.idp)
 
     def stop(self) -> None:
         """Stops everything: the hub first (it stops the servers, tokenhub

@@ -46,6 +46,8 @@ def stack():
         idp_port=free_port(),
         tokenhub_port=free_port(),
         tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
+        # Short-lived access tokens, so that refreshes happen within the tests.
+        access_token_ttl=120,
     )
     try:
         s.start()
@@ -120,12 +122,31 @@ def log_in_and_spawn(page, stack: Stack, user: str) -> None:
     page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"), timeout=120_000)
 
 
-def tokenhub_tokens(stack: Stack, server_api_token: str, query: str = "") -> dict:
+def tokenhub_call(stack: Stack, server_api_token: str, method: str, path: str, body: dict | None = None):
+    """Calls tokenhub through the proxy as code in the server would; returns
+    (status, JSON body, headers)."""
     req = urllib.request.Request(
-        f"{stack.tokenhub_url}/api/v1/tokens{query}", headers={"Authorization": f"token {server_api_token}"}
+        f"{stack.tokenhub_url}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"token {server_api_token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def tokenhub_tokens(stack: Stack, server_api_token: str, query: str = "") -> dict:
+    status, body, _ = tokenhub_call(stack, server_api_token, "GET", f"/api/v1/tokens{query}")
+    assert status == 200, body
+    return body
+
+
+def idp_refreshes(stack: Stack) -> int:
+    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats", timeout=10) as r:
+        return json.loads(r.read())["refresh_token"]
 
 
 def jwt_payload(token: str) -> dict:
