@@ -198,7 +198,7 @@ pub async fn revoke(
             }
         }
     }
-    app.vault.store().delete_lineage(&session.username, issuer).await?;
+    app.vault.delete(&session.username, issuer).await?;
     tracing::info!(user = %session.username, "lineage revoked and deleted");
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };

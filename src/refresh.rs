@@ -123,7 +123,7 @@ impl Refresher {
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
         let issuer = app.upstream.issuer();
-        let lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
+        let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
         let capped = |l: &Lineage| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m));
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
@@ -136,9 +136,10 @@ impl Refresher {
 
         let lock = self.lock_for(&format!("{username}\0{issuer}"));
         let _guard = lock.lock().await;
-        // Whoever held the lock before us may have refreshed already.
+        // Whoever held the lock before us may have refreshed already (or our
+        // cached copy was behind another replica's write).
         let lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
-        if lineage.version != seen_version {
+        if lineage.version != seen_version && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
             return self.settled(lineage, capped);
         }
 
@@ -162,7 +163,7 @@ impl Refresher {
                 Ok(Fresh { lineage: stored, refreshed: true, capped_min_valid })
             }
             Err(UpstreamError::InvalidGrant(reason)) => {
-                app.vault.store().mark_dead(username, issuer, lineage.version, now()).await?;
+                app.vault.mark_dead(username, issuer, lineage.version).await?;
                 tracing::warn!(user = %username, "refresh refused with invalid_grant: lineage marked dead");
                 Err(RefreshError::Dead(reason))
             }

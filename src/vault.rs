@@ -3,7 +3,9 @@
 //! value to its user, issuer and field, so a value copied to another row or
 //! column does not open.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
@@ -72,11 +74,19 @@ pub enum VaultError {
     },
 }
 
-/// Sealed storage of lineages.
+/// How long an opened lineage may be served from memory on the hot path.
+/// Writes through this vault drop the entry at once; the time bounds how
+/// long a change made by another replica takes to be seen.
+const CACHE_TTL: Duration = Duration::from_secs(1);
+
+type CacheKey = (String, String);
+
+/// Sealed storage of lineages, with a short-lived cache of opened ones.
 #[derive(Debug, Clone)]
 pub struct Vault {
     store: Store,
     keys: Arc<KeyRing>,
+    cache: Arc<RwLock<HashMap<CacheKey, (Lineage, Instant)>>>,
 }
 
 fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
@@ -86,7 +96,49 @@ fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
 impl Vault {
     /// A vault over `store`, sealing with `keys`.
     pub fn new(store: Store, keys: Arc<KeyRing>) -> Self {
-        Self { store, keys }
+        Self { store, keys, cache: Default::default() }
+    }
+
+    fn key(username: &str, issuer: &str) -> CacheKey {
+        (username.to_string(), issuer.to_string())
+    }
+
+    /// Drops the cached copy of a lineage (after any write to it).
+    pub fn forget(&self, username: &str, issuer: &str) {
+        self.cache.write().expect("cache lock").remove(&Self::key(username, issuer));
+    }
+
+    /// The lineage as of at most a second ago: the hot path. Decisions that
+    /// must see the latest version (refreshing, comparing refresh tokens)
+    /// use [`Vault::load`].
+    pub async fn load_cached(&self, username: &str, issuer: &str) -> Result<Option<Lineage>, VaultError> {
+        let key = Self::key(username, issuer);
+        if let Some((lineage, at)) = self.cache.read().expect("cache lock").get(&key)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(Some(lineage.clone()));
+        }
+        let lineage = self.load(username, issuer).await?;
+        if let Some(lineage) = &lineage {
+            let mut cache = self.cache.write().expect("cache lock");
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            cache.insert(key, (lineage.clone(), Instant::now()));
+        }
+        Ok(lineage)
+    }
+
+    /// Marks the lineage dead if it is still at `version`.
+    pub async fn mark_dead(&self, username: &str, issuer: &str, version: i64) -> Result<bool, VaultError> {
+        self.forget(username, issuer);
+        Ok(self.store.mark_dead(username, issuer, version, now()).await?)
+    }
+
+    /// Deletes the lineage (and the hub's tokens for it).
+    pub async fn delete(&self, username: &str, issuer: &str) -> Result<bool, VaultError> {
+        self.forget(username, issuer);
+        Ok(self.store.delete_lineage(username, issuer).await?)
     }
 
     /// The underlying store.
@@ -127,6 +179,7 @@ impl Vault {
             previous_refresh_hash: None,
             rotated_at: None,
         };
+        self.forget(username, issuer);
         Ok(self.store.replace_lineage(&row).await?)
     }
 
@@ -162,6 +215,7 @@ impl Vault {
             },
             rotated_at: if rotated { Some(now) } else { lineage.rotated_at },
         };
+        self.forget(username, issuer);
         match self.store.store_refresh(&row).await? {
             Some(_) => self.load(username, issuer).await,
             None => Ok(None),

@@ -283,6 +283,9 @@ pub async fn age_lineage(app: &TestApp, user: &str, seconds: i64) {
          WHERE username = '{user}'"
     ))
     .await;
+    if let Some(state) = &app.state {
+        state.vault.forget(user, state.upstream.issuer());
+    }
 }
 
 // ---------------------------------------------------------------- PostgreSQL
