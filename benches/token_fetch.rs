@@ -3,9 +3,10 @@
 //! GET requests for a fixed time and prints requests per second, p50 and p99.
 //!
 //! Targets come from the environment, `BENCH_TARGETS` = JSON list of
-//! `{"name": …, "url": …, "auth": "token …"}`; a target named `ceiling` with
-//! url `builtin` is a minimal axum handler served here, returning a body of
-//! `BENCH_CEILING_BYTES` bytes.
+//! `{"name": …, "url": …, "auth": "token …"}`; the url `builtin` is the
+//! ceiling: a minimal axum handler returning a body of `BENCH_CEILING_BYTES`
+//! bytes, run as a process of its own like tokenhub, so both compete with the
+//! load generator for the CPU in the same way.
 
 use std::time::{Duration, Instant};
 
@@ -72,7 +73,23 @@ fn rss_mb(pid: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The ceiling server: `token_fetch --serve-ceiling <bytes>` prints its port.
+fn serve_ceiling(bytes: usize) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let body: &'static str = Box::leak("x".repeat(bytes).into_boxed_str());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        let app = axum::Router::new().route("/tokens", get(move || async move { ([("content-type", "application/json")], body) }));
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve-ceiling") {
+        return serve_ceiling(args[2].parse().unwrap());
+    }
     let targets: Vec<Target> = serde_json::from_str(&std::env::var("BENCH_TARGETS").expect("BENCH_TARGETS")).unwrap();
     let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
         .unwrap_or_else(|_| "1,16,64".into())
@@ -83,16 +100,15 @@ fn main() {
     let body_bytes: usize = std::env::var("BENCH_CEILING_BYTES").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
     let pid = std::env::var("TOKENHUB_PID").ok();
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--serve-ceiling", &body_bytes.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut port).unwrap();
+    let ceiling = format!("http://127.0.0.1:{}/tokens", port.trim());
     runtime.block_on(async {
-        let body: &'static str = Box::leak("x".repeat(body_bytes).into_boxed_str());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ceiling = format!("http://{}/tokens", listener.local_addr().unwrap());
-        let app = axum::Router::new().route(
-            "/tokens",
-            get(move || async move { ([("content-type", "application/json")], body) }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
         if let Some(pid) = &pid {
             println!("tokenhub resident memory before load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
         }
@@ -111,4 +127,5 @@ fn main() {
             println!("\ntokenhub resident memory after load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
         }
     });
+    let _ = server.kill();
 }

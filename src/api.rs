@@ -114,13 +114,13 @@ fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
         "scope": t.scope,
         "version": lineage.version,
         "refreshed_at": lineage.refreshed_at,
-        "reauth_url": app.url("/refresh").to_string(),
+        "reauth_url": app.reauth_url,
     })
 }
 
 /// The API's answer when fresh tokens cannot be had.
 fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
-    let reauth = app.url("/refresh").to_string();
+    let reauth = app.reauth_url.clone();
     match e {
         RefreshError::NoLineage => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_grant", "tokenhub holds no tokens for you: sign in again")
             .with_reauth(reauth),
@@ -216,7 +216,7 @@ pub async fn force_refresh(
                     .is_some_and(|h| constant_time_eq(h, &digest_hex(held)));
             if rotated_recently && lineage.active {
                 // A retry or a late kernel: it gets what replaced its token.
-                let fresh = Fresh { lineage, refreshed: true, capped_min_valid: None };
+                let fresh = Fresh { lineage: std::sync::Arc::new(lineage), refreshed: true, capped_min_valid: None };
                 return answer(&app, &fresh, None);
             }
             return Err(ApiError::invalid_grant(

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::Mutex;
 use url::Url;
 
 use crate::config::{HubClientConfig, join};
@@ -77,7 +76,7 @@ pub struct HubApi {
     proxy_url: Url,
     token_file: String,
     http: reqwest::Client,
-    identities: Mutex<HashMap<String, (Identity, Instant)>>,
+    identities: std::sync::RwLock<HashMap<String, (Identity, Instant)>>,
 }
 
 impl std::fmt::Debug for HubApi {
@@ -102,7 +101,7 @@ impl HubApi {
             proxy_url: config.proxy_url.clone(),
             token_file: config.token_file.clone(),
             http,
-            identities: Mutex::new(HashMap::new()),
+            identities: Default::default(),
         }
     }
 
@@ -128,7 +127,7 @@ impl HubApi {
     /// belongs to a service.
     pub async fn identify(&self, token: &str) -> Result<Option<Identity>, HubError> {
         let key = digest_hex(token);
-        if let Some((identity, at)) = self.identities.lock().await.get(&key)
+        if let Some((identity, at)) = self.identities.read().expect("identity cache lock").get(&key)
             && at.elapsed() < IDENTITY_TTL
         {
             return Ok(Some(identity.clone()));
@@ -154,7 +153,7 @@ impl HubApi {
             return Ok(None);
         }
         let identity = Identity { username: user.name };
-        let mut cache = self.identities.lock().await;
+        let mut cache = self.identities.write().expect("identity cache lock");
         if cache.len() >= IDENTITY_CACHE_MAX {
             cache.clear();
         }

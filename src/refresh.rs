@@ -43,7 +43,7 @@ pub struct Want {
 #[derive(Debug)]
 pub struct Fresh {
     /// The current lineage.
-    pub lineage: Lineage,
+    pub lineage: Arc<Lineage>,
     /// Whether an upstream refresh happened for (or while) this call.
     pub refreshed: bool,
     /// The lifetime that was honoured, when `min_valid` asked for more than
@@ -160,7 +160,7 @@ impl Refresher {
                     crate::delivery::write_all(&app2, &user).await;
                 });
                 let capped_min_valid = capped(&stored);
-                Ok(Fresh { lineage: stored, refreshed: true, capped_min_valid })
+                Ok(Fresh { lineage: Arc::new(stored), refreshed: true, capped_min_valid })
             }
             Err(UpstreamError::InvalidGrant(reason)) => {
                 app.vault.mark_dead(username, issuer, lineage.version).await?;
@@ -181,7 +181,7 @@ impl Refresher {
             return Err(RefreshError::Dead("the identity provider refused the last refresh".into()));
         }
         let capped_min_valid = capped(&lineage);
-        Ok(Fresh { lineage, refreshed: true, capped_min_valid })
+        Ok(Fresh { lineage: Arc::new(lineage), refreshed: true, capped_min_valid })
     }
 
     /// Takes the database lease, or waits for the replica holding it to

@@ -35,6 +35,8 @@ pub struct App {
     pub deliveries: Deliveries,
     /// The single-flight refresher.
     pub refresher: Refresher,
+    /// `/refresh` as users open it (named in every token answer).
+    pub reauth_url: String,
 }
 
 /// What handlers receive.
@@ -80,6 +82,7 @@ impl App {
             hub: HubApi::new(&config.hub, http),
             deliveries: Deliveries::default(),
             refresher: Refresher::default(),
+            reauth_url: crate::config::join(&config.http.public_url, "/refresh").to_string(),
             config,
         }))
     }

@@ -86,7 +86,7 @@ type CacheKey = (String, String);
 pub struct Vault {
     store: Store,
     keys: Arc<KeyRing>,
-    cache: Arc<RwLock<HashMap<CacheKey, (Lineage, Instant)>>>,
+    cache: Arc<RwLock<HashMap<CacheKey, (Arc<Lineage>, Instant)>>>,
 }
 
 fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
@@ -111,14 +111,14 @@ impl Vault {
     /// The lineage as of at most a second ago: the hot path. Decisions that
     /// must see the latest version (refreshing, comparing refresh tokens)
     /// use [`Vault::load`].
-    pub async fn load_cached(&self, username: &str, issuer: &str) -> Result<Option<Lineage>, VaultError> {
+    pub async fn load_cached(&self, username: &str, issuer: &str) -> Result<Option<Arc<Lineage>>, VaultError> {
         let key = Self::key(username, issuer);
         if let Some((lineage, at)) = self.cache.read().expect("cache lock").get(&key)
             && at.elapsed() < CACHE_TTL
         {
             return Ok(Some(lineage.clone()));
         }
-        let lineage = self.load(username, issuer).await?;
+        let lineage = self.load(username, issuer).await?.map(Arc::new);
         if let Some(lineage) = &lineage {
             let mut cache = self.cache.write().expect("cache lock");
             if cache.len() > 100_000 {
