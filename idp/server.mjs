@@ -156,10 +156,18 @@ const configuration = {
 
 const provider = new Provider(issuer, configuration);
 
+// Grants answered, in all and per account (tests running side by side each
+// count their own user's refreshes).
 const counters = { authorization_code: 0, refresh_token: 0, refresh_token_error: 0 };
+const byAccount = {};
 provider.on('grant.success', (ctx) => {
   const type = ctx.oidc.params.grant_type;
   if (type in counters) counters[type] += 1;
+  const account = ctx.oidc.entities?.Account?.accountId;
+  if (account) {
+    byAccount[account] ??= { authorization_code: 0, refresh_token: 0 };
+    if (type in byAccount[account]) byAccount[account][type] += 1;
+  }
 });
 provider.on('grant.error', (ctx) => {
   if (ctx.oidc?.params?.grant_type === 'refresh_token') counters.refresh_token_error += 1;
@@ -222,7 +230,8 @@ provider.use(async (ctx, next) => {
   if (!testControl || !ctx.path.startsWith('/_test/')) return next();
   ctx.type = 'json';
   if (ctx.path === '/_test/stats') {
-    ctx.body = counters;
+    const account = ctx.query.account;
+    ctx.body = account ? (byAccount[account] ?? { authorization_code: 0, refresh_token: 0 }) : counters;
   } else if (ctx.path === '/_test/kill' && ctx.method === 'POST') {
     // Kill every grant (and so every refresh token) of one account.
     const account = ctx.query.account;

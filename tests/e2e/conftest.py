@@ -144,8 +144,9 @@ def tokenhub_tokens(stack: Stack, server_api_token: str, query: str = "") -> dic
     return body
 
 
-def idp_refreshes(stack: Stack) -> int:
-    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats", timeout=10) as r:
+def idp_refreshes(stack: Stack, account: str) -> int:
+    """Refresh-token grants the IdP has answered for `account`."""
+    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats?account={account}", timeout=10) as r:
         return json.loads(r.read())["refresh_token"]
 
 

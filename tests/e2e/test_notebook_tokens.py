@@ -48,14 +48,14 @@ def test_min_valid_refreshes_and_the_file_follows(stack, browser, hub):
     assert first["refresh_token"] == env["CILOGON_REFRESH_TOKEN"]
 
     current = wait_until_remaining_below(stack, token, 100)
-    before = idp_refreshes(stack)
+    before = idp_refreshes(stack, "yuki")
     refreshed = tokenhub_tokens(stack, token, "?min_valid=110")
     remember(refreshed["access_token"], refreshed["refresh_token"], refreshed["id_token"])
     assert refreshed["refreshed"]
     assert refreshed["access_token"] != current["access_token"]
     assert refreshed["refresh_token"] != current["refresh_token"], "rotation is on"
     assert refreshed["expires_in"] >= 100
-    assert idp_refreshes(stack) - before == 1
+    assert idp_refreshes(stack, "yuki") - before == 1
     # The running server's token file never keeps the rotated-away token.
     document = wait_for_file(env["FABRIC_TOKEN_LOCATION"], lambda d: d["refresh_token"] == refreshed["refresh_token"])
     assert document["state"] == "Refreshed"
@@ -66,7 +66,7 @@ def test_100_concurrent_callers_share_one_refresh(stack, browser, hub):
     context, _, env = spawned(stack, browser, hub, "zack")
     token = env["JUPYTERHUB_API_TOKEN"]
     old = wait_until_remaining_below(stack, token, 100)
-    before = idp_refreshes(stack)
+    before = idp_refreshes(stack, "zack")
 
     def call(_):
         return tokenhub_call(stack, token, "GET", "/api/v1/tokens?min_valid=110")
@@ -78,7 +78,7 @@ def test_100_concurrent_callers_share_one_refresh(stack, browser, hub):
     access = {body["access_token"] for _, body, _ in answers}
     refresh = {body["refresh_token"] for _, body, _ in answers}
     assert len(access) == 1 and len(refresh) == 1, "all callers got the same new tokens"
-    assert idp_refreshes(stack) - before == 1, "exactly one upstream refresh"
+    assert idp_refreshes(stack, "zack") - before == 1, "exactly one upstream refresh"
     (new_refresh,) = refresh
     remember(new_refresh, *access)
 
@@ -86,7 +86,7 @@ def test_100_concurrent_callers_share_one_refresh(stack, browser, hub):
     status, body, _ = tokenhub_call(stack, token, "POST", "/api/v1/tokens/refresh", {"refresh_token": old["refresh_token"]})
     assert status == 200, body
     assert body["refresh_token"] == new_refresh
-    assert idp_refreshes(stack) - before == 1, "no upstream call for it"
+    assert idp_refreshes(stack, "zack") - before == 1, "no upstream call for it"
     context.close()
 
 

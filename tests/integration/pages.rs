@@ -13,10 +13,6 @@ async fn html(response: reqwest::Response) -> String {
     response.text().await.unwrap()
 }
 
-async fn refreshes_at_idp() -> u64 {
-    Idp::shared().stats().await["refresh_token"].as_u64().unwrap()
-}
-
 #[tokio::test]
 async fn token_page_shows_the_lineage_but_no_token_value() {
     let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
@@ -53,11 +49,11 @@ async fn refresh_url_refreshes_a_working_lineage() {
     let browser = Browser::new();
     Hub::login(&app, &browser, "uma").await;
     let before = app.state().vault.load("uma", &Idp::shared().issuer).await.unwrap().unwrap();
-    let refreshes = refreshes_at_idp().await;
+    let refreshes = Idp::shared().refreshes("uma").await;
     let page = html(browser.get(app.url("/refresh")).await).await;
     assert!(page.contains("Your tokens were renewed"), "{page}");
     assert!(page.contains("refreshed your tokens"), "{page}");
-    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    assert_eq!(Idp::shared().refreshes("uma").await - refreshes, 1);
     let after = app.state().vault.load("uma", &Idp::shared().issuer).await.unwrap().unwrap();
     assert_eq!(after.version, before.version + 1);
 }
@@ -67,11 +63,7 @@ async fn refresh_url_signs_in_again_after_invalid_grant() {
     let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
     let browser = Browser::new();
     Hub::login(&app, &browser, "vera").await;
-    reqwest::Client::new()
-        .post(format!("{}/_test/kill?account=vera", Idp::shared().issuer))
-        .send()
-        .await
-        .unwrap();
+    assert!(Idp::shared().kill("vera").await >= 1);
     // The refresh fails with invalid_grant, so the browser goes to the IdP,
     // whose session is alive: no form, straight back to the callback.
     let response = browser.get(app.url("/refresh")).await;
@@ -83,9 +75,9 @@ async fn refresh_url_signs_in_again_after_invalid_grant() {
     let lineage = app.state().vault.load("vera", &Idp::shared().issuer).await.unwrap().unwrap();
     assert!(lineage.active);
     // The new lineage refreshes fine.
-    let refreshes = refreshes_at_idp().await;
+    let refreshes = Idp::shared().refreshes("vera").await;
     html(browser.get(app.url("/refresh")).await).await;
-    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    assert_eq!(Idp::shared().refreshes("vera").await - refreshes, 1);
 }
 
 #[tokio::test]

@@ -49,10 +49,6 @@ impl Notebook {
     }
 }
 
-async fn refreshes_at_idp() -> u64 {
-    Idp::shared().stats().await["refresh_token"].as_u64().unwrap()
-}
-
 #[tokio::test]
 async fn fresh_tokens_are_served_without_a_refresh() {
     let hub = HubMock::start().await;
@@ -105,7 +101,7 @@ async fn min_valid_above_the_remaining_lifetime_refreshes_once_for_100_callers()
     let nb = Notebook::start(&hub, "quinn").await;
     let before = nb.vault_refresh_token().await;
     age_lineage(&nb.app, "quinn", 1000).await;
-    let refreshes = refreshes_at_idp().await;
+    let refreshes = Idp::shared().refreshes("quinn").await;
 
     let calls = (0..100).map(|_| nb.get("?min_valid=3000"));
     let answers = futures::future::join_all(calls).await;
@@ -117,7 +113,7 @@ async fn min_valid_above_the_remaining_lifetime_refreshes_once_for_100_callers()
         access_tokens.insert(body["access_token"].as_str().unwrap().to_string());
     }
     assert_eq!(access_tokens.len(), 1, "every caller got the same new tokens");
-    assert_eq!(refreshes_at_idp().await - refreshes, 1, "exactly one upstream refresh");
+    assert_eq!(Idp::shared().refreshes("quinn").await - refreshes, 1, "exactly one upstream refresh");
     let after = nb.vault_refresh_token().await;
     assert_ne!(after, before, "the rotated refresh token is stored");
     let lineage = nb.app.state().vault.load("quinn", &Idp::shared().issuer).await.unwrap().unwrap();
@@ -128,7 +124,7 @@ async fn min_valid_above_the_remaining_lifetime_refreshes_once_for_100_callers()
     let body: Value = nb.get("?min_valid=999999").await.json().await.unwrap();
     assert_eq!(body["refreshed"], false);
     assert!(body["min_valid_capped_to"].as_i64().unwrap() < 3600);
-    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    assert_eq!(Idp::shared().refreshes("quinn").await - refreshes, 1);
 }
 
 #[tokio::test]
@@ -136,12 +132,12 @@ async fn a_just_rotated_refresh_token_gets_the_current_set() {
     let hub = HubMock::start().await;
     let nb = Notebook::start(&hub, "rosa").await;
     let old = nb.vault_refresh_token().await;
-    let refreshes = refreshes_at_idp().await;
+    let refreshes = Idp::shared().refreshes("rosa").await;
 
     let response = nb.force(Some(serde_json::json!({ "refresh_token": old }))).await;
     assert_eq!(response.status(), StatusCode::OK);
     let current: Value = response.json().await.unwrap();
-    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    assert_eq!(Idp::shared().refreshes("rosa").await - refreshes, 1);
     assert_ne!(current["refresh_token"], old.as_str());
 
     // A late kernel presents the token that was just rotated away.
@@ -150,7 +146,7 @@ async fn a_just_rotated_refresh_token_gets_the_current_set() {
     let late: Value = late.json().await.unwrap();
     assert_eq!(late["refresh_token"], current["refresh_token"]);
     assert_eq!(late["access_token"], current["access_token"]);
-    assert_eq!(refreshes_at_idp().await - refreshes, 1, "no upstream call for the late kernel");
+    assert_eq!(Idp::shared().refreshes("rosa").await - refreshes, 1, "no upstream call for the late kernel");
 
     // Outside the window, or a token never issued: a clear error.
     nb.app.sql("UPDATE lineages SET rotated_at = rotated_at - 1000").await;
@@ -166,26 +162,46 @@ async fn a_just_rotated_refresh_token_gets_the_current_set() {
         .await
         .unwrap();
     assert_json_error(garbled, StatusCode::BAD_REQUEST, "invalid_request").await;
-    assert_eq!(refreshes_at_idp().await - refreshes, 1);
+    assert_eq!(Idp::shared().refreshes("rosa").await - refreshes, 1);
 }
 
 #[tokio::test]
 async fn a_grant_killed_at_the_idp_gives_401_with_the_reauth_url() {
     let hub = HubMock::start().await;
     let nb = Notebook::start(&hub, "sam").await;
-    let killed: Value = reqwest::Client::new()
-        .post(format!("{}/_test/kill?account=sam", Idp::shared().issuer))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(killed["killed"].as_u64().unwrap() >= 1);
+    assert!(Idp::shared().kill("sam").await >= 1);
     let response = nb.force(None).await;
     let body = assert_json_error(response, StatusCode::UNAUTHORIZED, "invalid_grant").await;
     assert_eq!(body["reauth_url"], nb.app.url("/refresh"));
     let lineage = nb.app.state().vault.load("sam", &Idp::shared().issuer).await.unwrap().unwrap();
     assert!(!lineage.active);
     assert_json_error(nb.get("").await, StatusCode::UNAUTHORIZED, "invalid_grant").await;
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_refresh_once() {
+    let hub = HubMock::start().await;
+    let a = Notebook::start(&hub, "tara").await;
+    let shared_db = format!("sqlite://{}?mode=rwc", a.app.db_path.display());
+    let b = Notebook {
+        app: TestApp::builder(&Idp::shared().issuer).hub(&hub).database(shared_db).spawn().await,
+        token: a.token.clone(),
+        user: "tara".into(),
+    };
+    age_lineage(&a.app, "tara", 1000).await;
+    b.app.state().vault.forget("tara", &Idp::shared().issuer);
+    let refreshes = Idp::shared().refreshes("tara").await;
+
+    // Each replica has its own in-process lock: only the database lease
+    // keeps them from refreshing twice.
+    let calls = (0..40).map(|i| if i % 2 == 0 { a.get("?min_valid=3000") } else { b.get("?min_valid=3000") });
+    let answers = futures::future::join_all(calls).await;
+    let mut refresh_tokens = std::collections::HashSet::new();
+    for response in answers {
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        refresh_tokens.insert(body["refresh_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(refresh_tokens.len(), 1, "both replicas hand out the same new tokens");
+    assert_eq!(Idp::shared().refreshes("tara").await - refreshes, 1, "one upstream refresh across replicas");
 }

@@ -245,6 +245,30 @@ impl Idp {
     pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/_test/stats", self.issuer)).await.unwrap().json().await.unwrap()
     }
+
+    /// Refresh-token grants the IdP has answered so far for `account`.
+    pub async fn refreshes(&self, account: &str) -> u64 {
+        let stats: Value = reqwest::get(format!("{}/_test/stats?account={account}", self.issuer))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["refresh_token"].as_u64().unwrap()
+    }
+
+    /// Kills every grant of `account` at the IdP; returns how many.
+    pub async fn kill(&self, account: &str) -> u64 {
+        let answer: Value = reqwest::Client::new()
+            .post(format!("{}/_test/kill?account={account}", self.issuer))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["killed"].as_u64().unwrap()
+    }
 }
 
 // ---------------------------------------------------------------- a mock hub
