@@ -5,7 +5,8 @@
 #   npm (from lockfiles): the test identity provider (idp/) and
 #                         configurable-http-proxy (hub/)
 #   Python venv (.venv, pinned hub/requirements.txt): JupyterHub,
-#                         OAuthenticator, JupyterLab, fabrictestbed, Playwright
+#                         OAuthenticator, JupyterLab, fabrictestbed, Playwright;
+#                         with --jupyterhub6 also .venv-jupyterhub6 (JupyterHub 6)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,13 +32,20 @@ for dir in idp hub; do
   fi
 done
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "creating the Python venv (.venv)"
-  "$PYTHON" -m venv .venv
-fi
-if ! cmp -s hub/requirements.txt .venv/.installed-requirements.txt; then
-  echo "installing Python packages (hub/requirements.txt)"
-  .venv/bin/pip install -q --disable-pip-version-check -r hub/requirements.txt
-  cp hub/requirements.txt .venv/.installed-requirements.txt
+# venv: .venv (JupyterHub 5, the demo's) and, with --jupyterhub6, .venv-jupyterhub6.
+venv() {
+  local dir=$1 requirements=$2
+  if [ ! -x "$dir/bin/python" ]; then
+    echo "creating the Python venv ($dir)"
+    "${PYTHON:-python3}" -m venv "$dir"
+  fi
+  if ! cmp -s "$requirements" "$dir/.installed-requirements.txt"; then
+    echo "installing Python packages ($requirements)"
+    "$dir/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$dir/.installed-requirements.txt"
+  fi
+}
+venv .venv hub/requirements.txt
+if [ "${1:-}" = "--jupyterhub6" ]; then
+  venv .venv-jupyterhub6 hub/requirements-jupyterhub6.txt
 fi
