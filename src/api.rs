@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -28,11 +28,7 @@ use crate::refresh::{Fresh, RefreshError, Want};
 pub const ROTATION_GRACE_SECS: i64 = 120;
 
 fn no_store(body: Value) -> Response {
-    let mut response = Json(body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    crate::no_store(Json(body).into_response())
 }
 
 impl From<HubError> for ApiError {
@@ -138,11 +134,11 @@ fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
 }
 
 /// The answer in the asked format (checked by the caller: `fabric` or JSON).
-fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Result<Response, ApiError> {
-    Ok(no_store(match format {
+fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Response {
+    no_store(match format {
         Some("fabric") => fabric::document(&fresh.lineage),
         _ => tokens_json(app, fresh),
-    }))
+    })
 }
 
 /// `GET /api/v1/tokens`: the caller's current tokens; `min_valid=N` makes
@@ -170,7 +166,7 @@ pub async fn tokens(
         .fresh(&app, &username, Want { min_valid, force: false })
         .await
         .map_err(|e| refresh_error(&app, e))?;
-    answer(&app, &fresh, format)
+    Ok(answer(&app, &fresh, format))
 }
 
 /// The body of a forced refresh (JSON or form; both optional).
@@ -217,7 +213,7 @@ pub async fn force_refresh(
             if rotated_recently && lineage.active {
                 // A retry or a late kernel: it gets what replaced its token.
                 let fresh = Fresh { lineage: std::sync::Arc::new(lineage), refreshed: true, capped_min_valid: None };
-                return answer(&app, &fresh, None);
+                return Ok(answer(&app, &fresh, None));
             }
             return Err(ApiError::invalid_grant(
                 "this refresh token is not the current one (it was rotated away or never issued); GET /api/v1/tokens gives the current set",
@@ -230,5 +226,5 @@ pub async fn force_refresh(
         .fresh(&app, &username, Want { min_valid: None, force: true })
         .await
         .map_err(|e| refresh_error(&app, e))?;
-    answer(&app, &fresh, None)
+    Ok(answer(&app, &fresh, None))
 }

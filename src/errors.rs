@@ -75,9 +75,8 @@ impl IntoResponse for ApiError {
         if let Some(url) = &self.reauth_url {
             body["reauth_url"] = json!(url);
         }
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut response = crate::no_store((self.status, axum::Json(body)).into_response());
         let headers = response.headers_mut();
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         let challenge = match self.error {
             "invalid_client" => Some("Basic realm=\"tokenhub\""),
             "invalid_token" => Some("Bearer realm=\"tokenhub\", error=\"invalid_token\""),
@@ -145,11 +144,7 @@ impl IntoResponse for PageError {
             action: self.action.as_ref().map(|(l, h)| (l.as_str(), h.as_str())),
             status: self.status.as_u16(),
         };
-        let mut response = (self.status, Html(views::render(&page))).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
+        crate::no_store((self.status, Html(views::render(&page))).into_response())
     }
 }
 

@@ -74,6 +74,15 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Marks a response as not to be stored by any cache: every answer that
+/// carries tokens or belongs to a login.
+pub fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 /// `GET /healthz`: 200 when the database answers.
 async fn healthz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     app.vault.store().ping().await?;

@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 
 use axum::extract::{Form, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
 use secrecy::ExposeSecret;
 
 use crate::crypto::constant_time_eq;
+use crate::no_store;
 use crate::delivery;
 use crate::errors::PageError;
 use crate::fabric::{self, timestamp};
@@ -22,13 +23,6 @@ use crate::state::AppState;
 use crate::time::now;
 use crate::vault::Lineage;
 use crate::views::{self, DeliveryRow, InfoPage, RenewedPage, TokenPage};
-
-fn no_store(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
 
 fn page(html: String) -> Response {
     no_store(Html(html).into_response())

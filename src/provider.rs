@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -178,11 +178,7 @@ async fn issue_tokens(app: &AppState, username: &str, issuer: &str, scope: &str)
         "refresh_token": refresh,
         "scope": scope,
     });
-    let mut response = Json(body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
+    Ok(crate::no_store(Json(body).into_response()))
 }
 
 /// `GET|POST /oauth2/userinfo`: who the hub's access token belongs to.

@@ -41,15 +41,12 @@ async fn hub_login_stores_upstream_tokens_and_serves_userinfo() {
     assert_eq!(lineage.tokens.id_token.expose_secret().split('.').count(), 3);
     assert_eq!(lineage.claims["groups"], serde_json::json!(["users"]));
     // The upstream access token works at the IdP's userinfo endpoint.
-    let upstream_info: Value = reqwest::Client::new()
-        .get(format!("{}/me", idp.issuer))
-        .bearer_auth(lineage.tokens.access_token.expose_secret())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let upstream_info = json_of(
+        reqwest::Client::new()
+            .get(format!("{}/me", idp.issuer))
+            .bearer_auth(lineage.tokens.access_token.expose_secret()),
+    )
+    .await;
     assert_eq!(upstream_info["sub"], "alice");
     assert!(idp.stats().await["authorization_code"].as_u64().unwrap() >= 1);
 }

@@ -243,31 +243,19 @@ impl Idp {
     }
 
     pub async fn stats(&self) -> Value {
-        reqwest::get(format!("{}/_test/stats", self.issuer)).await.unwrap().json().await.unwrap()
+        json_of(reqwest::Client::new().get(format!("{}/_test/stats", self.issuer))).await
     }
 
     /// Refresh-token grants the IdP has answered so far for `account`.
     pub async fn refreshes(&self, account: &str) -> u64 {
-        let stats: Value = reqwest::get(format!("{}/_test/stats?account={account}", self.issuer))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        stats["refresh_token"].as_u64().unwrap()
+        let url = format!("{}/_test/stats?account={account}", self.issuer);
+        json_of(reqwest::Client::new().get(url)).await["refresh_token"].as_u64().unwrap()
     }
 
     /// Kills every grant of `account` at the IdP; returns how many.
     pub async fn kill(&self, account: &str) -> u64 {
-        let answer: Value = reqwest::Client::new()
-            .post(format!("{}/_test/kill?account={account}", self.issuer))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["killed"].as_u64().unwrap()
+        let url = format!("{}/_test/kill?account={account}", self.issuer);
+        json_of(reqwest::Client::new().post(url)).await["killed"].as_u64().unwrap()
     }
 }
 
@@ -563,6 +551,11 @@ impl Hub {
             .await
             .unwrap()
     }
+}
+
+/// Sends a request and reads its JSON answer.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// Asserts an OAuth JSON error with this status and code; returns the body.
