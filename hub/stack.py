@@ -190,6 +190,8 @@ def demo() -> None:
 tokenhub demo is running.
 
   Open   {stack.hub_url}/   and sign in with any user name (e.g. alice; admin* users are admins).
+  Your tokens in tokenhub:   {stack.tokenhub_url}/
+  After "invalid grant":     {stack.tokenhub_url}/refresh
   Logs:  {stack.hub_log}  and  {stack.idp_log}
 
 Ctrl-C stops everything.""",

@@ -10,4 +10,5 @@ mod pages;
 mod refresh;
 mod rejections;
 mod service;
+mod spawn;
 mod store_backends;
