@@ -80,7 +80,12 @@ async fn spawn_hands_out_the_environment_then_writes_the_file_when_ready() {
     let document: Value = serde_json::from_str(sent["content"].as_str().unwrap()).unwrap();
     assert_eq!(document["refresh_token"], refresh.as_str());
     assert_eq!(document["state"], "Valid");
-    assert_eq!(app.state().deliveries.of("yara").await.len(), 1);
+    // tokenhub books the delivery once the server has answered the PUT.
+    while app.state().deliveries.of("yara").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the delivery was not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.state().deliveries.of("yara").await[0].version, lineage.version);
 }
 
 #[tokio::test]
