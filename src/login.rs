@@ -68,6 +68,13 @@ struct PendingLogin {
     expires_at: i64,
 }
 
+/// The login cookie for `state`, with its path (value and attributes added by the caller).
+fn login_cookie(app: &AppState, state: &str) -> Cookie<'static> {
+    Cookie::build(format!("{COOKIE_PREFIX}{state}"))
+        .path(format!("{}/callback", app.config.http.base_path))
+        .build()
+}
+
 fn cookie_aad(state: &str) -> Vec<u8> {
     format!("tokenhub login\0{state}").into_bytes()
 }
@@ -151,12 +158,12 @@ pub async fn start_login(app: &AppState, jar: CookieJar, purpose: Purpose) -> Re
         &serde_json::to_string(&pending).expect("pending login serializes"),
         &cookie_aad(&upstream.state),
     );
-    let cookie = Cookie::build((format!("{COOKIE_PREFIX}{}", upstream.state), sealed))
-        .path(format!("{}/callback", app.config.http.base_path))
-        .http_only(true)
-        .secure(app.config.http.secure_cookies)
-        .same_site(SameSite::Lax)
-        .max_age(time::Duration::seconds(LOGIN_TTL_SECS));
+    let mut cookie = login_cookie(app, &upstream.state);
+    cookie.set_value(sealed);
+    cookie.set_http_only(true);
+    cookie.set_secure(app.config.http.secure_cookies);
+    cookie.set_same_site(SameSite::Lax);
+    cookie.set_max_age(time::Duration::seconds(LOGIN_TTL_SECS));
     Ok((jar.add(cookie), Redirect::to(upstream.url.as_str())).into_response())
 }
 
@@ -175,10 +182,7 @@ pub async fn callback(
             Metrics::inc(&app.metrics.login_failures);
             // Drop this login's cookie whatever went wrong: it cannot be reused.
             let jar = match param(&params, "state") {
-                Some(state) => jar.remove(
-                    Cookie::build(format!("{COOKIE_PREFIX}{state}"))
-                        .path(format!("{}/callback", app.config.http.base_path)),
-                ),
+                Some(state) => jar.remove(login_cookie(&app, state)),
                 None => jar,
             };
             (jar, page).into_response()
@@ -252,9 +256,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims)
         .await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, "login stored");
-    let jar = jar.clone().remove(
-        Cookie::build(format!("{COOKIE_PREFIX}{state}")).path(format!("{}/callback", app.config.http.base_path)),
-    );
+    let jar = jar.clone().remove(login_cookie(app, state));
     let jar = session::start(app, jar, &username);
 
     let hub = match pending.purpose {
