@@ -57,6 +57,20 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_OIDC_REDIRECT_URI", help_heading = "Upstream OpenID provider")]
     pub oidc_redirect_uri: Option<Url>,
 
+    /// How tokenhub authenticates at the provider's token and revocation
+    /// endpoints: `client_secret_basic` (RFC 6749 §2.3.1, id and secret
+    /// form-encoded) or `client_secret_post`. Default: what the discovery
+    /// document's `token_endpoint_auth_methods_supported` offers, Basic first.
+    #[arg(long, env = "TOKENHUB_OIDC_CLIENT_AUTH_METHOD", help_heading = "Upstream OpenID provider")]
+    pub oidc_client_auth_method: Option<ClientAuthMethod>,
+
+    /// Extra parameters for the provider's authorization request, form-encoded,
+    /// e.g. `prompt=consent` or `access_type=offline` (Google). Without
+    /// `prompt` here, tokenhub asks for consent by itself once when a first
+    /// login brings no refresh token.
+    #[arg(long, env = "TOKENHUB_OIDC_AUTH_PARAMS", help_heading = "Upstream OpenID provider")]
+    pub oidc_auth_params: Option<String>,
+
     /// Upstream claim that becomes the JupyterHub user name.
     #[arg(long, env = "TOKENHUB_USERNAME_CLAIM", help_heading = "Upstream OpenID provider")]
     pub username_claim: Option<String>,
@@ -136,6 +150,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Client authentication at the upstream provider's token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the id and secret form-encoded first (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
 /// A setting that is missing or wrong, named by its environment variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -186,6 +211,10 @@ pub struct UpstreamConfig {
     pub scopes: Vec<String>,
     /// Our redirect URI there.
     pub redirect_uri: Url,
+    /// Client authentication at the token endpoint (`None`: from discovery).
+    pub client_auth: Option<ClientAuthMethod>,
+    /// Extra authorization request parameters.
+    pub auth_params: Vec<(String, String)>,
     /// Claim that names the user.
     pub username_claim: String,
     /// Claim that lists the user's groups.
@@ -256,7 +285,7 @@ impl Settings {
         }
         pick!(
             bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
-            oidc_scopes, oidc_redirect_uri, username_claim, groups_claim, hub_client_id,
+            oidc_scopes, oidc_redirect_uri, oidc_client_auth_method, oidc_auth_params, username_claim, groups_claim, hub_client_id,
             hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
             token_file, service_url, database_url, crypt_key, log, log_format
         )
@@ -340,6 +369,8 @@ impl Settings {
                     .ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_SECRET"))?,
                 scopes,
                 redirect_uri,
+                client_auth: self.oidc_client_auth_method,
+                auth_params: parse_auth_params(self.oidc_auth_params.as_deref())?,
                 username_claim: self.username_claim.unwrap_or_else(|| "preferred_username".into()),
                 groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
             },
@@ -375,6 +406,23 @@ impl Settings {
             },
         })
     }
+}
+
+/// `prompt=consent&access_type=offline` as pairs; the parameters tokenhub
+/// sets itself (PKCE, state, nonce, scope, redirect) cannot be overridden.
+fn parse_auth_params(text: Option<&str>) -> Result<Vec<(String, String)>, ConfigError> {
+    const OURS: [&str; 8] =
+        ["client_id", "redirect_uri", "response_type", "scope", "state", "nonce", "code_challenge", "code_challenge_method"];
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(text.unwrap_or("").trim().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| k.is_empty() || OURS.contains(&k.as_str())) {
+        return Err(ConfigError::Invalid {
+            name: "TOKENHUB_OIDC_AUTH_PARAMS",
+            reason: format!("{k:?} cannot be set here (tokenhub sets it itself)"),
+        });
+    }
+    Ok(pairs)
 }
 
 fn check_issuer(issuer: String) -> Result<String, ConfigError> {
@@ -485,6 +533,18 @@ mod tests {
         assert!(s.clone().into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_OIDC_ISSUER"));
         s.oidc_issuer = Some("https://cilogon.org".into());
         assert_eq!(s.into_config(None).unwrap().upstream.issuer, "https://cilogon.org", "kept verbatim");
+    }
+
+    #[test]
+    fn auth_params_are_parsed_and_ours_are_refused() {
+        let mut s = minimal();
+        s.oidc_auth_params = Some("prompt=consent&access_type=offline".into());
+        let c = s.into_config(None).unwrap();
+        assert_eq!(c.upstream.auth_params, vec![("prompt".into(), "consent".into()), ("access_type".into(), "offline".into())]);
+        let mut s = minimal();
+        s.oidc_auth_params = Some("prompt=login&nonce=x".into());
+        let e = s.into_config(None).unwrap_err().to_string();
+        assert!(e.contains("TOKENHUB_OIDC_AUTH_PARAMS") && e.contains("nonce"), "{e}");
     }
 
     #[test]
