@@ -531,3 +531,27 @@ def test_a_file_of_someone_else_is_not_given_away(make_private, account, tmp_pat
     with pytest.raises(PermissionError):
         make_private(account, str(path))
     assert path.stat().st_uid == 0 and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_server_root_of_a_system_account(monkeypatch):
+    """Servers of SystemdSpawner run as the account its username_template
+    names; before the spawner has created it (TLJH does so when it starts the
+    server), the token file goes to that account's future home."""
+    monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
+    namespace = run_block(Config())
+
+    class SystemdSpawner:
+        user = SimpleNamespace(name="alice")
+        username_template = "jupyter-{USERNAME}"
+
+        def _expand_user_properties(self, template):
+            return template.replace("{USERNAME}", self.user.name)
+
+    spawner = SystemdSpawner()
+    name = namespace["_th_system_name"](spawner)
+    assert name == "jupyter-alice"
+    assert namespace["_th_server_root"](spawner, name, None) == "/home/jupyter-alice"
+    nobody = pwd.getpwnam("nobody")
+    assert namespace["_th_server_root"](spawner, "nobody", nobody) == nobody.pw_dir
+    spawner.dynamic_users = True
+    assert namespace["_th_system_name"](spawner) is None, "no account to own a file"
