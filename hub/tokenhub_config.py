@@ -303,6 +303,8 @@ def _th_make_private(account, path):
 
 _th_hook_set = _th_set_where("Spawner", "pre_spawn_hook")
 _th_operator_hook = _th_hook_set.Spawner.pre_spawn_hook if _th_hook_set is not None else None
+if getattr(_th_operator_hook, "__name__", "") == "_tokenhub_pre_spawn_hook":
+    _th_operator_hook = None  # the block ran before (pasted twice): one spawn call is enough
 
 
 async def _tokenhub_pre_spawn_hook(spawner):

@@ -555,3 +555,20 @@ def test_server_root_of_a_system_account(monkeypatch):
     assert namespace["_th_server_root"](spawner, "nobody", nobody) == nobody.pw_dir
     spawner.dynamic_users = True
     assert namespace["_th_system_name"](spawner) is None, "no account to own a file"
+
+
+def test_running_twice_changes_nothing(monkeypatch):
+    """Pasted twice (extraConfig and jupyterhub_config.d): still one service,
+    one role of each name, one scope, one spawn call."""
+    monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
+    c = Config()
+    run_block(c)
+    scopes_before = list(c.Spawner.server_token_scopes)
+    namespace = run_block(c)
+    assert namespace["_th_operator_hook"] is None
+    services = c.JupyterHub.services.to_dict()["extend"]
+    roles_ = c.JupyterHub.load_roles.to_dict()["extend"]
+    assert [s["name"] for s in services] == ["tokenhub"]
+    assert sorted(r["name"] for r in roles_) == ["tokenhub", "user"]
+    assert named(roles_, "user")["scopes"] == ["self", SCOPE]
+    assert list(c.Spawner.server_token_scopes) == scopes_before
