@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import html
 import re
+import time
 import urllib.parse
 
 import jwt
-import pytest
 import requests
 
 USER = "alice"
@@ -216,6 +216,7 @@ def test_key_rollover(idp, tokenhub, browser):
     # The next refresh brings an ID token signed with the new key, which
     # tokenhub has not seen: it must fetch the key set again and accept it.
     refresh_through_tokenhub(browser, tokenhub)
+    seen["refetched_at"] = time.monotonic()
     after = download(browser, tokenhub)
     assert jwt.get_unverified_header(after["id_token"])["kid"] == rolled["kid"]
     assert idp.jwks_fetches_by_others() == fetches_before + 1, "tokenhub fetched the key set once more"
@@ -243,6 +244,53 @@ def test_key_rollover(idp, tokenhub, browser):
     presented = [r["refresh_token_sha256"] for r in refreshes]
     assert presented == [sha256(d["refresh_token"]) for d in seen["documents"][:-1]]
     assert all(r["status"] == 200 for r in refreshes), refreshes
+
+
+def test_second_rollover_within_the_refetch_limit(idp, tokenhub, browser):
+    """Issue 10's case: the IdP rolls its key again before tokenhub may fetch
+    the key set again (at most once per 30 s). The refresh itself succeeded at
+    the IdP, which consumed the old refresh token: tokenhub must keep the new
+    tokens, keep the lineage, never send the consumed token again, and verify
+    the new ID token once it may fetch the key set."""
+    # The previous test's refetch was moments ago; the limit must still hold.
+    assert time.monotonic() - seen["refetched_at"] < 20, "this test must follow test_key_rollover at once"
+    rolled = idp.rotate_key()
+    fetches_before = idp.jwks_fetches_by_others()
+
+    hops_before = len(browser.hops)
+    r = browser.navigate(f"{tokenhub.url}/refresh")
+    assert not any(u.startswith(idp.issuer) for u in browser.hops[hops_before:]), "tokenhub fell back to a new login"
+    assert r.status_code in (200, 503), f"{r.status_code}:\n{r.text[:1500]}"
+    if r.status_code == 503:
+        assert r.headers.get("Retry-After")
+    assert idp.jwks_fetches_by_others() == fetches_before, "the key set was fetched again within 30 s"
+    assert token_page(browser, tokenhub)["Status"] == "active"
+
+    # Meanwhile the token file is either not served yet (503, Retry-After) or
+    # carries an ID token that verifies (the last verified one).
+    r = browser.navigate(f"{tokenhub.url}/tokens.json")
+    if r.status_code == 503:
+        assert r.headers.get("Retry-After")
+    else:
+        assert r.status_code == 200, r.text[:500]
+        seen["documents"].append(r.json())
+        verify_id_token(idp, r.json()["id_token"])
+
+    # Once the limit has passed, a refresh brings and verifies the new key.
+    time.sleep(max(0.0, seen["refetched_at"] + 31 - time.monotonic()))
+    refresh_through_tokenhub(browser, tokenhub)
+    last = download(browser, tokenhub)
+    assert jwt.get_unverified_header(last["id_token"])["kid"] == rolled["kid"]
+    assert verify_id_token(idp, last["id_token"])["preferred_username"] == USER
+    assert idp.jwks_fetches_by_others() == fetches_before + 1
+    assert token_page(browser, tokenhub)["Status"] == "active"
+
+    # The IdP accepted every refresh tokenhub made (with rotation and no grace
+    # period, a consumed token would have been refused), each with another token.
+    refreshes = tokenhubs_refresh_requests(idp)
+    assert all(r["status"] == 200 for r in refreshes), refreshes
+    presented = [r["refresh_token_sha256"] for r in refreshes]
+    assert len(presented) == len(set(presented)) == 5, presented
 
 
 def test_no_token_in_tokenhubs_log_or_database(idp, tokenhub):
