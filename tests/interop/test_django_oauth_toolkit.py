@@ -7,7 +7,9 @@ the old key in the key set as inactive.
 A person signs in to tokenhub's token page through the IdP, tokenhub
 refreshes (the refresh token rotates, the old one is dead at the IdP), the
 IdP rolls its key over and tokenhub refreshes again (it fetches the key set
-again for the new kid); tokenhub's log and database hold none of the tokens.
+again for the new kid), the IdP rolls its key once more before tokenhub may
+fetch the key set again (the lineage survives); tokenhub's log, database and
+pages hold none of the tokens.
 
 The tests run in order and share one login (module state)."""
 
@@ -25,7 +27,7 @@ import requests
 USER = "alice"
 
 # What the tests saw, shared in file order.
-seen: dict = {"documents": [], "codes": [], "requests_by_test": set()}
+seen: dict = {"documents": [], "codes": [], "requests_by_test": set(), "pages": []}
 
 
 def sha256(value: str) -> str:
@@ -76,6 +78,7 @@ def token_page(browser, tokenhub) -> dict[str, str]:
     r = browser.navigate(f"{tokenhub.url}/")
     assert r.status_code == 200, r.text[:500]
     assert f"Tokens of {USER}" in r.text
+    seen["pages"].append(r.text)
     return lineage_rows(r.text)
 
 
@@ -83,6 +86,7 @@ def refresh_through_tokenhub(browser, tokenhub) -> None:
     """The person opens /refresh: with a session, tokenhub refreshes now."""
     r = browser.navigate(f"{tokenhub.url}/refresh")
     assert r.status_code == 200, f"/refresh answered {r.status_code}:\n{r.text[:1500]}\n{tokenhub.log.read_text()[-3000:]}"
+    seen["pages"].append(r.text)
     assert page_value(r.text, "renewed-title") == "Your tokens were renewed"
     assert "refreshed your tokens at your identity provider" in page_value(r.text, "renewed-how")
 
@@ -293,7 +297,7 @@ def test_second_rollover_within_the_refetch_limit(idp, tokenhub, browser):
     assert len(presented) == len(set(presented)) == 5, presented
 
 
-def test_no_token_in_tokenhubs_log_or_database(idp, tokenhub):
+def test_no_token_in_tokenhubs_log_database_or_pages(idp, tokenhub):
     assert len(seen["documents"]) >= 4, "the tests before this one ran"
     values = {idp.client_secret, tokenhub.crypt_key, *seen["codes"]}
     for doc in seen["documents"]:
@@ -306,3 +310,8 @@ def test_no_token_in_tokenhubs_log_or_database(idp, tokenhub):
         content = path.read_bytes()
         for value in values:
             assert value.encode() not in content, f"a secret value is in {path.name}"
+    # Nor do the token page and the /refresh page show any.
+    assert len(seen["pages"]) >= 8
+    for page in seen["pages"]:
+        for value in values:
+            assert value not in page, "a secret value is in a page"
