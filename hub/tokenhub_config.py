@@ -133,7 +133,8 @@ def _th_default(name, value):
     """Sets a GenericOAuthenticator setting unless the operator set it, for
     this class or a parent class (more specific sections win in traitlets, so
     setting ours would silently override theirs)."""
-    if not any(_th_set_where(section, name) for section in ("Authenticator", "OAuthenticator", "GenericOAuthenticator")):
+    sections = ("Authenticator", "OAuthenticator", "GenericOAuthenticator")
+    if not any(_th_set_where(section, name) for section in sections):
         c.GenericOAuthenticator[name] = value
 
 
@@ -211,7 +212,10 @@ def _th_with_scope(requested):
 
 
 _th_sections = {
-    name for cfg in _th_configs for name, section in cfg.items() if isinstance(section, dict) and "server_token_scopes" in section
+    name
+    for cfg in _th_configs
+    for name, section in cfg.items()
+    if isinstance(section, dict) and "server_token_scopes" in section
 }
 for _th_section in _th_sections:
     _th_requested = _th_set_where(_th_section, "server_token_scopes")[_th_section].server_token_scopes

@@ -108,8 +108,8 @@ def test_token_file_is_private_after_spawn_and_after_a_refresh(local_stack, brow
     log_in_and_spawn(context.new_page(), local_stack, user)
 
     pid = hub.server_pid(user)
-    uid = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
-    assert int(uid) == system_user.pw_uid, "the server runs as the user's own account"
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert int(status["Uid"].split()[0]) == system_user.pw_uid, "the server runs as the user's own account"
     env = hub.server_env(user)
     path = env["FABRIC_TOKEN_LOCATION"]
     assert path == os.path.join(system_user.pw_dir, ".tokens.json")
