@@ -133,7 +133,8 @@ def _th_default(name, value):
     """Sets a GenericOAuthenticator setting unless the operator set it, for
     this class or a parent class (more specific sections win in traitlets, so
     setting ours would silently override theirs)."""
-    if not any(_th_set_where(section, name) for section in ("Authenticator", "OAuthenticator", "GenericOAuthenticator")):
+    sections = ("Authenticator", "OAuthenticator", "GenericOAuthenticator")
+    if not any(_th_set_where(section, name) for section in sections):
         c.GenericOAuthenticator[name] = value
 
 
@@ -211,7 +212,10 @@ def _th_with_scope(requested):
 
 
 _th_sections = {
-    name for cfg in _th_configs for name, section in cfg.items() if isinstance(section, dict) and "server_token_scopes" in section
+    name
+    for cfg in _th_configs
+    for name, section in cfg.items()
+    if isinstance(section, dict) and "server_token_scopes" in section
 }
 for _th_section in _th_sections:
     _th_requested = _th_set_where(_th_section, "server_token_scopes")[_th_section].server_token_scopes
@@ -303,6 +307,8 @@ def _th_make_private(account, path):
 
 _th_hook_set = _th_set_where("Spawner", "pre_spawn_hook")
 _th_operator_hook = _th_hook_set.Spawner.pre_spawn_hook if _th_hook_set is not None else None
+if getattr(_th_operator_hook, "__name__", "") == "_tokenhub_pre_spawn_hook":
+    _th_operator_hook = None  # the block ran before (pasted twice): one spawn call is enough
 
 
 async def _tokenhub_pre_spawn_hook(spawner):
