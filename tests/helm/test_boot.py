@@ -259,9 +259,14 @@ def postgres():
         stdout=subprocess.DEVNULL,
     )
     port = free_port()
+    # The shell loop stops the server once this test process is gone, even
+    # if it is killed (the server runs as another user: it watches /proc).
+    script = (
+        f'"$0" -D "$1" -p {port} -k "$2" -c listen_addresses=127.0.0.1 -c fsync=off & pg=$!; '
+        f"while [ -d /proc/{os.getpid()} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; kill $pg"
+    )
     server = subprocess.Popen(
-        [*as_postgres, postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(base),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+        [*as_postgres, "sh", "-c", script, postgres_bin("postgres"), str(data), str(base)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -274,7 +279,7 @@ def postgres():
             assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
             time.sleep(0.2)
     yield f"postgres://postgres@127.0.0.1:{port}/postgres"
-    server.terminate()
+    subprocess.run([*as_postgres, postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], stdout=subprocess.DEVNULL, check=False)
     server.wait(20)
     shutil.rmtree(base, ignore_errors=True)
 
