@@ -14,10 +14,12 @@ What differs from the pod, and why:
     failing is not fatal): no traffic leaves the machine.
 """
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -45,6 +47,12 @@ def binary():
     if not BINARY.is_file():
         pytest.fail(f"{BINARY} is missing: build it first (cargo build --bin tokenhub) or set TOKENHUB_BIN")
     return BINARY
+
+
+def die_with_parent():
+    """In the child before exec: SIGTERM when the test process is gone, even
+    if it is killed (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port():
@@ -122,6 +130,7 @@ class Tokenhub:
             cwd=mounts.get("/data", workdir),
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
     def get(self, path):
