@@ -220,6 +220,17 @@ provider.use(async (ctx, next) => {
   ctx.set('cache-control', 'no-store');
   const details = await provider.interactionDetails(ctx.req, ctx.res);
   if (ctx.method === 'GET' && !m[2]) {
+    if (details.prompt.name === 'consent' && details.params.prompt?.split(' ').includes('consent')) {
+      // Consent was asked for explicitly (prompt=consent): the user grants
+      // what is requested, offline_access included.
+      const grant = details.grantId
+        ? await provider.Grant.find(details.grantId)
+        : new provider.Grant({ accountId: details.session.accountId, clientId: details.params.client_id });
+      grant.addOIDCScope(details.params.scope);
+      const grantId = await grant.save();
+      await provider.interactionFinished(ctx.req, ctx.res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+      return undefined;
+    }
     if (details.prompt.name !== 'login') {
       // Only consent is missing: loadExistingGrant grants it, so just finish.
       await provider.interactionFinished(ctx.req, ctx.res, {

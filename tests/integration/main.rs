@@ -8,6 +8,7 @@ mod id_token;
 mod login_flow;
 mod pages;
 mod refresh;
+mod refresh_safety;
 mod rejections;
 mod service;
 mod spawn;
