@@ -5,6 +5,7 @@ mod support;
 mod binary;
 mod faults;
 mod id_token;
+mod idp_variants;
 mod login_flow;
 mod pages;
 mod refresh;
