@@ -114,8 +114,13 @@ def test_token_file_is_private_after_spawn_and_after_a_refresh(local_stack, brow
     path = env["FABRIC_TOKEN_LOCATION"]
     assert path == os.path.join(system_user.pw_dir, ".tokens.json")
 
-    # tokenhub has written the file through the server once it was ready.
+    # The server's own token carries the scope tokenhub asks for (hub block).
     token = env["JUPYTERHUB_API_TOKEN"]
+    whoami = urllib.request.Request(f"{local_stack.hub_url}/hub/api/user", headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(whoami, timeout=30) as r:
+        assert "access:services!service=tokenhub" in json.loads(r.read())["scopes"]
+
+    # tokenhub has written the file through the server once it was ready.
     first = tokenhub_tokens(local_stack, token)
     wait_for_file(path, lambda d: d["refresh_token"] == first["refresh_token"] == env["CILOGON_REFRESH_TOKEN"])
     assert_private(path, system_user)
