@@ -44,32 +44,47 @@ def system_user():
         shutil.rmtree(homes, ignore_errors=True)
 
 
-def server_python(account) -> str:
-    """A Python the user may run with the hub's packages: the hub's own, or
-    the system's of the same version (the venv's interpreter may live in a
-    folder only root can enter)."""
+def _runs_singleuser(python: str, pythonpath: str, account) -> bool:
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import jupyterhub.singleuser"],
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            env={"PYTHONPATH": pythonpath},
+            cwd=account.pw_dir,
+            capture_output=True,
+        )
+    except OSError:  # not even executable for the user
+        return False
+    return probe.returncode == 0
+
+
+def server_python(account, scratch: Path) -> tuple[str, str]:
+    """A Python the user may run with the hub's packages, and the PYTHONPATH
+    that gives them: the hub's own, or the system's of the same version (the
+    venv's interpreter may live in a folder only root can enter). When the
+    packages themselves are out of the user's reach (a checkout under
+    /root), a hard-linked copy in `scratch` serves: same files, no copying."""
+    purelib = sysconfig.get_paths()["purelib"]
     candidates = [sys.executable, f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"]
     for python in candidates:
-        try:
-            probe = subprocess.run(
-                [python, "-c", "import jupyterhub.singleuser"],
-                user=account.pw_uid,
-                group=account.pw_gid,
-                extra_groups=[],
-                env={"PYTHONPATH": sysconfig.get_paths()["purelib"]},
-                cwd=account.pw_dir,
-                capture_output=True,
-            )
-        except OSError:  # not even executable for the user
-            continue
-        if probe.returncode == 0:
-            return python
+        if _runs_singleuser(python, purelib, account):
+            return python, purelib
+    copy = scratch / "site-packages"
+    if subprocess.run(["cp", "-al", purelib, str(copy)], capture_output=True).returncode != 0:
+        shutil.copytree(purelib, copy, symlinks=True)
+    for python in candidates:
+        if _runs_singleuser(python, str(copy), account):
+            return python, str(copy)
     pytest.fail(f"no Python the user can run jupyterhub.singleuser with: {candidates}")
 
 
 @pytest.fixture(scope="module")
 def local_stack(system_user):
-    python = server_python(system_user)
+    scratch = Path(tempfile.mkdtemp(prefix="tokenhub-python-"))
+    scratch.chmod(0o755)
+    python, pythonpath = server_python(system_user, scratch)
     state = Path(tempfile.mkdtemp(prefix="tokenhub-e2e-local-"))
     s = Stack(
         state_dir=state,
@@ -79,7 +94,7 @@ def local_stack(system_user):
         idp_port=free_port(),
         tokenhub_port=free_port(),
         tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
-        extra_env={"HUB_SPAWNER": "local", "HUB_SERVER_PYTHON": python},
+        extra_env={"HUB_SPAWNER": "local", "HUB_SERVER_PYTHON": python, "HUB_SERVER_PYTHONPATH": pythonpath},
     )
     try:
         s.start()
@@ -92,6 +107,7 @@ def local_stack(system_user):
     yield s
     s.stop()
     shutil.rmtree(state, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def assert_private(path: str, account) -> None:

@@ -7,19 +7,11 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokenhub::config::ClientAuthMethod;
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
+use wiremock::Mock;
 
 use crate::id_token::{KEY1, MockIdp, login_with, sign, token_response};
-use crate::refresh_safety::Caller;
+use crate::refresh_safety::{Caller, refresh_reply, refreshed_claims};
 use crate::support::*;
-
-fn refreshed(id_token: Option<String>, refresh: &str) -> ResponseTemplate {
-    let mut body = json!({ "access_token": format!("access-for-{refresh}"), "token_type": "Bearer", "expires_in": 300, "refresh_token": refresh });
-    if let Some(id_token) = id_token {
-        body["id_token"] = json!(id_token);
-    }
-    ResponseTemplate::new(200).set_body_json(body)
-}
 
 #[tokio::test]
 async fn a_refreshed_id_token_with_another_nonce_is_refused_and_the_refresh_kept() {
@@ -33,7 +25,7 @@ async fn a_refreshed_id_token_with_another_nonce_is_refused_and_the_refresh_kept
     let foreign = sign(&idp.claims("a-nonce-of-another-login"), "k1", KEY1);
     Mock::given(method("POST"))
         .and(path("/token"))
-        .respond_with(refreshed(Some(foreign), "refresh-2"))
+        .respond_with(refresh_reply("access-2", "refresh-2", Some(foreign)))
         .up_to_n_times(1)
         .mount(&idp.server)
         .await;
@@ -45,12 +37,10 @@ async fn a_refreshed_id_token_with_another_nonce_is_refused_and_the_refresh_kept
     assert!(logs().contains("refreshed ID token refused"));
 
     // Without a nonce (what most providers send on refresh) it is accepted.
-    let mut claims = idp.claims("unused");
-    claims.as_object_mut().unwrap().remove("nonce");
-    let without_nonce = sign(&claims, "k1", KEY1);
+    let without_nonce = sign(&refreshed_claims(&idp), "k1", KEY1);
     Mock::given(method("POST"))
         .and(path("/token"))
-        .respond_with(refreshed(Some(without_nonce.clone()), "refresh-3"))
+        .respond_with(refresh_reply("access-3", "refresh-3", Some(without_nonce.clone())))
         .mount(&idp.server)
         .await;
     let body: Value = caller.force().await.json().await.unwrap();

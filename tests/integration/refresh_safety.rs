@@ -49,7 +49,7 @@ fn jwt_header(jwt: &str) -> Value {
     serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
 
-fn refresh_reply(access: &str, refresh: &str, id_token: Option<String>) -> ResponseTemplate {
+pub fn refresh_reply(access: &str, refresh: &str, id_token: Option<String>) -> ResponseTemplate {
     let mut body = json!({ "access_token": access, "token_type": "Bearer", "expires_in": 300, "refresh_token": refresh });
     if let Some(id_token) = id_token {
         body["id_token"] = json!(id_token);
@@ -58,7 +58,7 @@ fn refresh_reply(access: &str, refresh: &str, id_token: Option<String>) -> Respo
 }
 
 /// Claims of a refreshed ID token: like the login's, without a nonce.
-fn refreshed_claims(idp: &MockIdp) -> Value {
+pub fn refreshed_claims(idp: &MockIdp) -> Value {
     let mut claims = idp.claims("unused");
     claims.as_object_mut().unwrap().remove("nonce");
     claims
