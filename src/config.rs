@@ -612,6 +612,19 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_defaults_and_checks() {
+        let c = minimal().into_config(None).unwrap().keepalive;
+        assert_eq!(c.interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!((c.idle_timeout, c.margin, c.grace, c.fresh_access), (None, 1200, 0, false));
+        let mut s = minimal();
+        s.keepalive_interval = Some(0);
+        assert_eq!(s.into_config(None).unwrap().keepalive.interval, None, "0 turns keep-alive off");
+        let mut s = minimal();
+        s.keepalive_idle_timeout = Some(0);
+        assert!(s.into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_KEEPALIVE_IDLE_TIMEOUT"));
+    }
+
+    #[test]
     fn toml_file_fills_what_the_environment_leaves_unset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenhub.toml");

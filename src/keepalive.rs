@@ -152,6 +152,15 @@ impl KeepAlive {
     }
 }
 
+/// Runs one keep-alive round now, apart from the background task (for
+/// tests and tools); `Err` says why it ended early.
+pub async fn round_once(app: &AppState) -> Result<(), String> {
+    let (_stop, stopped) = watch::channel(false);
+    let interval = app.config.keepalive.interval.unwrap_or(Duration::from_secs(60));
+    let mut runner = Runner { app: app.clone(), interval, stopped, last_seen: HashMap::new(), failures: 0 };
+    runner.round().await.map_err(|e| e.to_string())
+}
+
 /// A round's reason to stop early and back off.
 #[derive(Debug, thiserror::Error)]
 enum Pause {
@@ -270,9 +279,10 @@ impl Runner {
         };
         let want = Want { min_valid: None, force: true };
         let metrics = &self.app.metrics;
-        match self.app.refresher.fresh_since(&self.app, username, want, Some(times.version)).await {
-            Ok(fresh) => {
-                if fresh.refreshed {
+        match self.app.refresher.fresh_since(&self.app, username, want, times.version).await {
+            // `made`: this replica refreshed (not another one, meanwhile).
+            Ok((fresh, made)) => {
+                if made {
                     Metrics::inc(&metrics.keepalive_refreshes);
                     tracing::info!(
                         target: "tokenhub::audit",

@@ -189,3 +189,47 @@ async fn an_idp_outage_during_a_round_kills_no_lineage_and_keep_alive_resumes() 
     refresh_now(&app, "dana").await.expect("dana's lineage is alive");
     assert!(logs().contains("keep-alive round ended early; backing off"));
 }
+
+#[tokio::test]
+async fn replicas_deciding_at_the_same_moment_refresh_once() {
+    use sqlx::Connection;
+    let idp = Idp::start(&[]);
+    let hub = HubMock::start().await;
+    let database = Postgres::shared().new_database().await;
+    // An idle timeout of 60 s, refreshed 15–30 s before its end.
+    let a = app(&idp, &hub, Some(60), Some(database.clone())).await;
+    let b = app(&idp, &hub, Some(60), Some(database.clone())).await;
+    login(&a, &idp, "fay").await;
+    hub.running("fay").await;
+    let mut db = sqlx::PgConnection::connect(&database).await.unwrap();
+    for round in 1..=3 {
+        // The lineage was last refreshed 40 s ago: due on both replicas.
+        sqlx::query(
+            "UPDATE lineages SET created_at = created_at - 40, refreshed_at = refreshed_at - 40, \
+             refresh_expires_at = NULL WHERE username = 'fay'",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        // Both replicas run a round at once: both see the lineage due.
+        let (ra, rb) = tokio::join!(tokenhub::keepalive::round_once(a.state()), tokenhub::keepalive::round_once(b.state()));
+        ra.unwrap();
+        rb.unwrap();
+        assert_eq!(idp.refreshes("fay").await, round, "one refresh per due point, not one per replica");
+        let lineage = lineage(&a, &idp, "fay").await;
+        assert!(lineage.active);
+        assert_eq!(lineage.version as u64, 1 + round);
+    }
+    assert_eq!(keepalive_refreshes(&a) + keepalive_refreshes(&b), 3);
+
+    // A replica that decided on version 3 while another stored version 4
+    // (the moment between reading the row and refreshing) shares that
+    // refresh instead of making its own, even with a fresh cache.
+    b.state().vault.forget("fay", &idp.issuer);
+    let want = Want { min_valid: None, force: true };
+    let (fresh, made) = b.state().refresher.fresh_since(b.state(), "fay", want, 3).await.unwrap();
+    assert!(!made, "the lineage had moved past the version decided on");
+    assert_eq!(fresh.lineage.version, 4);
+    assert_eq!(idp.refreshes("fay").await, 3);
+    refresh_now(&b, "fay").await.expect("fay's lineage is alive");
+}
