@@ -233,3 +233,32 @@ async fn replicas_deciding_at_the_same_moment_refresh_once() {
     assert_eq!(idp.refreshes("fay").await, 3);
     refresh_now(&b, "fay").await.expect("fay's lineage is alive");
 }
+
+#[tokio::test]
+async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
+    // Refresh tokens live long here; access tokens 6 s.
+    let idp = Idp::start(&[("IDP_ACCESS_TOKEN_TTL", "6")]);
+    let hub = HubMock::start().await;
+    let proxy = url::Url::parse(&hub.server.uri()).unwrap();
+    let app = TestApp::builder(&idp.issuer)
+        .hub(&hub)
+        .settings(|s| {
+            s.hub_url = Some(proxy);
+            s.keepalive_interval = Some(1);
+            s.keepalive_margin = Some(3);
+            s.keepalive_fresh_access = Some(true);
+        })
+        .spawn()
+        .await;
+    login(&app, &idp, "gus").await;
+    login(&app, &idp, "hal").await;
+    hub.running("gus").await;
+    let keepalive = KeepAlive::start(app.state().clone()).unwrap();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    keepalive.stop().await;
+    let refreshes = idp.refreshes("gus").await;
+    assert!((2..=5).contains(&refreshes), "{refreshes} refreshes in 9 s of 6 s access tokens");
+    let gus = lineage(&app, &idp, "gus").await;
+    assert!(gus.tokens.access_expires_at.unwrap() > tokenhub::time::now(), "the access token is still valid");
+    assert_eq!(idp.refreshes("hal").await, 0, "hal runs no server");
+}
