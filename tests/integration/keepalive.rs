@@ -262,3 +262,43 @@ async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
     assert!(gus.tokens.access_expires_at.unwrap() > tokenhub::time::now(), "the access token is still valid");
     assert_eq!(idp.refreshes("hal").await, 0, "hal runs no server");
 }
+
+#[tokio::test]
+async fn keep_alive_stops_with_the_server_unless_a_grace_period_is_set() {
+    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "6")]);
+    let (hub, hub_with_grace) = (HubMock::start().await, HubMock::start().await);
+    let app = app(&idp, &hub, Some(6), None).await;
+    let proxy = url::Url::parse(&hub_with_grace.server.uri()).unwrap();
+    let with_grace = TestApp::builder(&idp.issuer)
+        .hub(&hub_with_grace)
+        .settings(|s| {
+            s.hub_url = Some(proxy);
+            s.keepalive_interval = Some(1);
+            s.keepalive_idle_timeout = Some(6);
+            s.keepalive_margin = Some(3);
+            s.keepalive_grace = Some(60);
+        })
+        .spawn()
+        .await;
+    login(&app, &idp, "ivy").await;
+    login(&with_grace, &idp, "jon").await;
+    hub.running("ivy").await;
+    hub_with_grace.running("jon").await;
+    let keepalives = [KeepAlive::start(app.state().clone()).unwrap(), KeepAlive::start(with_grace.state().clone()).unwrap()];
+    wait_until(Duration::from_secs(8), "both were kept alive once", async || {
+        keepalive_refreshes(&app) >= 1 && keepalive_refreshes(&with_grace) >= 1
+    })
+    .await;
+
+    // Both servers stop (the hub forgets them).
+    hub.server.reset().await;
+    hub_with_grace.server.reset().await;
+    let (ivy, jon) = (idp.refreshes("ivy").await, idp.refreshes("jon").await);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    for keepalive in keepalives {
+        keepalive.stop().await;
+    }
+    // (One refresh may have been under way when the server stopped.)
+    assert!(idp.refreshes("ivy").await <= ivy + 1, "no server, no grace: keep-alive stopped");
+    assert!(idp.refreshes("jon").await >= jon + 2, "within the grace period keep-alive goes on");
+}
