@@ -10,6 +10,11 @@
 //   IDP_CLIENT_SECRET      its secret (default tokenhub-secret)
 //   IDP_REDIRECT_URIS      comma-separated redirect URIs
 //   IDP_ACCESS_TOKEN_TTL   access-token lifetime in seconds (default 3600)
+//   IDP_REFRESH_TOKEN_TTL  refresh-token lifetime in seconds (default 14 days);
+//                          with rotation on, each refresh issues a new one, so
+//                          this acts as an idle timeout: unused that long, it dies
+//   IDP_SEND_REFRESH_EXPIRES_IN=1  token responses carrying a refresh token
+//                          also carry `refresh_expires_in` (as Keycloak does)
 //   IDP_TEST_CONTROL=1     enable /_test/* (counters, killing a user's grants,
 //                          making the key set answer 503)
 //   IDP_STRICT_OFFLINE=1   oidc-provider's spec-strict default: a refresh token
@@ -35,6 +40,8 @@ const clientSecret = process.env.IDP_CLIENT_SECRET || 'tokenhub-secret';
 const redirectUris = (process.env.IDP_REDIRECT_URIS || 'http://127.0.0.1:8000/callback')
   .split(',').map((s) => s.trim()).filter(Boolean);
 const accessTtl = Number(process.env.IDP_ACCESS_TOKEN_TTL || 3600);
+const refreshTtl = Number(process.env.IDP_REFRESH_TOKEN_TTL || 14 * 24 * 3600);
+const sendRefreshExpiresIn = process.env.IDP_SEND_REFRESH_EXPIRES_IN === '1';
 const testControl = process.env.IDP_TEST_CONTROL === '1';
 const strictOffline = process.env.IDP_STRICT_OFFLINE === '1';
 const postClientSecret = process.env.IDP_POST_CLIENT_SECRET || 'tokenhub-post-secret';
@@ -138,7 +145,8 @@ const configuration = {
     AccessToken: accessTtl,
     AuthorizationCode: 60,
     IdToken: accessTtl,
-    RefreshToken: 14 * 24 * 3600,
+    // Every refresh token, a rotated one too, lives this long from its issue.
+    RefreshToken: () => refreshTtl,
     Grant: 14 * 24 * 3600,
     Session: 14 * 24 * 3600,
     Interaction: 3600,
@@ -260,6 +268,17 @@ provider.use(async (ctx, next) => {
   }
   return next();
 });
+
+// `refresh_expires_in` beside every refresh token issued, when asked for:
+// the token endpoint's answer is an object until koa writes it out.
+if (sendRefreshExpiresIn) {
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.path === '/token' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object' && ctx.body.refresh_token) {
+      ctx.body.refresh_expires_in = refreshTtl;
+    }
+  });
+}
 
 // Test control, off unless IDP_TEST_CONTROL=1.
 let jwksFailures = 0;

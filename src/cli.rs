@@ -95,9 +95,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let keepalive = crate::keepalive::KeepAlive::start(state.clone());
     axum::serve(listener, crate::app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    if let Some(keepalive) = keepalive {
+        keepalive.stop().await;
+    }
     tracing::info!("tokenhub stopped");
     Ok(())
 }

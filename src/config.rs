@@ -130,6 +130,34 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_CRYPT_KEY", hide_env_values = true, help_heading = "Vault")]
     pub crypt_key: Option<SecretString>,
 
+    /// Seconds between keep-alive rounds, which refresh the tokens of users
+    /// with a running server before the refresh token would die unused.
+    /// 0 turns keep-alive off. Default: 60.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_INTERVAL", help_heading = "Keep-alive")]
+    pub keepalive_interval: Option<u64>,
+
+    /// The IdP's refresh-token idle timeout in seconds (e.g. Keycloak's SSO
+    /// session idle, 1800), used when the IdP sends no `refresh_expires_in`.
+    /// Unset: only lineages whose IdP sent one are kept alive.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT", help_heading = "Keep-alive")]
+    pub keepalive_idle_timeout: Option<u64>,
+
+    /// Seconds before the refresh token (or, with
+    /// TOKENHUB_KEEPALIVE_FRESH_ACCESS, the access token) would die that
+    /// keep-alive refreshes; at most half the token's lifetime. Default: 1200.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_MARGIN", help_heading = "Keep-alive")]
+    pub keepalive_margin: Option<u64>,
+
+    /// Seconds keep-alive goes on after it last saw a running server of the
+    /// user. Default: 0.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_GRACE", help_heading = "Keep-alive")]
+    pub keepalive_grace: Option<u64>,
+
+    /// `true`: keep-alive also refreshes before the access token expires, so
+    /// token files in running servers always hold a valid access token.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_FRESH_ACCESS", help_heading = "Keep-alive")]
+    pub keepalive_fresh_access: Option<bool>,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `tokenhub=debug`.
     #[arg(long, env = "TOKENHUB_LOG", help_heading = "Logging")]
     pub log: Option<String>,
@@ -251,6 +279,21 @@ pub struct VaultConfig {
     pub crypt_key: SecretString,
 }
 
+/// Keep-alive of users' lineages (see [`crate::keepalive`]).
+#[derive(Debug, Clone)]
+pub struct KeepaliveConfig {
+    /// Time between rounds; `None`: keep-alive is off.
+    pub interval: Option<std::time::Duration>,
+    /// The IdP's refresh-token idle timeout, seconds, if the operator named it.
+    pub idle_timeout: Option<i64>,
+    /// Seconds before a token dies that it is refreshed.
+    pub margin: i64,
+    /// Seconds keep-alive goes on after the user's last server was seen.
+    pub grace: i64,
+    /// Also keep access tokens fresh.
+    pub fresh_access: bool,
+}
+
 /// Logging.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -271,6 +314,8 @@ pub struct Config {
     pub hub: HubClientConfig,
     /// Vault.
     pub vault: VaultConfig,
+    /// Keep-alive.
+    pub keepalive: KeepaliveConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -287,7 +332,8 @@ impl Settings {
             bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
             oidc_scopes, oidc_redirect_uri, oidc_client_auth_method, oidc_auth_params, username_claim, groups_claim, hub_client_id,
             hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
-            token_file, service_url, database_url, crypt_key, log, log_format
+            token_file, service_url, database_url, crypt_key, keepalive_interval, keepalive_idle_timeout,
+            keepalive_margin, keepalive_grace, keepalive_fresh_access, log, log_format
         )
     }
 
@@ -399,6 +445,24 @@ impl Settings {
                     .database_url
                     .unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
                 crypt_key,
+            },
+            keepalive: KeepaliveConfig {
+                interval: match self.keepalive_interval.unwrap_or(60) {
+                    0 => None,
+                    secs => Some(std::time::Duration::from_secs(secs)),
+                },
+                idle_timeout: match self.keepalive_idle_timeout {
+                    Some(0) => {
+                        return Err(ConfigError::Invalid {
+                            name: "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT",
+                            reason: "must be a positive number of seconds".into(),
+                        });
+                    }
+                    t => t.map(|t| t.min(i64::MAX as u64) as i64),
+                },
+                margin: self.keepalive_margin.unwrap_or(1200).min(i64::MAX as u64) as i64,
+                grace: self.keepalive_grace.unwrap_or(0).min(i64::MAX as u64) as i64,
+                fresh_access: self.keepalive_fresh_access.unwrap_or(false),
             },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
@@ -545,6 +609,19 @@ mod tests {
         s.oidc_auth_params = Some("prompt=login&nonce=x".into());
         let e = s.into_config(None).unwrap_err().to_string();
         assert!(e.contains("TOKENHUB_OIDC_AUTH_PARAMS") && e.contains("nonce"), "{e}");
+    }
+
+    #[test]
+    fn keepalive_defaults_and_checks() {
+        let c = minimal().into_config(None).unwrap().keepalive;
+        assert_eq!(c.interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!((c.idle_timeout, c.margin, c.grace, c.fresh_access), (None, 1200, 0, false));
+        let mut s = minimal();
+        s.keepalive_interval = Some(0);
+        assert_eq!(s.into_config(None).unwrap().keepalive.interval, None, "0 turns keep-alive off");
+        let mut s = minimal();
+        s.keepalive_idle_timeout = Some(0);
+        assert!(s.into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_KEEPALIVE_IDLE_TIMEOUT"));
     }
 
     #[test]

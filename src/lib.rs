@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod errors;
 pub mod fabric;
 pub mod hub;
+pub mod keepalive;
 pub mod login;
 pub mod metrics;
 pub mod pages;

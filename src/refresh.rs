@@ -171,6 +171,28 @@ impl Refresher {
 
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
+        self.fresh_inner(app, username, want, None, &mut false).await
+    }
+
+    /// [`Refresher::fresh`] for a caller that decided on the lineage at
+    /// `seen_version` (keep-alive, reading the database): a forced refresh
+    /// is skipped when the lineage moved past that version meanwhile (another
+    /// replica refreshed it), so replicas never refresh it twice. Also says
+    /// whether this call made the upstream refresh (rather than shared one).
+    pub async fn fresh_since(&self, app: &AppState, username: &str, want: Want, seen_version: i64) -> Result<(Fresh, bool), RefreshError> {
+        let mut made = false;
+        let fresh = self.fresh_inner(app, username, want, Some(seen_version), &mut made).await?;
+        Ok((fresh, made))
+    }
+
+    async fn fresh_inner(
+        &self,
+        app: &AppState,
+        username: &str,
+        want: Want,
+        seen_version: Option<i64>,
+        made: &mut bool,
+    ) -> Result<Fresh, RefreshError> {
         let issuer = app.upstream.issuer();
         let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
         let capped = |l: &Lineage| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m));
@@ -182,7 +204,7 @@ impl Refresher {
             let capped_min_valid = capped(&lineage);
             return Ok(Fresh { lineage, refreshed: false, capped_min_valid });
         }
-        let seen_version = lineage.version;
+        let seen_version = seen_version.unwrap_or(lineage.version);
         let asked_at = Instant::now();
 
         let slot = self.slot_for(&format!("{username}\0{issuer}"));
@@ -259,6 +281,8 @@ impl Refresher {
             }
         };
         tracing::info!(user = %username, version = stored.version, "tokens refreshed");
+        *made = true;
+        crate::keepalive::record_refresh_expiry(app, username, issuer, stored.version, reply.refresh_expires_in).await;
         let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
         // Every refresh reaches the running servers: the refresh token in
         // their files was just spent.

@@ -493,4 +493,75 @@ impl Store {
             .await?;
         Ok(codes.rows_affected() + tokens.rows_affected())
     }
+
+    /// Active lineages of `issuer` with a user name after `after`, in name
+    /// order, at most `limit`: keep-alive pages through them (no token values).
+    pub async fn active_lineages(&self, issuer: &str, after: &str, limit: i64) -> Result<Vec<LineageTimes>, StoreError> {
+        let sql = format!(
+            "SELECT {TIMES_COLUMNS} FROM lineages WHERE issuer = $1 AND status = 'active' AND username > $2 \
+             ORDER BY username LIMIT $3"
+        );
+        let rows = sqlx::query(&sql).bind(issuer).bind(after).bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(times_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// One active lineage's times, read now (keep-alive decides on these, so that a
+    /// refresh another replica just made is seen).
+    pub async fn active_lineage_times(&self, username: &str, issuer: &str) -> Result<Option<LineageTimes>, StoreError> {
+        let sql = format!("SELECT {TIMES_COLUMNS} FROM lineages WHERE username = $1 AND issuer = $2 AND status = 'active'");
+        let row = sqlx::query(&sql).bind(username).bind(issuer).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(times_from_row).transpose()?)
+    }
+
+    /// Records when the refresh token of the lineage at `version` dies
+    /// (`None`: the IdP did not say). Leaves the version alone.
+    pub async fn set_refresh_expiry(&self, username: &str, issuer: &str, version: i64, at: Option<i64>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE lineages SET refresh_expires_at = $4 WHERE username = $1 AND issuer = $2 AND version = $3")
+            .bind(username)
+            .bind(issuer)
+            .bind(version)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// What keep-alive reads of a lineage: its times, never its tokens.
+#[derive(Debug, Clone)]
+pub struct LineageTimes {
+    /// JupyterHub user name.
+    pub username: String,
+    /// The lineage's version.
+    pub version: i64,
+    /// Whether it holds a refresh token at all.
+    pub has_refresh_token: bool,
+    /// Login time.
+    pub created_at: i64,
+    /// Last upstream refresh.
+    pub refreshed_at: Option<i64>,
+    /// When the access token expires.
+    pub access_expires_at: Option<i64>,
+    /// When the refresh token dies unused, if the IdP said.
+    pub refresh_expires_at: Option<i64>,
+}
+
+const TIMES_COLUMNS: &str = "username, version, refresh_token IS NOT NULL AS has_refresh, created_at, \
+     refreshed_at, access_expires_at, refresh_expires_at";
+
+fn times_from_row(row: &AnyRow) -> Result<LineageTimes, sqlx::Error> {
+    // SQLite answers the boolean as an integer, PostgreSQL as a boolean.
+    let has_refresh_token = match row.try_get::<bool, _>("has_refresh") {
+        Ok(b) => b,
+        Err(_) => row.try_get::<i64, _>("has_refresh")? != 0,
+    };
+    Ok(LineageTimes {
+        username: row.try_get("username")?,
+        version: row.try_get("version")?,
+        has_refresh_token,
+        created_at: row.try_get("created_at")?,
+        refreshed_at: row.try_get("refreshed_at")?,
+        access_expires_at: row.try_get("access_expires_at")?,
+        refresh_expires_at: row.try_get("refresh_expires_at")?,
+    })
 }

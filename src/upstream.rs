@@ -82,6 +82,9 @@ pub struct TokenReply {
     pub expires_in: Option<i64>,
     /// Granted scopes, when the IdP said.
     pub scope: Option<String>,
+    /// Seconds the refresh token lives unused, when the IdP said
+    /// (`refresh_expires_in`, e.g. Keycloak): keep-alive goes by it.
+    pub refresh_expires_in: Option<i64>,
 }
 
 /// The token endpoint's JSON, leniently read: `expires_in` as number or
@@ -98,6 +101,8 @@ struct RawTokenReply {
     expires_in: Option<Value>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    refresh_expires_in: Option<Value>,
 }
 
 /// An OAuth error answer (RFC 6749 §5.2).
@@ -132,6 +137,8 @@ pub struct UpstreamLogin {
     pub tokens: TokenSet,
     /// ID-token claims with userinfo merged over them.
     pub claims: Map<String, Value>,
+    /// Seconds the refresh token lives unused, when the IdP said.
+    pub refresh_expires_in: Option<i64>,
 }
 
 struct Discovered {
@@ -284,17 +291,21 @@ impl Upstream {
             .map_err(|e| UpstreamError::AnswerLost(format!("reading its {status} answer failed: {}", e.without_url())))?;
         let raw: RawTokenReply = serde_json::from_slice(&body)
             .map_err(|_| UpstreamError::AnswerLost(format!("its {status} answer is not a token response")))?;
-        let expires_in = match raw.expires_in {
+        let seconds = |v: Option<Value>| match v {
             Some(Value::Number(n)) => n.as_i64(),
             Some(Value::String(s)) => s.trim().parse().ok(),
             _ => None,
         };
+        let expires_in = seconds(raw.expires_in);
+        // 0 means "no idle limit" at Keycloak (offline tokens): nothing to keep alive for.
+        let refresh_expires_in = seconds(raw.refresh_expires_in).filter(|s| *s > 0);
         Ok(TokenReply {
             access_token: raw.access_token.into(),
             refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(SecretString::from),
             id_token: raw.id_token.filter(|t| !t.is_empty()).map(SecretString::from),
             expires_in,
             scope: raw.scope,
+            refresh_expires_in,
         })
     }
 
@@ -397,6 +408,7 @@ impl Upstream {
                 scope,
             },
             claims: all_claims,
+            refresh_expires_in: reply.refresh_expires_in,
         })
     }
 

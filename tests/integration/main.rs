@@ -6,6 +6,7 @@ mod binary;
 mod faults;
 mod id_token;
 mod idp_variants;
+mod keepalive;
 mod login_flow;
 mod pages;
 mod refresh;

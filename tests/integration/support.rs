@@ -329,6 +329,39 @@ impl HubMock {
             .await;
         token
     }
+
+    /// Tells the hub that `user` runs a ready default server at
+    /// `/user/<user>/`, whose Contents API (behind the mock as proxy) takes
+    /// the token file. Users never named here run nothing (the hub says 404).
+    pub async fn running(&self, user: &str) {
+        use wiremock::matchers::{method, path};
+        wiremock::Mock::given(method("GET"))
+            .and(path(format!("/hub/api/users/{user}")))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "kind": "user", "name": user, "servers": {"": {"ready": true, "url": format!("/user/{user}/")}}
+            })))
+            .mount(&self.server)
+            .await;
+        wiremock::Mock::given(method("PUT"))
+            .and(path(format!("/user/{user}/api/contents/.tokens.json")))
+            .respond_with(wiremock::ResponseTemplate::new(201))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// The token files written into `user`'s server so far, oldest first.
+    pub async fn token_files(&self, user: &str) -> Vec<Value> {
+        let wanted = format!("/user/{user}/api/contents/.tokens.json");
+        let requests = self.server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter(|r| r.method.as_str() == "PUT" && r.url.path() == wanted)
+            .map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                serde_json::from_str(body["content"].as_str().unwrap()).unwrap()
+            })
+            .collect()
+    }
 }
 
 /// Makes a lineage look `seconds` older (issued and expiring earlier).
