@@ -222,6 +222,11 @@ OPTIONAL = {
     "TOKENHUB_TOKEN_FILE": {"jupyterhub": {"tokenFile": "tokens.json"}},
     "TOKENHUB_SERVICE_NAME": {"jupyterhub": {"serviceName": "tokenhub"}},
     "TOKENHUB_AUDIT_LOG": {"log": {"audit": "stdout"}},
+    "TOKENHUB_KEEPALIVE_INTERVAL": {"keepAlive": {"interval": 30}},
+    "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT": {"keepAlive": {"idleTimeout": 1800}},
+    "TOKENHUB_KEEPALIVE_MARGIN": {"keepAlive": {"margin": 600}},
+    "TOKENHUB_KEEPALIVE_GRACE": {"keepAlive": {"grace": 3600}},
+    "TOKENHUB_KEEPALIVE_FRESH_ACCESS": {"keepAlive": {"freshAccess": True}},
 }
 
 
