@@ -256,6 +256,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims)
         .await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, "login stored");
+    app.audit.record("login", Some(&username), Some(version), Some("upstream login stored"));
     let jar = jar.clone().remove(login_cookie(app, state));
     let jar = session::start(app, jar, &username);
 

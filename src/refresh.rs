@@ -75,9 +75,16 @@ impl From<crate::store::StoreError> for RefreshError {
 }
 
 /// The per-lineage locks of this process and its lease-holder name.
+///
+/// The lock map holds weak references: a lineage's lock lives exactly as
+/// long as some caller holds or waits for it, so two callers can never get
+/// different locks for one lineage while one is held (a time- or size-evicted
+/// cache could drop a held lock and hand out a second), and entries whose
+/// lock nobody holds are pruned, so the map stays as small as the number of
+/// lineages being refreshed at once.
 #[derive(Debug)]
 pub struct Refresher {
-    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    locks: std::sync::Mutex<HashMap<String, std::sync::Weak<Mutex<()>>>>,
     holder: String,
 }
 
@@ -115,9 +122,30 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
 }
 
 impl Refresher {
-    fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().expect("lock map is never poisoned");
-        locks.entry(key.to_string()).or_default().clone()
+    /// The lock of lineage `key` (the same `Arc` for every caller while any
+    /// caller holds one).
+    pub fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lock) = locks.get(key).and_then(std::sync::Weak::upgrade) {
+            return lock;
+        }
+        // Amortized pruning: at most every time the map doubles past 64.
+        if locks.len() >= 64 && locks.len().is_power_of_two() {
+            locks.retain(|_, weak| weak.strong_count() > 0);
+        }
+        let lock = Arc::new(Mutex::new(()));
+        locks.insert(key.to_string(), Arc::downgrade(&lock));
+        lock
+    }
+
+    /// Drops the entries of locks nobody holds.
+    pub fn sweep(&self) {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, weak| weak.strong_count() > 0);
+    }
+
+    /// How many lineage locks the map holds (held or not yet pruned).
+    pub fn lock_count(&self) -> usize {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The user's lineage, refreshed first if `want` asks for it.
@@ -155,6 +183,7 @@ impl Refresher {
                     None => app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?,
                 };
                 tracing::info!(user = %username, version = stored.version, "tokens refreshed");
+                app.audit.record("refresh", Some(username), Some(stored.version), None);
                 let (app2, user) = (app.clone(), username.to_string());
                 tokio::spawn(async move {
                     crate::delivery::write_all(&app2, &user).await;
@@ -165,11 +194,13 @@ impl Refresher {
             Err(UpstreamError::InvalidGrant(reason)) => {
                 app.vault.mark_dead(username, issuer, lineage.version).await?;
                 tracing::warn!(user = %username, "refresh refused with invalid_grant: lineage marked dead");
+                app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some("the IdP refused the refresh"));
                 Err(RefreshError::Dead(reason))
             }
             Err(e) => {
                 app.vault.store().release_lease(username, issuer, &self.holder).await?;
                 tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
+                app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some("the IdP is unavailable"));
                 Err(RefreshError::Unavailable(e.to_string()))
             }
         }

@@ -9,6 +9,7 @@ mod login_flow;
 mod pages;
 mod refresh;
 mod rejections;
+mod security;
 mod service;
 mod spawn;
 mod store_backends;
