@@ -8,7 +8,15 @@
 #   HUB_API_PORT    the hub's own port (default 8081)
 #   HUB_PROXY_API_PORT  the proxy's API port (default 8001)
 #   HUB_TEST_ADMIN_TOKEN  (tests only) an admin service token
+#   HUB_SPAWNER     "local": servers run as the users' own system accounts
+#                   (LocalProcessSpawner; the hub runs as root), as on a
+#                   shared machine; default: all as the hub's user, homes
+#                   under the state folder (SimpleLocalProcessSpawner)
+#   HUB_SERVER_PYTHON  (with "local") a Python the users may run, when the
+#                   hub's own is not reachable for them; it gets the hub's
+#                   packages through PYTHONPATH
 import os
+import sysconfig
 
 c = get_config()  # noqa: F821
 
@@ -29,8 +37,14 @@ c.ConfigurableHTTPProxy.pid_file = os.path.join(state, "proxy.pid")
 
 # Users' servers run as local processes in their own directories under the
 # state folder; as root, Jupyter needs --allow-root.
-c.JupyterHub.spawner_class = "simple"
-c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(state, "home", "{username}")
+if os.environ.get("HUB_SPAWNER") == "local":
+    c.JupyterHub.spawner_class = "localprocess"
+    if os.environ.get("HUB_SERVER_PYTHON"):
+        c.Spawner.cmd = [os.environ["HUB_SERVER_PYTHON"], "-m", "jupyterhub.singleuser"]
+        c.Spawner.environment = {"PYTHONPATH": sysconfig.get_paths()["purelib"]}
+else:
+    c.JupyterHub.spawner_class = "simple"
+    c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(state, "home", "{username}")
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
