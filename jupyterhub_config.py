@@ -72,9 +72,11 @@ if os.environ.get("HUB_TEST_OAUTH_CLIENT_SECRET"):
             "name": "e2e-other-client",
             "api_token": os.environ["HUB_TEST_OAUTH_CLIENT_SECRET"],
             "oauth_client_id": "service-e2e-other-client",
-            "oauth_redirect_uri": "http://127.0.0.1:9/e2e-other-client/oauth_callback",
+            "oauth_redirect_uri": os.environ["HUB_TEST_OAUTH_CLIENT_REDIRECT"],
             "oauth_no_confirm": True,
         }
     )
+    # Users may sign in to it (the hub block adds tokenhub's scope to this role).
+    c.JupyterHub.load_roles.append({"name": "user", "scopes": ["self", "access:services!service=e2e-other-client"]})
 
 load_subconfig(os.path.join(here, "hub", "tokenhub_config.py"))  # noqa: F821

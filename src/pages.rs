@@ -87,7 +87,8 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
         revoke_url: app.url("/revoke").to_string(),
         hub_url: app.hub_home(),
     };
-    Ok(page(views::render(&view)))
+    let referrer = (header::REFERRER_POLICY, crate::security::FORM_REFERRER_POLICY);
+    Ok(([referrer], page(views::render(&view))).into_response())
 }
 
 /// `GET /login`: sign in to tokenhub's token page through the IdP.

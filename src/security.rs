@@ -143,12 +143,19 @@ pub async fn security_headers(mut response: Response) -> Response {
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
+    // A page with a form sets its own policy (see [`FORM_REFERRER_POLICY`]).
+    headers.entry(header::REFERRER_POLICY).or_insert(HeaderValue::from_static("no-referrer"));
     response
 }
+
+/// The referrer policy of a page whose form posts back to tokenhub: with
+/// `no-referrer` browsers send `Origin: null` on the post, and
+/// [`same_origin_post`] could not tell tokenhub's own form from a forged
+/// one. `same-origin` still sends nothing to other origins.
+pub const FORM_REFERRER_POLICY: &str = "same-origin";
 
 fn header_is(headers: &HeaderMap, name: &str, allowed: &[&str]) -> bool {
     headers

@@ -54,6 +54,7 @@ def stack():
             "TOKENHUB_AUDIT_LOG": str(state / "audit.jsonl"),
             # A second OAuth client at the hub (test_security).
             "HUB_TEST_OAUTH_CLIENT_SECRET": secrets.token_hex(24),
+            "HUB_TEST_OAUTH_CLIENT_REDIRECT": f"http://127.0.0.1:{free_port()}/e2e-other-client/oauth_callback",
         },
     )
     try:

@@ -5,8 +5,9 @@ CSRF value from tokenhub, while the user's own download still works."""
 
 from __future__ import annotations
 
+import http.server
 import json
-import re
+import threading
 import urllib.parse
 import urllib.request
 
@@ -66,25 +67,38 @@ def test_only_tokens_meant_for_tokenhub_read_tokens(stack, browser, hub):
 
 def other_client_token(stack, browser, user: str) -> str:
     """Bob signs in to another OAuth client of the hub (the test service
-    `e2e-other-client`): the hub issues a token naming Bob to that client."""
-    context = browser.new_context()
-    page = context.new_page()
-    log_in_and_spawn(page, stack, user)
-    redirect = "http://127.0.0.1:9/e2e-other-client/oauth_callback"
+    `e2e-other-client`, whose callback is a small HTTP server here): the hub
+    issues a token naming Bob to that client."""
+    redirect = stack.extra_env["HUB_TEST_OAUTH_CLIENT_REDIRECT"]
     captured = {}
 
-    def arrive(route):
-        captured["url"] = route.request.url
-        route.fulfill(status=200, body="ok", content_type="text/plain")
+    class Callback(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            captured["query"] = urllib.parse.urlparse(self.path).query
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
 
-    page.route(re.compile(r"http://127\.0\.0\.1:9/.*"), arrive)
-    query = urllib.parse.urlencode(
-        {"client_id": "service-e2e-other-client", "redirect_uri": redirect, "response_type": "code", "state": "s1"}
-    )
-    page.goto(f"{stack.hub_url}/hub/api/oauth2/authorize?{query}")
-    page.wait_for_url(re.compile(r"http://127\.0\.0\.1:9/.*"), timeout=30_000)
-    code = urllib.parse.parse_qs(urllib.parse.urlparse(captured["url"]).query)["code"][0]
-    context.close()
+        def log_message(self, *args):
+            pass
+
+    port = urllib.parse.urlparse(redirect).port
+    server = http.server.HTTPServer(("127.0.0.1", port), Callback)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        log_in_and_spawn(page, stack, user)
+        query = urllib.parse.urlencode(
+            {"client_id": "service-e2e-other-client", "redirect_uri": redirect, "response_type": "code", "state": "s1"}
+        )
+        page.goto(f"{stack.hub_url}/hub/api/oauth2/authorize?{query}")
+        assert "query" in captured, f"the hub did not send the browser to the client: {page.url} {page.inner_text('body')[:1500]}"
+        context.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    code = urllib.parse.parse_qs(captured["query"])["code"][0]
     form = urllib.parse.urlencode(
         {
             "grant_type": "authorization_code",

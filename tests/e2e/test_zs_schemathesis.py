@@ -7,10 +7,13 @@ value."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 from conftest import log_in_and_spawn, remember, tokenhub_call
@@ -35,6 +38,26 @@ def test_schemathesis_finds_no_failure(stack, browser, hub, tmp_path):
     remember(*secrets[:4])
     context.close()
 
+    hub_basic = base64.b64encode(
+        f"jupyterhub:{urllib.parse.quote_plus(stack.hub_client_secret)}".encode()
+    ).decode()
+    # The hub's endpoints with the hub's client credentials, then the
+    # notebook API (and the rest) with the server's token: each run sends
+    # credentials its operations accept, so the logic behind them is
+    # exercised rather than only the refusals.
+    hub_ops = r"^/(api/v1/hub/spawn|oauth2/token)$"
+    reports = [
+        run_schemathesis(stack, tmp_path, secrets, f"Basic {hub_basic}", ["--include-path-regex", hub_ops]),
+        run_schemathesis(stack, tmp_path, secrets, f"token {token}", ["--exclude-path-regex", hub_ops]),
+    ]
+    for returncode, report in reports:
+        report = report.replace(token, "<server token>").replace(hub_basic, "<hub credentials>")
+        print(report[-3000:])  # the summary, shown with -s
+        assert returncode == 0, report[-8000:]
+        assert re.search(r"\d+ generated, \d+ passed", report), report[-3000:]
+
+
+def run_schemathesis(stack, cwd, secrets, authorization: str, selection: list[str]) -> tuple[int, str]:
     st = Path(sys.executable).parent / "st"
     env = {
         **os.environ,
@@ -44,18 +67,15 @@ def test_schemathesis_finds_no_failure(stack, browser, hub, tmp_path):
     }
     command = [
         str(st), "run", f"{stack.tokenhub_url}/api/v1/openapi.json",
+        *selection,
         "--checks", ",".join(CHECKS),
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", "30",
         "--workers", "1",
-        "--header", f"Authorization: token {token}",
+        "--header", f"Authorization: {authorization}",
         "--request-timeout", "30",
         "--seed", "9",
         "--no-color",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    # The report is long; keep its end (failures are summarised there) and
-    # mask the server token so it does not reach pytest's output.
-    report = (result.stdout + result.stderr).replace(token, "<server token>")
-    assert result.returncode == 0, report[-8000:]
-    assert "passed" in report.lower() or "success" in report.lower(), report[-3000:]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    return result.returncode, result.stdout + result.stderr
