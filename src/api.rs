@@ -100,9 +100,11 @@ pub fn hub_client(
 }
 
 /// Identifies the caller of a notebook endpoint through the hub. A token
-/// the hub's answer was cached for decides without the limiter (a server
-/// known to be good is not slowed down by others failing behind the same
-/// address); anything else waits for the limiter first, then asks the hub.
+/// the hub vouched for in the last minute passes without the limiter (a
+/// server known to be good is not slowed down by others failing behind the
+/// same address); anything else meets the limiter first, then the hub (or
+/// the cache of refused tokens). Every refusal counts as a failure of the
+/// client and is audited with its reason.
 pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     let client = crate::audit::client();
     let Some(token) = presented_token(headers) else {

@@ -74,7 +74,9 @@ def other_client_token(stack, browser, user: str) -> str:
 
     class Callback(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            captured["query"] = urllib.parse.urlparse(self.path).query
+            url = urllib.parse.urlparse(self.path)
+            if url.path == callback_path:  # not the browser's /favicon.ico
+                captured.setdefault("query", url.query)
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"ok")
@@ -83,6 +85,7 @@ def other_client_token(stack, browser, user: str) -> str:
             pass
 
     port = urllib.parse.urlparse(redirect).port
+    callback_path = urllib.parse.urlparse(redirect).path
     server = http.server.HTTPServer(("127.0.0.1", port), Callback)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -98,7 +101,9 @@ def other_client_token(stack, browser, user: str) -> str:
     finally:
         server.shutdown()
         server.server_close()
-    code = urllib.parse.parse_qs(captured["query"])["code"][0]
+    answer = urllib.parse.parse_qs(captured["query"])
+    assert "code" in answer, f"the hub answered the client with {sorted(answer)}"
+    code = answer["code"][0]
     form = urllib.parse.urlencode(
         {
             "grant_type": "authorization_code",
