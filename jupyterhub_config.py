@@ -14,7 +14,8 @@
 #                   under the state folder (SimpleLocalProcessSpawner)
 #   HUB_SERVER_PYTHON  (with "local") a Python the users may run, when the
 #                   hub's own is not reachable for them; it gets the hub's
-#                   packages through PYTHONPATH
+#                   packages through PYTHONPATH (HUB_SERVER_PYTHONPATH, when
+#                   those too live where users cannot enter)
 import os
 import sysconfig
 
@@ -41,7 +42,7 @@ if os.environ.get("HUB_SPAWNER") == "local":
     c.JupyterHub.spawner_class = "localprocess"
     if os.environ.get("HUB_SERVER_PYTHON"):
         c.Spawner.cmd = [os.environ["HUB_SERVER_PYTHON"], "-m", "jupyterhub.singleuser"]
-        c.Spawner.environment = {"PYTHONPATH": sysconfig.get_paths()["purelib"]}
+        c.Spawner.environment = {"PYTHONPATH": os.environ.get("HUB_SERVER_PYTHONPATH") or sysconfig.get_paths()["purelib"]}
 else:
     c.JupyterHub.spawner_class = "simple"
     c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(state, "home", "{username}")

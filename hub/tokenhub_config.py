@@ -133,7 +133,8 @@ def _th_default(name, value):
     """Sets a GenericOAuthenticator setting unless the operator set it, for
     this class or a parent class (more specific sections win in traitlets, so
     setting ours would silently override theirs)."""
-    if not any(_th_set_where(section, name) for section in ("Authenticator", "OAuthenticator", "GenericOAuthenticator")):
+    sections = ("Authenticator", "OAuthenticator", "GenericOAuthenticator")
+    if not any(_th_set_where(section, name) for section in sections):
         c.GenericOAuthenticator[name] = value
 
 
@@ -211,7 +212,10 @@ def _th_with_scope(requested):
 
 
 _th_sections = {
-    name for cfg in _th_configs for name, section in cfg.items() if isinstance(section, dict) and "server_token_scopes" in section
+    name
+    for cfg in _th_configs
+    for name, section in cfg.items()
+    if isinstance(section, dict) and "server_token_scopes" in section
 }
 for _th_section in _th_sections:
     _th_requested = _th_set_where(_th_section, "server_token_scopes")[_th_section].server_token_scopes
@@ -227,36 +231,37 @@ if "Spawner" not in _th_sections:
 
 # --- The spawn hook: tokens into the server's environment, the token file's
 # place, and (on shared machines) the file made the user's alone.
-def _th_system_user(spawner):
+def _th_system_name(spawner):
     """The local account the server runs as, when the spawner runs servers as
     the users' own accounts; None otherwise (containers, SimpleLocalProcess)."""
     kinds = {cls.__name__ for cls in type(spawner).__mro__}
     if "SimpleLocalProcessSpawner" in kinds:
         return None  # runs every server as the hub's own user
     if "LocalProcessSpawner" in kinds:
-        name = spawner.user.name
-    elif "UserCreatingSpawner" in kinds:  # The Littlest JupyterHub: jupyter-<name>
+        return spawner.user.name
+    if "UserCreatingSpawner" in kinds:  # The Littlest JupyterHub: jupyter-<name>
         from tljh.normalize import generate_system_username
 
-        name = generate_system_username(f"jupyter-{spawner.user.name}")
-    elif "SystemdSpawner" in kinds and not getattr(spawner, "dynamic_users", False):
-        name = spawner._expand_user_properties(spawner.username_template)
-    else:
-        return None
-    try:
-        return _th_pwd.getpwnam(name)
-    except KeyError:
-        return None
+        return generate_system_username(f"jupyter-{spawner.user.name}")
+    if "SystemdSpawner" in kinds and not getattr(spawner, "dynamic_users", False):
+        return spawner._expand_user_properties(spawner.username_template)
+    return None
 
 
-def _th_server_root(spawner, account):
+def _th_server_root(spawner, system_name, account):
     """The server's root directory, where the token file is written."""
     name = spawner.user.name
     template = _th_env.get("TOKENHUB_SERVER_ROOT") or getattr(spawner, "notebook_dir", "")
     home = getattr(spawner, "home_dir", None)  # SimpleLocalProcessSpawner
-    if not home:
+    if not home and account is not None:
+        home = account.pw_dir  # the user's own account
+    elif not home and system_name:
+        # An account the spawner creates when it starts the server (TLJH):
+        # useradd's default home.
+        home = _th_os.path.join("/home", system_name)
+    elif not home:
         try:
-            home = (account or _th_pwd.getpwnam(name)).pw_dir  # the user's own account
+            home = _th_pwd.getpwnam(name).pw_dir
         except KeyError:
             home = "/home/jovyan"  # the Jupyter Docker Stacks' home (KubeSpawner)
     if template:
@@ -302,6 +307,8 @@ def _th_make_private(account, path):
 
 _th_hook_set = _th_set_where("Spawner", "pre_spawn_hook")
 _th_operator_hook = _th_hook_set.Spawner.pre_spawn_hook if _th_hook_set is not None else None
+if getattr(_th_operator_hook, "__name__", "") == "_tokenhub_pre_spawn_hook":
+    _th_operator_hook = None  # the block ran before (pasted twice): one spawn call is enough
 
 
 async def _tokenhub_pre_spawn_hook(spawner):
@@ -340,8 +347,12 @@ async def _tokenhub_pre_spawn_hook(spawner):
         # No tokens for this user (signed in before tokenhub): spawn without them.
         spawner.log.warning("tokenhub holds no tokens for %s; they can renew at %s/refresh", user, _th_public)
         token_file = ".tokens.json"
-    account = _th_system_user(spawner)
-    path = _th_os.path.join(_th_server_root(spawner, account), token_file)
+    system_name = _th_system_name(spawner)
+    try:
+        account = _th_pwd.getpwnam(system_name) if system_name else None
+    except KeyError:
+        account = None  # not created yet (TLJH creates it when the server starts)
+    path = _th_os.path.join(_th_server_root(spawner, system_name, account), token_file)
     env["FABRIC_TOKEN_LOCATION"] = path
     if account is not None and _th_os.geteuid() == 0:
         try:

@@ -10,7 +10,22 @@
 //   IDP_CLIENT_SECRET      its secret (default tokenhub-secret)
 //   IDP_REDIRECT_URIS      comma-separated redirect URIs
 //   IDP_ACCESS_TOKEN_TTL   access-token lifetime in seconds (default 3600)
-//   IDP_TEST_CONTROL=1     enable /_test/* (counters, killing a user's grants)
+//   IDP_REFRESH_TOKEN_TTL  refresh-token lifetime in seconds (default 14 days);
+//                          with rotation on, each refresh issues a new one, so
+//                          this acts as an idle timeout: unused that long, it dies
+//   IDP_SEND_REFRESH_EXPIRES_IN=1  token responses carrying a refresh token
+//                          also carry `refresh_expires_in` (as Keycloak does)
+//   IDP_TEST_CONTROL=1     enable /_test/* (counters, killing a user's grants,
+//                          making the key set answer 503)
+//   IDP_STRICT_OFFLINE=1   oidc-provider's spec-strict default: a refresh token
+//                          only for offline_access, which needs prompt=consent
+//   IDP_ROLL_KEY=1         at start, put a new signing key in front of the old
+//                          ones (which stay in the key set): a key rollover
+//
+// Besides IDP_CLIENT_ID (client_secret_basic), two more clients are
+// registered with the same redirect URIs: `<id>-post` (client_secret_post,
+// secret IDP_POST_CLIENT_SECRET) and `<id>-symbols` (client_secret_basic,
+// secret IDP_SYMBOLS_CLIENT_SECRET, full of characters Basic must encode).
 //   IDP_PARENT_PID         exit when this process is gone (tests that start us)
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -25,18 +40,29 @@ const clientSecret = process.env.IDP_CLIENT_SECRET || 'tokenhub-secret';
 const redirectUris = (process.env.IDP_REDIRECT_URIS || 'http://127.0.0.1:8000/callback')
   .split(',').map((s) => s.trim()).filter(Boolean);
 const accessTtl = Number(process.env.IDP_ACCESS_TOKEN_TTL || 3600);
+const refreshTtl = Number(process.env.IDP_REFRESH_TOKEN_TTL || 14 * 24 * 3600);
+const sendRefreshExpiresIn = process.env.IDP_SEND_REFRESH_EXPIRES_IN === '1';
 const testControl = process.env.IDP_TEST_CONTROL === '1';
+const strictOffline = process.env.IDP_STRICT_OFFLINE === '1';
+const postClientSecret = process.env.IDP_POST_CLIENT_SECRET || 'tokenhub-post-secret';
+const symbolsClientSecret = process.env.IDP_SYMBOLS_CLIENT_SECRET || 'sec+ret~with/sym=bols:%20&x';
 
 fs.mkdirSync(stateDir, { recursive: true });
 
 // Signing keys survive restarts so tokens issued before a restart still verify.
+// IDP_ROLL_KEY=1 puts a new key in front: it signs from now on, and the old
+// keys stay published so tokens they signed still verify.
+function newKey() {
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return { ...privateKey.export({ format: 'jwk' }), kid: crypto.randomUUID(), use: 'sig', alg: 'RS256' };
+}
 function loadKeys() {
   const file = path.join(stateDir, 'jwks.json');
-  if (fs.existsSync(file)) return JSON.parse(fs.readFileSync(file, 'utf8'));
-  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const jwk = { ...privateKey.export({ format: 'jwk' }), kid: crypto.randomUUID(), use: 'sig', alg: 'RS256' };
-  const jwks = { keys: [jwk] };
-  fs.writeFileSync(file, JSON.stringify(jwks), { mode: 0o600 });
+  const jwks = fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, 'utf8')) : { keys: [] };
+  if (!jwks.keys.length || process.env.IDP_ROLL_KEY === '1') {
+    jwks.keys.unshift(newKey());
+    fs.writeFileSync(file, JSON.stringify(jwks), { mode: 0o600 });
+  }
   return jwks;
 }
 
@@ -91,17 +117,23 @@ function groupsFor(user) {
 const configuration = {
   adapter: FileAdapter,
   jwks: loadKeys(),
-  clients: [{
-    client_id: clientId,
-    client_secret: clientSecret,
+  clients: [
+    [clientId, clientSecret, 'client_secret_basic'],
+    [`${clientId}-post`, postClientSecret, 'client_secret_post'],
+    [`${clientId}-symbols`, symbolsClientSecret, 'client_secret_basic'],
+  ].map(([id, secret, method]) => ({
+    client_id: id,
+    client_secret: secret,
     redirect_uris: redirectUris,
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
-    token_endpoint_auth_method: 'client_secret_basic',
-  }],
+    token_endpoint_auth_method: method,
+  })),
   pkce: { required: () => true },
   rotateRefreshToken: () => true,
-  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // Lenient by default (a refresh token for every code, as many providers
+  // do); strict: oidc-provider's own default (only with offline_access).
+  ...(strictOffline ? {} : { issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token') }),
   scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
   claims: {
     openid: ['sub'],
@@ -113,7 +145,8 @@ const configuration = {
     AccessToken: accessTtl,
     AuthorizationCode: 60,
     IdToken: accessTtl,
-    RefreshToken: 14 * 24 * 3600,
+    // Every refresh token, a rotated one too, lives this long from its issue.
+    RefreshToken: () => refreshTtl,
     Grant: 14 * 24 * 3600,
     Session: 14 * 24 * 3600,
     Interaction: 3600,
@@ -195,6 +228,17 @@ provider.use(async (ctx, next) => {
   ctx.set('cache-control', 'no-store');
   const details = await provider.interactionDetails(ctx.req, ctx.res);
   if (ctx.method === 'GET' && !m[2]) {
+    if (details.prompt.name === 'consent' && details.params.prompt?.split(' ').includes('consent')) {
+      // Consent was asked for explicitly (prompt=consent): the user grants
+      // what is requested, offline_access included.
+      const grant = details.grantId
+        ? await provider.Grant.find(details.grantId)
+        : new provider.Grant({ accountId: details.session.accountId, clientId: details.params.client_id });
+      grant.addOIDCScope(details.params.scope);
+      const grantId = await grant.save();
+      await provider.interactionFinished(ctx.req, ctx.res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+      return undefined;
+    }
     if (details.prompt.name !== 'login') {
       // Only consent is missing: loadExistingGrant grants it, so just finish.
       await provider.interactionFinished(ctx.req, ctx.res, {
@@ -225,8 +269,26 @@ provider.use(async (ctx, next) => {
   return next();
 });
 
+// `refresh_expires_in` beside every refresh token issued, when asked for:
+// the token endpoint's answer is an object until koa writes it out.
+if (sendRefreshExpiresIn) {
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.path === '/token' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object' && ctx.body.refresh_token) {
+      ctx.body.refresh_expires_in = refreshTtl;
+    }
+  });
+}
+
 // Test control, off unless IDP_TEST_CONTROL=1.
+let jwksFailures = 0;
 provider.use(async (ctx, next) => {
+  if (testControl && ctx.path === '/jwks' && jwksFailures > 0) {
+    jwksFailures -= 1;
+    ctx.status = 503;
+    ctx.body = 'key set unavailable (test fault)';
+    return undefined;
+  }
   if (!testControl || !ctx.path.startsWith('/_test/')) return next();
   ctx.type = 'json';
   if (ctx.path === '/_test/stats') {
@@ -245,6 +307,10 @@ provider.use(async (ctx, next) => {
     }
     persist();
     ctx.body = { killed };
+  } else if (ctx.path === '/_test/jwks-fail' && ctx.method === 'POST') {
+    // The next `count` requests for the key set answer 503.
+    jwksFailures = Number(ctx.query.count || 1);
+    ctx.body = { jwks_failures: jwksFailures };
   } else {
     ctx.status = 404;
     ctx.body = { error: 'not_found' };

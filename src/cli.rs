@@ -95,11 +95,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let keepalive = crate::keepalive::KeepAlive::start(state.clone());
     // With the peer address, for counting failed authentications per client.
     let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    if let Some(keepalive) = keepalive {
+        keepalive.stop().await;
+    }
     tracing::info!("tokenhub stopped");
     Ok(())
 }

@@ -57,6 +57,20 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_OIDC_REDIRECT_URI", help_heading = "Upstream OpenID provider")]
     pub oidc_redirect_uri: Option<Url>,
 
+    /// How tokenhub authenticates at the provider's token and revocation
+    /// endpoints: `client_secret_basic` (RFC 6749 §2.3.1, id and secret
+    /// form-encoded) or `client_secret_post`. Default: what the discovery
+    /// document's `token_endpoint_auth_methods_supported` offers, Basic first.
+    #[arg(long, env = "TOKENHUB_OIDC_CLIENT_AUTH_METHOD", help_heading = "Upstream OpenID provider")]
+    pub oidc_client_auth_method: Option<ClientAuthMethod>,
+
+    /// Extra parameters for the provider's authorization request, form-encoded,
+    /// e.g. `prompt=consent` or `access_type=offline` (Google). Without
+    /// `prompt` here, tokenhub asks for consent by itself once when a first
+    /// login brings no refresh token.
+    #[arg(long, env = "TOKENHUB_OIDC_AUTH_PARAMS", help_heading = "Upstream OpenID provider")]
+    pub oidc_auth_params: Option<String>,
+
     /// Upstream claim that becomes the JupyterHub user name.
     #[arg(long, env = "TOKENHUB_USERNAME_CLAIM", help_heading = "Upstream OpenID provider")]
     pub username_claim: Option<String>,
@@ -116,6 +130,34 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_CRYPT_KEY", hide_env_values = true, help_heading = "Vault")]
     pub crypt_key: Option<SecretString>,
 
+    /// Seconds between keep-alive rounds, which refresh the tokens of users
+    /// with a running server before the refresh token would die unused.
+    /// 0 turns keep-alive off. Default: 60.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_INTERVAL", help_heading = "Keep-alive")]
+    pub keepalive_interval: Option<u64>,
+
+    /// The IdP's refresh-token idle timeout in seconds (e.g. Keycloak's SSO
+    /// session idle, 1800), used when the IdP sends no `refresh_expires_in`.
+    /// Unset: only lineages whose IdP sent one are kept alive.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT", help_heading = "Keep-alive")]
+    pub keepalive_idle_timeout: Option<u64>,
+
+    /// Seconds before the refresh token (or, with
+    /// TOKENHUB_KEEPALIVE_FRESH_ACCESS, the access token) would die that
+    /// keep-alive refreshes; at most half the token's lifetime. Default: 1200.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_MARGIN", help_heading = "Keep-alive")]
+    pub keepalive_margin: Option<u64>,
+
+    /// Seconds keep-alive goes on after it last saw a running server of the
+    /// user. Default: 0.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_GRACE", help_heading = "Keep-alive")]
+    pub keepalive_grace: Option<u64>,
+
+    /// `true`: keep-alive also refreshes before the access token expires, so
+    /// token files in running servers always hold a valid access token.
+    #[arg(long, env = "TOKENHUB_KEEPALIVE_FRESH_ACCESS", help_heading = "Keep-alive")]
+    pub keepalive_fresh_access: Option<bool>,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `tokenhub=debug`.
     #[arg(long, env = "TOKENHUB_LOG", help_heading = "Logging")]
     pub log: Option<String>,
@@ -148,6 +190,17 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Client authentication at the upstream provider's token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the id and secret form-encoded first (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
 }
 
 /// A setting that is missing or wrong, named by its environment variable.
@@ -200,6 +253,10 @@ pub struct UpstreamConfig {
     pub scopes: Vec<String>,
     /// Our redirect URI there.
     pub redirect_uri: Url,
+    /// Client authentication at the token endpoint (`None`: from discovery).
+    pub client_auth: Option<ClientAuthMethod>,
+    /// Extra authorization request parameters.
+    pub auth_params: Vec<(String, String)>,
     /// Claim that names the user.
     pub username_claim: String,
     /// Claim that lists the user's groups.
@@ -238,6 +295,21 @@ pub struct VaultConfig {
     pub crypt_key: SecretString,
 }
 
+/// Keep-alive of users' lineages (see [`crate::keepalive`]).
+#[derive(Debug, Clone)]
+pub struct KeepaliveConfig {
+    /// Time between rounds; `None`: keep-alive is off.
+    pub interval: Option<std::time::Duration>,
+    /// The IdP's refresh-token idle timeout, seconds, if the operator named it.
+    pub idle_timeout: Option<i64>,
+    /// Seconds before a token dies that it is refreshed.
+    pub margin: i64,
+    /// Seconds keep-alive goes on after the user's last server was seen.
+    pub grace: i64,
+    /// Also keep access tokens fresh.
+    pub fresh_access: bool,
+}
+
 /// Logging.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -260,6 +332,8 @@ pub struct Config {
     pub hub: HubClientConfig,
     /// Vault.
     pub vault: VaultConfig,
+    /// Keep-alive.
+    pub keepalive: KeepaliveConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -274,9 +348,10 @@ impl Settings {
         }
         pick!(
             bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
-            oidc_scopes, oidc_redirect_uri, username_claim, groups_claim, hub_client_id,
+            oidc_scopes, oidc_redirect_uri, oidc_client_auth_method, oidc_auth_params, username_claim, groups_claim, hub_client_id,
             hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
-            token_file, service_url, database_url, crypt_key, log, log_format,
+            token_file, service_url, database_url, crypt_key, keepalive_interval, keepalive_idle_timeout,
+            keepalive_margin, keepalive_grace, keepalive_fresh_access, log, log_format,
             service_name, hub_service_name, audit_log
         )
     }
@@ -359,6 +434,8 @@ impl Settings {
                     .ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_SECRET"))?,
                 scopes,
                 redirect_uri,
+                client_auth: self.oidc_client_auth_method,
+                auth_params: parse_auth_params(self.oidc_auth_params.as_deref())?,
                 username_claim: self.username_claim.unwrap_or_else(|| "preferred_username".into()),
                 groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
             },
@@ -393,6 +470,24 @@ impl Settings {
                     .unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
                 crypt_key,
             },
+            keepalive: KeepaliveConfig {
+                interval: match self.keepalive_interval.unwrap_or(60) {
+                    0 => None,
+                    secs => Some(std::time::Duration::from_secs(secs)),
+                },
+                idle_timeout: match self.keepalive_idle_timeout {
+                    Some(0) => {
+                        return Err(ConfigError::Invalid {
+                            name: "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT",
+                            reason: "must be a positive number of seconds".into(),
+                        });
+                    }
+                    t => t.map(|t| t.min(i64::MAX as u64) as i64),
+                },
+                margin: self.keepalive_margin.unwrap_or(1200).min(i64::MAX as u64) as i64,
+                grace: self.keepalive_grace.unwrap_or(0).min(i64::MAX as u64) as i64,
+                fresh_access: self.keepalive_fresh_access.unwrap_or(false),
+            },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
                 format: self.log_format.unwrap_or_default(),
@@ -400,6 +495,23 @@ impl Settings {
             },
         })
     }
+}
+
+/// `prompt=consent&access_type=offline` as pairs; the parameters tokenhub
+/// sets itself (PKCE, state, nonce, scope, redirect) cannot be overridden.
+fn parse_auth_params(text: Option<&str>) -> Result<Vec<(String, String)>, ConfigError> {
+    const OURS: [&str; 8] =
+        ["client_id", "redirect_uri", "response_type", "scope", "state", "nonce", "code_challenge", "code_challenge_method"];
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(text.unwrap_or("").trim().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| k.is_empty() || OURS.contains(&k.as_str())) {
+        return Err(ConfigError::Invalid {
+            name: "TOKENHUB_OIDC_AUTH_PARAMS",
+            reason: format!("{k:?} cannot be set here (tokenhub sets it itself)"),
+        });
+    }
+    Ok(pairs)
 }
 
 fn check_issuer(issuer: String) -> Result<String, ConfigError> {
@@ -510,6 +622,31 @@ mod tests {
         assert!(s.clone().into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_OIDC_ISSUER"));
         s.oidc_issuer = Some("https://cilogon.org".into());
         assert_eq!(s.into_config(None).unwrap().upstream.issuer, "https://cilogon.org", "kept verbatim");
+    }
+
+    #[test]
+    fn auth_params_are_parsed_and_ours_are_refused() {
+        let mut s = minimal();
+        s.oidc_auth_params = Some("prompt=consent&access_type=offline".into());
+        let c = s.into_config(None).unwrap();
+        assert_eq!(c.upstream.auth_params, vec![("prompt".into(), "consent".into()), ("access_type".into(), "offline".into())]);
+        let mut s = minimal();
+        s.oidc_auth_params = Some("prompt=login&nonce=x".into());
+        let e = s.into_config(None).unwrap_err().to_string();
+        assert!(e.contains("TOKENHUB_OIDC_AUTH_PARAMS") && e.contains("nonce"), "{e}");
+    }
+
+    #[test]
+    fn keepalive_defaults_and_checks() {
+        let c = minimal().into_config(None).unwrap().keepalive;
+        assert_eq!(c.interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!((c.idle_timeout, c.margin, c.grace, c.fresh_access), (None, 1200, 0, false));
+        let mut s = minimal();
+        s.keepalive_interval = Some(0);
+        assert_eq!(s.into_config(None).unwrap().keepalive.interval, None, "0 turns keep-alive off");
+        let mut s = minimal();
+        s.keepalive_idle_timeout = Some(0);
+        assert!(s.into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_KEEPALIVE_IDLE_TIMEOUT"));
     }
 
     #[test]

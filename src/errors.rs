@@ -202,6 +202,11 @@ impl From<UpstreamError> for PageError {
     fn from(e: UpstreamError) -> Self {
         tracing::warn!(error = %e, "upstream login failed");
         match e {
+            UpstreamError::KeysUnavailable(d) => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "Sign-in could not be verified",
+                format!("tokenhub could not check the identity token against your identity provider's keys yet ({d}). Please sign in again in a moment; if it keeps happening, tell the operators."),
+            ),
             UpstreamError::Unreachable(_) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "Identity provider unreachable",
@@ -217,7 +222,7 @@ impl From<UpstreamError> for PageError {
                 "Sign-in could not be verified",
                 format!("The identity token from your identity provider failed verification ({d}). Please sign in again; if it keeps happening, tell the operators."),
             ),
-            UpstreamError::Refused(d) | UpstreamError::BadResponse(d) => Self::new(
+            UpstreamError::Refused(d) | UpstreamError::BadResponse(d) | UpstreamError::AnswerLost(d) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "Identity provider error",
                 format!("The identity provider's answer could not be used ({d}). Please try again; if it keeps happening, tell the operators."),

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod errors;
 pub mod fabric;
 pub mod hub;
+pub mod keepalive;
 pub mod login;
 pub mod metrics;
 pub mod openapi;

@@ -63,6 +63,9 @@ pub enum Purpose {
 #[derive(Serialize, Deserialize)]
 struct PendingLogin {
     purpose: Purpose,
+    /// Whether this login already asked the IdP for consent (`prompt=consent`).
+    #[serde(default)]
+    consent_asked: bool,
     nonce: String,
     pkce_verifier: String,
     expires_at: i64,
@@ -147,9 +150,14 @@ pub async fn authorize(
 
 /// Sends the browser to the upstream IdP, remembering why in the login cookie.
 pub async fn start_login(app: &AppState, jar: CookieJar, purpose: Purpose) -> Result<Response, PageError> {
-    let upstream = app.upstream.authorization_request().await?;
+    start_upstream_login(app, jar, purpose, false).await
+}
+
+async fn start_upstream_login(app: &AppState, jar: CookieJar, purpose: Purpose, ask_consent: bool) -> Result<Response, PageError> {
+    let upstream = app.upstream.authorization_request(ask_consent).await?;
     let pending = PendingLogin {
         purpose,
+        consent_asked: ask_consent,
         nonce: upstream.nonce,
         pkce_verifier: upstream.pkce_verifier.expose_secret().to_string(),
         expires_at: now() + LOGIN_TTL_SECS,
@@ -240,7 +248,25 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .await
         .map_err(|e| PageError::from(e).with_action("Sign in again", app.hub_home()))?;
 
-    let claim = &app.config.upstream.username_claim;
+    let upstream = &app.config.upstream;
+    if login.tokens.refresh_token.is_none() && upstream.scopes.iter().any(|s| s == "offline_access") {
+        // Strict providers grant offline_access only with prompt=consent (OIDC
+        // Core §11). Ask once, on a sign-in the user is looking at; the silent
+        // renewal behind /refresh stays silent.
+        let may_ask = !pending.consent_asked
+            && !matches!(pending.purpose, Purpose::Refresh)
+            && !upstream.auth_params.iter().any(|(name, _)| name == "prompt");
+        if may_ask {
+            tracing::info!("the login brought no refresh token: asking the identity provider again with prompt=consent");
+            let jar = jar.clone().remove(login_cookie(app, state));
+            return start_upstream_login(app, jar, pending.purpose, true).await;
+        }
+        tracing::warn!(
+            "the login brought no refresh token although offline_access was requested: tokens cannot be refreshed; \
+             check the client's grant types at the identity provider, or set TOKENHUB_OIDC_AUTH_PARAMS (e.g. prompt=consent)"
+        );
+    }
+    let claim = &upstream.username_claim;
     let username = match login.claims.get(claim) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => {
@@ -253,10 +279,11 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
     };
     let version = app
         .vault
-        .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims)
+        .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims, &pending.nonce)
         .await?;
-    tracing::info!(user = %username, issuer = %login.issuer, version, "login stored");
+    tracing::info!(user = %username, issuer = %login.issuer, version, refresh_token = login.tokens.refresh_token.is_some(), "login stored");
     app.audit.record("login", Some(&username), Some(version), Some("upstream login stored"));
+    crate::keepalive::record_refresh_expiry(app, &username, &login.issuer, version, login.refresh_expires_in).await;
     let jar = jar.clone().remove(login_cookie(app, state));
     let jar = session::start(app, jar, &username);
 

@@ -14,6 +14,10 @@ pub struct Metrics {
     pub hub_tokens_issued: AtomicU64,
     /// Token-endpoint requests refused.
     pub hub_token_errors: AtomicU64,
+    /// Upstream refreshes keep-alive made.
+    pub keepalive_refreshes: AtomicU64,
+    /// Keep-alive refreshes that failed (IdP unavailable or refusing).
+    pub keepalive_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -30,6 +34,8 @@ impl Metrics {
             ("tokenhub_login_failures_total", "Logins that failed at the callback.", &self.login_failures),
             ("tokenhub_hub_tokens_issued_total", "Token responses sent to JupyterHub.", &self.hub_tokens_issued),
             ("tokenhub_hub_token_errors_total", "Token requests from JupyterHub refused.", &self.hub_token_errors),
+            ("tokenhub_keepalive_refreshes_total", "Refreshes made by keep-alive for users with running servers.", &self.keepalive_refreshes),
+            ("tokenhub_keepalive_failures_total", "Keep-alive refreshes that failed (the lineage is kept unless the IdP said invalid_grant).", &self.keepalive_failures),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         }

@@ -134,6 +134,7 @@ pub async fn renewed(app: &AppState, username: &str) -> Result<Response, PageErr
             .into_iter()
             .map(|s| if s.is_empty() { "default server".to_string() } else { s })
             .collect(),
+        id_token_pending: lineage.pending_id_token.is_some(),
         token_page_url: app.url("/").to_string(),
         hub_url: app.hub_home(),
     };

@@ -3,29 +3,41 @@
 //!
 //! - callers whose tokens are fresh enough never wait (the hot path);
 //! - in one process, callers that need a refresh queue on the lineage's lock;
-//!   the first refreshes, the others see the new version and share it;
+//!   the first refreshes, the others see the new version and share it (or
+//!   share its failure, rather than asking the IdP again);
 //! - across replicas, a lease in the database lets one replica refresh while
 //!   the others wait for the new version;
-//! - the rotated refresh token is stored (with a version check) before any
-//!   caller gets an answer, and then written to the user's running servers;
 //! - `invalid_grant` from the IdP marks the lineage dead; timeouts and 5xx
 //!   leave it alone (retried with backoff, then reported as unavailable).
+//!
+//! The invariant that keeps a lineage alive: once the IdP's token endpoint
+//! has answered 2xx, the refresh token it replaced is never sent again, and
+//! the answer is stored before anything else can fail. So a refresh is
+//! retried only while no 2xx came back; the new tokens go into the database
+//! (or, if the database fails, are held here and stored by the next caller)
+//! before the new ID token is checked; an ID token that cannot be checked
+//! yet (key set unreachable) waits beside the last verified one and is
+//! checked again by later callers, and one that is invalid is dropped while
+//! the new refresh token stays.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use secrecy::SecretString;
 use tokio::sync::Mutex;
 
 use crate::crypto::random_token;
 use crate::state::AppState;
 use crate::time::now;
 use crate::upstream::UpstreamError;
-use crate::vault::{Lineage, VaultError};
+use crate::vault::{Lineage, TokenSet, VaultError};
 
 /// How long a replica may hold the refresh lease.
 const LEASE_SECS: i64 = 30;
-/// Attempts at the IdP for one refresh, with backoff between them.
+/// Attempts at the IdP for one refresh, with backoff between them; only
+/// attempts that got no 2xx are repeated.
 const ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -74,23 +86,42 @@ impl From<crate::store::StoreError> for RefreshError {
     }
 }
 
+/// A refresh answer the database did not take: it is stored by the next
+/// caller before anything else happens (the refresh token it replaced is
+/// spent at the IdP, so this is the only copy of the lineage's future).
+struct Unsaved {
+    base: Lineage,
+    tokens: TokenSet,
+    pending_id_token: Option<SecretString>,
+}
+
+/// What this process knows about one lineage, under its lock.
+#[derive(Default)]
+struct Slot {
+    /// When the last refresh attempt failed: callers that queued behind it
+    /// share the failure instead of asking the IdP again.
+    failed_at: Option<Instant>,
+    unsaved: Option<Unsaved>,
+}
+
 /// The per-lineage locks of this process and its lease-holder name.
-///
-/// The lock map holds weak references: a lineage's lock lives exactly as
-/// long as some caller holds or waits for it, so two callers can never get
-/// different locks for one lineage while one is held (a time- or size-evicted
-/// cache could drop a held lock and hand out a second), and entries whose
-/// lock nobody holds are pruned, so the map stays as small as the number of
-/// lineages being refreshed at once.
-#[derive(Debug)]
 pub struct Refresher {
-    locks: std::sync::Mutex<HashMap<String, std::sync::Weak<Mutex<()>>>>,
+    slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    /// How many slots hold an unsaved answer: while any do, no caller takes
+    /// the hot path past them (it would serve the spent refresh token).
+    unsaved: AtomicUsize,
     holder: String,
+}
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresher").field("holder", &self.holder).finish()
+    }
 }
 
 impl Default for Refresher {
     fn default() -> Self {
-        Self { locks: Default::default(), holder: format!("replica-{}", &random_token()[..12]) }
+        Self { slots: Default::default(), unsaved: AtomicUsize::new(0), holder: format!("replica-{}", &random_token()[..12]) }
     }
 }
 
@@ -121,98 +152,212 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
     }
 }
 
+/// Whether `lineage` may be handed out: its ID token is verified, or, while
+/// a newer one waits to be verified, the last verified one is still valid.
+fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
+    if lineage.pending_id_token.is_some() && crate::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
+        return Err(RefreshError::Unavailable(
+            "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Refresher {
-    /// The lock of lineage `key` (the same `Arc` for every caller while any
-    /// caller holds one).
-    pub fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = locks.get(key).and_then(std::sync::Weak::upgrade) {
-            return lock;
-        }
-        // Amortized pruning: at most every time the map doubles past 64.
-        if locks.len() >= 64 && locks.len().is_power_of_two() {
-            locks.retain(|_, weak| weak.strong_count() > 0);
-        }
-        let lock = Arc::new(Mutex::new(()));
-        locks.insert(key.to_string(), Arc::downgrade(&lock));
-        lock
+    fn slot_for(&self, key: &str) -> Arc<Mutex<Slot>> {
+        let mut slots = self.slots.lock().expect("slot map is never poisoned");
+        slots.entry(key.to_string()).or_default().clone()
     }
 
-    /// Drops the entries of locks nobody holds.
+    /// Drops the slots nobody holds or waits for and that keep no unsaved
+    /// answer, so the map stays as small as the lineages in flight (it runs
+    /// every second). Under the map's lock nobody can take a new handle, so a
+    /// slot whose only handle is the map's is not in use: removing it never
+    /// gives two callers two locks for one lineage. Its `failed_at` only
+    /// matters to callers already waiting, and they hold handles.
     pub fn sweep(&self) {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, weak| weak.strong_count() > 0);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |s| s.unsaved.is_some()));
     }
 
-    /// How many lineage locks the map holds (held or not yet pruned).
-    pub fn lock_count(&self) -> usize {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// How many lineage slots the map holds.
+    pub fn slot_count(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
+        self.fresh_inner(app, username, want, None, &mut false).await
+    }
+
+    /// [`Refresher::fresh`] for a caller that decided on the lineage at
+    /// `seen_version` (keep-alive, reading the database): a forced refresh
+    /// is skipped when the lineage moved past that version meanwhile (another
+    /// replica refreshed it), so replicas never refresh it twice. Also says
+    /// whether this call made the upstream refresh (rather than shared one).
+    pub async fn fresh_since(&self, app: &AppState, username: &str, want: Want, seen_version: i64) -> Result<(Fresh, bool), RefreshError> {
+        let mut made = false;
+        let fresh = self.fresh_inner(app, username, want, Some(seen_version), &mut made).await?;
+        Ok((fresh, made))
+    }
+
+    async fn fresh_inner(
+        &self,
+        app: &AppState,
+        username: &str,
+        want: Want,
+        seen_version: Option<i64>,
+        made: &mut bool,
+    ) -> Result<Fresh, RefreshError> {
         let issuer = app.upstream.issuer();
         let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
         let capped = |l: &Lineage| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m));
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
         }
-        if !needs_refresh(&lineage, want) {
+        let nothing_held = self.unsaved.load(Ordering::Acquire) == 0;
+        if nothing_held && lineage.pending_id_token.is_none() && !needs_refresh(&lineage, want) {
             let capped_min_valid = capped(&lineage);
             return Ok(Fresh { lineage, refreshed: false, capped_min_valid });
         }
-        let seen_version = lineage.version;
+        let seen_version = seen_version.unwrap_or(lineage.version);
+        let asked_at = Instant::now();
 
-        let lock = self.lock_for(&format!("{username}\0{issuer}"));
-        let _guard = lock.lock().await;
+        let slot = self.slot_for(&format!("{username}\0{issuer}"));
+        let mut slot = slot.lock().await;
+        if let Some(unsaved) = slot.unsaved.take() {
+            // A lost race (`None`) means a newer lineage stands: nothing to keep.
+            if let Err(e) = app.vault.save_refresh(&unsaved.base, &unsaved.tokens, unsaved.pending_id_token.as_ref()).await {
+                slot.unsaved = Some(unsaved);
+                return Err(e.into());
+            }
+            self.unsaved.fetch_sub(1, Ordering::AcqRel);
+            tracing::info!(user = %username, "a refresh answer held in memory is stored");
+            self.deliver(app, username);
+        }
         // Whoever held the lock before us may have refreshed already (or our
         // cached copy was behind another replica's write).
-        let lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
-        if lineage.version != seen_version && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
-            return self.settled(lineage, capped);
+        let mut lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
+        let changed_elsewhere = lineage.version != seen_version;
+        if lineage.pending_id_token.is_some() {
+            lineage = self.settle_id_token(app, lineage).await?;
+        }
+        if changed_elsewhere && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
+            return self.settled(lineage, true, capped);
+        }
+        if !lineage.active {
+            return Err(RefreshError::Dead("the lineage was marked dead".into()));
+        }
+        if !want.force && !needs_refresh(&lineage, want) {
+            return self.settled(lineage, false, capped);
+        }
+        if slot.failed_at.is_some_and(|failed| failed > asked_at) {
+            return Err(RefreshError::Unavailable("a refresh failed moments ago".into()));
         }
 
         let lineage = match self.take_lease(app, &lineage).await? {
             Lease::Ours => lineage,
-            Lease::RefreshedElsewhere(newer) => return self.settled(newer, capped),
+            Lease::RefreshedElsewhere(newer) => return self.settled(newer, true, capped),
         };
-        match self.refresh_upstream(app, &lineage).await {
-            Ok(tokens) => {
-                let stored = match app.vault.save_refresh(&lineage, &tokens).await? {
-                    Some(stored) => stored,
-                    // The version moved under us (our lease ran out): take what is there.
-                    None => app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?,
-                };
-                tracing::info!(user = %username, version = stored.version, "tokens refreshed");
-                app.audit.record("refresh", Some(username), Some(stored.version), None);
-                let (app2, user) = (app.clone(), username.to_string());
-                tokio::spawn(async move {
-                    crate::delivery::write_all(&app2, &user).await;
-                });
-                let capped_min_valid = capped(&stored);
-                Ok(Fresh { lineage: Arc::new(stored), refreshed: true, capped_min_valid })
-            }
+        let reply = match self.refresh_upstream(app, &lineage).await {
+            Ok(reply) => reply,
             Err(UpstreamError::InvalidGrant(reason)) => {
                 app.vault.mark_dead(username, issuer, lineage.version).await?;
                 tracing::warn!(user = %username, "refresh refused with invalid_grant: lineage marked dead");
                 app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some("the IdP refused the refresh"));
-                Err(RefreshError::Dead(reason))
+                return Err(RefreshError::Dead(reason));
             }
             Err(e) => {
-                app.vault.store().release_lease(username, issuer, &self.holder).await?;
+                slot.failed_at = Some(Instant::now());
                 tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
                 app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some("the IdP is unavailable"));
-                Err(RefreshError::Unavailable(e.to_string()))
+                app.vault.store().release_lease(username, issuer, &self.holder).await?;
+                return Err(RefreshError::Unavailable(e.to_string()));
             }
-        }
+        };
+
+        // The IdP answered 2xx: the old refresh token may be spent. Store the
+        // answer before anything else can fail; the ID token that came with
+        // it waits beside the last verified one until it is checked.
+        let tokens = TokenSet {
+            access_token: reply.access_token,
+            id_token: lineage.tokens.id_token.clone(),
+            refresh_token: reply.refresh_token.or_else(|| lineage.tokens.refresh_token.clone()),
+            access_expires_at: reply.expires_in.map(|d| now() + d),
+            scope: reply.scope.unwrap_or_else(|| lineage.tokens.scope.clone()),
+        };
+        let stored = match app.vault.save_refresh(&lineage, &tokens, reply.id_token.as_ref()).await {
+            Ok(Some(stored)) => stored,
+            // The version moved under us (our lease ran out): take what is there.
+            Ok(None) => app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?,
+            Err(e) => {
+                tracing::error!(user = %username, error = %e, "the database did not take a refresh answer; it is held in memory");
+                slot.unsaved = Some(Unsaved { base: lineage, tokens, pending_id_token: reply.id_token });
+                self.unsaved.fetch_add(1, Ordering::AcqRel);
+                slot.failed_at = Some(Instant::now());
+                return Err(e.into());
+            }
+        };
+        tracing::info!(user = %username, version = stored.version, "tokens refreshed");
+        app.audit.record("refresh", Some(username), Some(stored.version), None);
+        *made = true;
+        crate::keepalive::record_refresh_expiry(app, username, issuer, stored.version, reply.refresh_expires_in).await;
+        let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
+        // Every refresh reaches the running servers: the refresh token in
+        // their files was just spent.
+        self.deliver(app, username);
+        self.settled(stored, true, capped)
     }
 
-    /// A lineage someone else just refreshed (or killed).
-    fn settled(&self, lineage: Lineage, capped: impl Fn(&Lineage) -> Option<i64>) -> Result<Fresh, RefreshError> {
+    /// Checks a lineage's pending ID token: verified, it becomes the
+    /// lineage's ID token; invalid, it is dropped (the rest of the refresh
+    /// stays); not checkable yet, it waits.
+    async fn settle_id_token(&self, app: &AppState, lineage: Lineage) -> Result<Lineage, RefreshError> {
+        let Some(pending) = lineage.pending_id_token.as_ref() else {
+            return Ok(lineage);
+        };
+        let check = app
+            .upstream
+            .check_refreshed_id_token(pending, &lineage.tokens.access_token, &lineage.subject, lineage.login_nonce.as_deref())
+            .await;
+        let verified = match check {
+            Ok(()) => true,
+            Err(e @ (UpstreamError::KeysUnavailable(_) | UpstreamError::Unreachable(_))) => {
+                tracing::warn!(user = %lineage.username, error = %e, "refreshed ID token not verified yet; the last verified one is kept");
+                return Ok(lineage);
+            }
+            Err(e) => {
+                tracing::warn!(user = %lineage.username, error = %e, "refreshed ID token refused; the new access and refresh tokens are kept");
+                false
+            }
+        };
+        let username = lineage.username.clone();
+        let settled = match app.vault.settle_pending_id_token(&lineage, verified).await? {
+            Some(settled) => settled,
+            None => app.vault.load(&lineage.username, &lineage.issuer).await?.ok_or(RefreshError::NoLineage)?,
+        };
+        if verified {
+            self.deliver(app, &username);
+        }
+        Ok(settled)
+    }
+
+    /// Rewrites the token file in the user's running servers, in the background.
+    fn deliver(&self, app: &AppState, username: &str) {
+        let (app, user) = (app.clone(), username.to_string());
+        tokio::spawn(async move {
+            crate::delivery::write_all(&app, &user).await;
+        });
+    }
+
+    /// The answer for a lineage this call (or another) settled.
+    fn settled(&self, lineage: Lineage, refreshed: bool, capped: impl Fn(&Lineage) -> Option<i64>) -> Result<Fresh, RefreshError> {
         if !lineage.active {
             return Err(RefreshError::Dead("the identity provider refused the last refresh".into()));
         }
+        servable(&lineage)?;
         let capped_min_valid = capped(&lineage);
-        Ok(Fresh { lineage: Arc::new(lineage), refreshed: true, capped_min_valid })
+        Ok(Fresh { lineage: Arc::new(lineage), refreshed, capped_min_valid })
     }
 
     /// Takes the database lease, or waits for the replica holding it to
@@ -240,15 +385,20 @@ impl Refresher {
         }
     }
 
-    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::vault::TokenSet, UpstreamError> {
+    /// The refresh at the IdP, retried with backoff only while no attempt got
+    /// a 2xx (a 2xx may have spent the refresh token).
+    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::upstream::TokenReply, UpstreamError> {
+        let refresh_token = lineage
+            .tokens
+            .refresh_token
+            .as_ref()
+            .ok_or_else(|| UpstreamError::InvalidGrant("the lineage has no refresh token (the login brought none)".into()))?;
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            match app.upstream.refresh(&lineage.tokens, &lineage.subject).await {
-                Err(UpstreamError::Unreachable(e)) | Err(UpstreamError::BadResponse(e)) | Err(UpstreamError::Refused(e))
-                    if attempt < ATTEMPTS =>
-                {
-                    tracing::info!(attempt, error = %e, "refresh attempt failed; retrying");
+            match app.upstream.refresh_grant(refresh_token).await {
+                Err(UpstreamError::Unreachable(e)) if attempt < ATTEMPTS => {
+                    tracing::info!(attempt, error = %e, "refresh attempt got no answer; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                     attempt += 1;
@@ -262,4 +412,32 @@ impl Refresher {
 enum Lease {
     Ours,
     RefreshedElsewhere(Lineage),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot map is bounded by the lineages in flight, and a held slot
+    /// is never swept and handed out a second time.
+    #[tokio::test]
+    async fn a_held_slot_is_never_handed_out_twice() {
+        let refresher = Refresher::default();
+        let held = refresher.slot_for("alice\0issuer");
+        let guard = held.clone().lock_owned().await;
+        let waiting = refresher.slot_for("bob\0issuer"); // a caller queued, not yet locked
+        for i in 0..500 {
+            let _ = refresher.slot_for(&format!("user{i}\0issuer"));
+        }
+        assert_eq!(refresher.slot_count(), 502);
+        refresher.sweep();
+        assert_eq!(refresher.slot_count(), 2, "only the slots in use are kept");
+        let again = refresher.slot_for("alice\0issuer");
+        assert!(Arc::ptr_eq(&held, &again), "a second caller gets the same lock");
+        assert!(again.try_lock().is_err(), "and it is held");
+        assert!(Arc::ptr_eq(&waiting, &refresher.slot_for("bob\0issuer")));
+        drop((guard, held, again, waiting));
+        refresher.sweep();
+        assert_eq!(refresher.slot_count(), 0, "the map shrinks when nobody uses a slot");
+    }
 }

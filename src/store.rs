@@ -68,6 +68,10 @@ pub struct LineageRow {
     pub previous_refresh_hash: Option<String>,
     /// When that rotation happened.
     pub rotated_at: Option<i64>,
+    /// Sealed ID token from a refresh that is not verified yet.
+    pub pending_id_token: Option<Vec<u8>>,
+    /// The nonce of the login that began the lineage.
+    pub login_nonce: Option<String>,
 }
 
 /// An authorization code issued to the hub (stored by hash).
@@ -142,7 +146,7 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 const LINEAGE_COLUMNS: &str = "username, issuer, subject, access_token, id_token, refresh_token, \
      claims, scope, access_expires_at, version, status, created_at, updated_at, refreshed_at, \
-     previous_refresh_hash, rotated_at";
+     previous_refresh_hash, rotated_at, pending_id_token, login_nonce";
 
 fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
     Ok(LineageRow {
@@ -162,6 +166,8 @@ fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
         refreshed_at: row.try_get("refreshed_at")?,
         previous_refresh_hash: row.try_get("previous_refresh_hash")?,
         rotated_at: row.try_get("rotated_at")?,
+        pending_id_token: row.try_get("pending_id_token")?,
+        login_nonce: row.try_get("login_nonce")?,
     })
 }
 
@@ -241,7 +247,7 @@ impl Store {
     pub async fn replace_lineage(&self, row: &LineageRow) -> Result<i64, StoreError> {
         let sql = format!(
             "INSERT INTO lineages ({LINEAGE_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL, NULL, $14) \
              ON CONFLICT (username, issuer) DO UPDATE SET \
                subject = excluded.subject, access_token = excluded.access_token, \
                id_token = excluded.id_token, refresh_token = excluded.refresh_token, \
@@ -250,7 +256,8 @@ impl Store {
                version = lineages.version + 1, status = excluded.status, \
                created_at = excluded.created_at, updated_at = excluded.updated_at, \
                refreshed_at = excluded.refreshed_at, previous_refresh_hash = NULL, \
-               rotated_at = NULL, lease_holder = NULL, lease_until = NULL \
+               rotated_at = NULL, lease_holder = NULL, lease_until = NULL, \
+               pending_id_token = NULL, login_nonce = excluded.login_nonce \
              RETURNING version"
         );
         let version: i64 = sqlx::query_scalar(&sql)
@@ -267,6 +274,7 @@ impl Store {
             .bind(row.created_at)
             .bind(row.updated_at)
             .bind(row.refreshed_at)
+            .bind(&row.login_nonce)
             .fetch_one(&self.pool)
             .await?;
         Ok(version)
@@ -290,7 +298,8 @@ impl Store {
         let version: Option<i64> = sqlx::query_scalar(
             "UPDATE lineages SET access_token = $3, id_token = $4, refresh_token = $5, scope = $6, \
              access_expires_at = $7, version = version + 1, updated_at = $8, refreshed_at = $9, \
-             previous_refresh_hash = $10, rotated_at = $11, lease_holder = NULL, lease_until = NULL \
+             previous_refresh_hash = $10, rotated_at = $11, pending_id_token = $13, \
+             lease_holder = NULL, lease_until = NULL \
              WHERE username = $1 AND issuer = $2 AND version = $12 AND status = 'active' \
              RETURNING version",
         )
@@ -306,6 +315,35 @@ impl Store {
         .bind(&row.previous_refresh_hash)
         .bind(row.rotated_at)
         .bind(row.version)
+        .bind(&row.pending_id_token)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(version)
+    }
+
+    /// Settles a pending ID token, if the lineage is still at `version`:
+    /// `Some(sealed)` makes it the lineage's ID token (it was verified),
+    /// `None` drops it (it was refused). The version stays: every refresh
+    /// bumps it, so version and "a pending token is there" name exactly the
+    /// token that was checked. Returns the version, `None` after a lost race.
+    pub async fn settle_pending_id_token(
+        &self,
+        username: &str,
+        issuer: &str,
+        version: i64,
+        verified: Option<Vec<u8>>,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE lineages SET id_token = COALESCE($4, id_token), pending_id_token = NULL, updated_at = $5 \
+             WHERE username = $1 AND issuer = $2 AND version = $3 AND pending_id_token IS NOT NULL \
+             RETURNING version",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(version)
+        .bind(verified)
+        .bind(now)
         .fetch_optional(&self.pool)
         .await?;
         Ok(version)
@@ -455,4 +493,75 @@ impl Store {
             .await?;
         Ok(codes.rows_affected() + tokens.rows_affected())
     }
+
+    /// Active lineages of `issuer` with a user name after `after`, in name
+    /// order, at most `limit`: keep-alive pages through them (no token values).
+    pub async fn active_lineages(&self, issuer: &str, after: &str, limit: i64) -> Result<Vec<LineageTimes>, StoreError> {
+        let sql = format!(
+            "SELECT {TIMES_COLUMNS} FROM lineages WHERE issuer = $1 AND status = 'active' AND username > $2 \
+             ORDER BY username LIMIT $3"
+        );
+        let rows = sqlx::query(&sql).bind(issuer).bind(after).bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(times_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// One active lineage's times, read now (keep-alive decides on these, so that a
+    /// refresh another replica just made is seen).
+    pub async fn active_lineage_times(&self, username: &str, issuer: &str) -> Result<Option<LineageTimes>, StoreError> {
+        let sql = format!("SELECT {TIMES_COLUMNS} FROM lineages WHERE username = $1 AND issuer = $2 AND status = 'active'");
+        let row = sqlx::query(&sql).bind(username).bind(issuer).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(times_from_row).transpose()?)
+    }
+
+    /// Records when the refresh token of the lineage at `version` dies
+    /// (`None`: the IdP did not say). Leaves the version alone.
+    pub async fn set_refresh_expiry(&self, username: &str, issuer: &str, version: i64, at: Option<i64>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE lineages SET refresh_expires_at = $4 WHERE username = $1 AND issuer = $2 AND version = $3")
+            .bind(username)
+            .bind(issuer)
+            .bind(version)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// What keep-alive reads of a lineage: its times, never its tokens.
+#[derive(Debug, Clone)]
+pub struct LineageTimes {
+    /// JupyterHub user name.
+    pub username: String,
+    /// The lineage's version.
+    pub version: i64,
+    /// Whether it holds a refresh token at all.
+    pub has_refresh_token: bool,
+    /// Login time.
+    pub created_at: i64,
+    /// Last upstream refresh.
+    pub refreshed_at: Option<i64>,
+    /// When the access token expires.
+    pub access_expires_at: Option<i64>,
+    /// When the refresh token dies unused, if the IdP said.
+    pub refresh_expires_at: Option<i64>,
+}
+
+const TIMES_COLUMNS: &str = "username, version, refresh_token IS NOT NULL AS has_refresh, created_at, \
+     refreshed_at, access_expires_at, refresh_expires_at";
+
+fn times_from_row(row: &AnyRow) -> Result<LineageTimes, sqlx::Error> {
+    // SQLite answers the boolean as an integer, PostgreSQL as a boolean.
+    let has_refresh_token = match row.try_get::<bool, _>("has_refresh") {
+        Ok(b) => b,
+        Err(_) => row.try_get::<i64, _>("has_refresh")? != 0,
+    };
+    Ok(LineageTimes {
+        username: row.try_get("username")?,
+        version: row.try_get("version")?,
+        has_refresh_token,
+        created_at: row.try_get("created_at")?,
+        refreshed_at: row.try_get("refreshed_at")?,
+        access_expires_at: row.try_get("access_expires_at")?,
+        refresh_expires_at: row.try_get("refresh_expires_at")?,
+    })
 }

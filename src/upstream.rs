@@ -9,19 +9,19 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use openidconnect::core::{
-    CoreClient, CoreErrorResponseType, CoreJsonWebKeySet, CoreProviderMetadata, CoreResponseType,
+    CoreClient, CoreJsonWebKeySet, CoreProviderMetadata, CoreResponseType,
 };
 use openidconnect::{
-    AccessTokenHash, AuthenticationFlow, AuthorizationCode, ClaimsVerificationError, ClientId,
+    AccessTokenHash, AuthenticationFlow, ClaimsVerificationError, ClientId,
     ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
-    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
-    Scope, SignatureVerificationError, TokenResponse,
+    PkceCodeChallenge, RedirectUrl, Scope, SignatureVerificationError,
 };
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::UpstreamConfig;
+use crate::config::{ClientAuthMethod, UpstreamConfig};
 use crate::time::now;
 use crate::vault::TokenSet;
 
@@ -58,6 +58,59 @@ pub enum UpstreamError {
     /// The IdP's answer was not what the protocol requires.
     #[error("the identity provider's response is not valid: {0}")]
     BadResponse(String),
+    /// The token endpoint answered 2xx but its answer could not be read or
+    /// used: the grant it was sent may be spent, so it is not sent again at
+    /// once (the next refresh may try it).
+    #[error("the identity provider's answer was lost: {0}")]
+    AnswerLost(String),
+    /// The ID token cannot be verified yet: its key set is unreachable, or
+    /// names a key the key set, fetched moments ago, does not hold yet.
+    #[error("the ID token cannot be verified yet: {0}")]
+    KeysUnavailable(String),
+}
+
+/// A token endpoint's answer as received: nothing in it verified yet.
+/// (No `Debug`: it holds token values.)
+pub struct TokenReply {
+    /// The access token.
+    pub access_token: SecretString,
+    /// A new refresh token, when the IdP sent one (it rotates).
+    pub refresh_token: Option<SecretString>,
+    /// An ID token, when the IdP sent one.
+    pub id_token: Option<SecretString>,
+    /// Access-token lifetime in seconds.
+    pub expires_in: Option<i64>,
+    /// Granted scopes, when the IdP said.
+    pub scope: Option<String>,
+    /// Seconds the refresh token lives unused, when the IdP said
+    /// (`refresh_expires_in`, e.g. Keycloak): keep-alive goes by it.
+    pub refresh_expires_in: Option<i64>,
+}
+
+/// The token endpoint's JSON, leniently read: `expires_in` as number or
+/// string, an ID token kept as text so a malformed one cannot cost us the
+/// refresh token beside it.
+#[derive(Deserialize)]
+struct RawTokenReply {
+    access_token: String,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    #[serde(default)]
+    id_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<Value>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    refresh_expires_in: Option<Value>,
+}
+
+/// An OAuth error answer (RFC 6749 §5.2).
+#[derive(Deserialize)]
+struct OAuthErrorReply {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
 }
 
 /// What a login needs to remember between the redirect and the callback.
@@ -84,6 +137,8 @@ pub struct UpstreamLogin {
     pub tokens: TokenSet,
     /// ID-token claims with userinfo merged over them.
     pub claims: Map<String, Value>,
+    /// Seconds the refresh token lives unused, when the IdP said.
+    pub refresh_expires_in: Option<i64>,
 }
 
 struct Discovered {
@@ -164,6 +219,96 @@ impl Upstream {
         let _ = self.discovered().await;
     }
 
+    /// The client authentication in use: the setting, else the first of
+    /// Basic and post the discovery document offers (Basic when it says nothing,
+    /// as RFC 8414 defaults).
+    fn client_auth(&self, metadata: &CoreProviderMetadata) -> ClientAuthMethod {
+        if let Some(method) = self.config.client_auth {
+            return method;
+        }
+        let offered: Vec<String> = metadata
+            .token_endpoint_auth_methods_supported()
+            .map(|methods| methods.iter().map(|m| m.as_ref().to_string()).collect())
+            .unwrap_or_default();
+        if offered.is_empty() || offered.iter().any(|m| m == "client_secret_basic") {
+            ClientAuthMethod::ClientSecretBasic
+        } else if offered.iter().any(|m| m == "client_secret_post") {
+            ClientAuthMethod::ClientSecretPost
+        } else {
+            ClientAuthMethod::ClientSecretBasic
+        }
+    }
+
+    /// A POST to one of the IdP's endpoints, authenticated as our client.
+    fn client_post(&self, metadata: &CoreProviderMetadata, url: &str, mut form: Vec<(&'static str, String)>) -> reqwest::RequestBuilder {
+        let mut request = self.http.post(url).header("accept", "application/json");
+        match self.client_auth(metadata) {
+            ClientAuthMethod::ClientSecretBasic => {
+                request = request.header(
+                    "authorization",
+                    basic_authorization(&self.config.client_id, self.config.client_secret.expose_secret()),
+                );
+            }
+            ClientAuthMethod::ClientSecretPost => {
+                form.push(("client_id", self.config.client_id.clone()));
+                form.push(("client_secret", self.config.client_secret.expose_secret().to_string()));
+            }
+        }
+        request.form(&form)
+    }
+
+    /// One request to the token endpoint. Errors before a 2xx are
+    /// `Unreachable` (worth retrying), `InvalidGrant` or `Refused`; a 2xx
+    /// whose body cannot be read or used is `AnswerLost`, never retried here.
+    async fn token_call(&self, discovered: &Discovered, form: Vec<(&'static str, String)>) -> Result<TokenReply, UpstreamError> {
+        let endpoint = discovered
+            .metadata
+            .token_endpoint()
+            .ok_or_else(|| UpstreamError::BadResponse("the discovery document names no token endpoint".into()))?;
+        let response = self
+            .client_post(&discovered.metadata, endpoint.url().as_str(), form)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.without_url()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            let error: Option<OAuthErrorReply> = serde_json::from_slice(&body).ok();
+            return Err(match error {
+                Some(e) if e.error == "invalid_grant" => {
+                    UpstreamError::InvalidGrant(describe_oauth_error(&e))
+                }
+                _ if status.is_server_error() || status.as_u16() == 429 => {
+                    UpstreamError::Unreachable(format!("the token endpoint answered {status}"))
+                }
+                Some(e) => UpstreamError::Refused(describe_oauth_error(&e)),
+                None => UpstreamError::Refused(format!("the token endpoint answered {status}")),
+            });
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::AnswerLost(format!("reading its {status} answer failed: {}", e.without_url())))?;
+        let raw: RawTokenReply = serde_json::from_slice(&body)
+            .map_err(|_| UpstreamError::AnswerLost(format!("its {status} answer is not a token response")))?;
+        let seconds = |v: Option<Value>| match v {
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        let expires_in = seconds(raw.expires_in);
+        // 0 means "no idle limit" at Keycloak (offline tokens): nothing to keep alive for.
+        let refresh_expires_in = seconds(raw.refresh_expires_in).filter(|s| *s > 0);
+        Ok(TokenReply {
+            access_token: raw.access_token.into(),
+            refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(SecretString::from),
+            id_token: raw.id_token.filter(|t| !t.is_empty()).map(SecretString::from),
+            expires_in,
+            scope: raw.scope,
+            refresh_expires_in,
+        })
+    }
+
     fn client(&self, metadata: &CoreProviderMetadata) -> Result<Client, UpstreamError> {
         let redirect = RedirectUrl::from_url(self.config.redirect_uri.clone());
         Ok(CoreClient::from_provider_metadata(
@@ -174,8 +319,10 @@ impl Upstream {
         .set_redirect_uri(redirect))
     }
 
-    /// Builds the authorization URL for a new login.
-    pub async fn authorization_request(&self) -> Result<AuthorizationRequest, UpstreamError> {
+    /// Builds the authorization URL for a new login. `ask_consent` adds
+    /// `prompt=consent` (unless the operator's parameters set a `prompt`):
+    /// strict providers grant `offline_access` only with it (OIDC Core §11).
+    pub async fn authorization_request(&self, ask_consent: bool) -> Result<AuthorizationRequest, UpstreamError> {
         let discovered = self.discovered().await?;
         let client = self.client(&discovered.metadata)?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
@@ -188,6 +335,12 @@ impl Upstream {
             .set_pkce_challenge(challenge);
         for scope in self.config.scopes.iter().filter(|s| *s != "openid") {
             request = request.add_scope(Scope::new(scope.clone()));
+        }
+        for (name, value) in &self.config.auth_params {
+            request = request.add_extra_param(name.clone(), value.clone());
+        }
+        if ask_consent && !self.config.auth_params.iter().any(|(name, _)| name == "prompt") {
+            request = request.add_extra_param("prompt", "consent");
         }
         let (url, state, nonce) = request.url();
         Ok(AuthorizationRequest {
@@ -206,24 +359,27 @@ impl Upstream {
         nonce: &str,
     ) -> Result<UpstreamLogin, UpstreamError> {
         let discovered = self.discovered().await?;
-        let client = self.client(&discovered.metadata)?;
-        let response = client
-            .exchange_code(AuthorizationCode::new(code.to_string()))
-            .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
-            .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier.expose_secret().to_string()))
-            .request_async(&self.http)
-            .await
-            .map_err(token_error)?;
-        let id_token = response
-            .id_token()
-            .ok_or_else(|| UpstreamError::BadResponse("no id_token in the token response".into()))?
-            .clone();
-        let nonce = Nonce::new(nonce.to_string());
-        let claims = self
-            .verify_with_refetch(&discovered, &id_token, Some(&nonce), response.access_token())
+        let reply = self
+            .token_call(
+                &discovered,
+                vec![
+                    ("grant_type", "authorization_code".into()),
+                    ("code", code.to_string()),
+                    ("redirect_uri", self.config.redirect_uri.to_string()),
+                    ("code_verifier", pkce_verifier.expose_secret().to_string()),
+                ],
+            )
             .await?;
+        let id_token_text = reply
+            .id_token
+            .as_ref()
+            .ok_or_else(|| UpstreamError::BadResponse("no id_token in the token response".into()))?;
+        let id_token = parse_id_token(id_token_text.expose_secret())?;
+        let nonce = Nonce::new(nonce.to_string());
+        let access = openidconnect::AccessToken::new(reply.access_token.expose_secret().to_string());
+        let claims = self.verify_with_refetch(&discovered, &id_token, Some(&nonce), &access).await?;
 
-        let access_token = response.access_token().secret().clone();
+        let access_token = reply.access_token.expose_secret().to_string();
         let mut all_claims = claims;
         let subject = string_claim(&all_claims, "sub")
             .ok_or_else(|| UpstreamError::BadIdToken("no sub claim".into()))?;
@@ -239,21 +395,20 @@ impl Upstream {
                 }
             }
         }
-        let scope = response
-            .scopes()
-            .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|| self.config.scopes.join(" "));
+        normalize_booleans(&mut all_claims);
+        let scope = reply.scope.clone().unwrap_or_else(|| self.config.scopes.join(" "));
         Ok(UpstreamLogin {
             issuer,
             subject,
             tokens: TokenSet {
                 access_token: access_token.into(),
-                id_token: id_token.to_string().into(),
-                refresh_token: response.refresh_token().map(|t| t.secret().clone().into()),
-                access_expires_at: response.expires_in().map(|d| now() + d.as_secs() as i64),
+                id_token: id_token_text.clone(),
+                refresh_token: reply.refresh_token,
+                access_expires_at: reply.expires_in.map(|d| now() + d),
                 scope,
             },
             claims: all_claims,
+            refresh_expires_in: reply.refresh_expires_in,
         })
     }
 
@@ -278,48 +433,53 @@ impl Upstream {
         }
     }
 
-    /// Refreshes the token set with its refresh token. Values the IdP does
-    /// not send again (a refresh token without rotation, an ID token) are kept.
-    pub async fn refresh(&self, current: &TokenSet, subject: &str) -> Result<TokenSet, UpstreamError> {
-        let refresh_token = current
-            .refresh_token
-            .as_ref()
-            .ok_or_else(|| UpstreamError::InvalidGrant("the lineage has no refresh token".into()))?;
+    /// One refresh at the token endpoint, nothing verified: see
+    /// [`Upstream::token_call`] for what its errors mean. The caller stores
+    /// the answer before anything else can fail, then verifies the ID token
+    /// with [`Upstream::check_refreshed_id_token`].
+    pub async fn refresh_grant(&self, refresh_token: &SecretString) -> Result<TokenReply, UpstreamError> {
         let discovered = self.discovered().await?;
-        let client = self.client(&discovered.metadata)?;
-        let response = client
-            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose_secret().to_string()))
-            .map_err(|e| UpstreamError::BadResponse(e.to_string()))?
-            .request_async(&self.http)
-            .await
-            .map_err(token_error)?;
-        let id_token = match response.id_token() {
-            Some(id_token) => {
-                let claims = self
-                    .verify_with_refetch(&discovered, id_token, None, response.access_token())
-                    .await?;
-                if claims.get("sub").and_then(Value::as_str) != Some(subject) {
-                    return Err(UpstreamError::BadIdToken("the refreshed ID token names another subject".into()));
-                }
-                id_token.to_string()
-            }
-            None => current.id_token.expose_secret().to_string(),
-        };
-        Ok(TokenSet {
-            access_token: response.access_token().secret().clone().into(),
-            id_token: id_token.into(),
-            refresh_token: Some(
-                response
-                    .refresh_token()
-                    .map(|t| t.secret().clone().into())
-                    .unwrap_or_else(|| refresh_token.clone()),
-            ),
-            access_expires_at: response.expires_in().map(|d| now() + d.as_secs() as i64),
-            scope: response
-                .scopes()
-                .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "))
-                .unwrap_or_else(|| current.scope.clone()),
-        })
+        self.token_call(
+            &discovered,
+            vec![
+                ("grant_type", "refresh_token".into()),
+                ("refresh_token", refresh_token.expose_secret().to_string()),
+            ],
+        )
+        .await
+    }
+
+    /// Verifies an ID token that came with a refresh (OIDC Core §12.2):
+    /// signature, issuer, audience, expiry, `at_hash` against the access
+    /// token that came with it, the same subject as the lineage's, and the
+    /// login's nonce when it carries one. `KeysUnavailable` means "not yet";
+    /// any other error means the token is not valid.
+    ///
+    /// The signature is checked although OIDC Core §3.1.3.7 would let a
+    /// client trust TLS for ID tokens from the token endpoint: tokenhub hands
+    /// the ID token on (token file, API) to services that check it against
+    /// the IdP's published keys, so one tokenhub has not matched to those
+    /// keys is not worth handing on.
+    pub async fn check_refreshed_id_token(
+        &self,
+        id_token: &SecretString,
+        access_token: &SecretString,
+        subject: &str,
+        login_nonce: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        let discovered = self.discovered().await?;
+        let id_token = parse_id_token(id_token.expose_secret())?;
+        let access = openidconnect::AccessToken::new(access_token.expose_secret().to_string());
+        let claims = self.verify_with_refetch(&discovered, &id_token, None, &access).await?;
+        if claims.get("sub").and_then(Value::as_str) != Some(subject) {
+            return Err(UpstreamError::BadIdToken("the refreshed ID token names another subject".into()));
+        }
+        if let (Some(got), Some(expected)) = (claims.get("nonce"), login_nonce)
+            && !got.as_str().is_some_and(|got| crate::crypto::constant_time_eq(got, expected))
+        {
+            return Err(UpstreamError::BadIdToken("the refreshed ID token carries another nonce than the login's".into()));
+        }
+        Ok(())
     }
 
     /// Revokes a refresh token at the IdP (RFC 7009). `Ok(false)` when the
@@ -339,11 +499,10 @@ impl Upstream {
         let Some(endpoint) = document.get("revocation_endpoint").and_then(Value::as_str) else {
             return Ok(false);
         };
+        let discovered = self.discovered().await?;
+        let form = vec![("token", refresh_token.to_string()), ("token_type_hint", "refresh_token".to_string())];
         let response = self
-            .http
-            .post(endpoint)
-            .basic_auth(&self.config.client_id, Some(self.config.client_secret.expose_secret()))
-            .form(&[("token", refresh_token), ("token_type_hint", "refresh_token")])
+            .client_post(&discovered.metadata, endpoint, form)
             .send()
             .await
             .map_err(|e| unreachable(e.without_url()))?;
@@ -376,14 +535,14 @@ impl Upstream {
             return Ok(latest); // someone else re-fetched while we waited
         }
         if latest.last_refetch.is_some_and(|t| t.elapsed() < JWKS_REFETCH_INTERVAL) {
-            return Err(UpstreamError::BadIdToken(
-                "the ID token is signed with an unknown key (key set re-fetched moments ago)".into(),
+            return Err(UpstreamError::KeysUnavailable(
+                "the ID token is signed with a key the key set, fetched moments ago, does not hold".into(),
             ));
         }
         tracing::info!("ID token names an unknown key id: fetching the key set again");
         let jwks = CoreJsonWebKeySet::fetch_async(latest.metadata.jwks_uri(), &self.http)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| UpstreamError::KeysUnavailable(format!("the key set could not be fetched: {e}")))?;
         let fresh = Arc::new(Discovered {
             metadata: latest.metadata.clone().set_jwks(jwks),
             last_refetch: Some(Instant::now()),
@@ -467,24 +626,37 @@ fn names_unknown_key(client: &Client, id_token: &openidconnect::core::CoreIdToke
     )
 }
 
-fn token_error<RE: std::error::Error + 'static>(
-    e: RequestTokenError<RE, oauth2::StandardErrorResponse<CoreErrorResponseType>>,
-) -> UpstreamError {
-    match e {
-        RequestTokenError::ServerResponse(err) => {
-            let text = match err.error_description() {
-                Some(d) => format!("{}: {d}", err.error().as_ref()),
-                None => err.error().as_ref().to_string(),
+/// `Basic base64(urlencode(id):urlencode(secret))`, the form-encoding
+/// RFC 6749 §2.3.1 asks for (so `+`, `/`, `=`, `:` in a secret survive).
+pub fn basic_authorization(client_id: &str, secret: &str) -> String {
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", encode(client_id), encode(secret))))
+}
+
+fn describe_oauth_error(e: &OAuthErrorReply) -> String {
+    // The description is the IdP's text: keep it short and printable.
+    match &e.error_description {
+        Some(d) => format!("{}: {}", e.error, d.chars().filter(|c| !c.is_control()).take(200).collect::<String>()),
+        None => e.error.clone(),
+    }
+}
+
+fn parse_id_token(text: &str) -> Result<openidconnect::core::CoreIdToken, UpstreamError> {
+    text.parse().map_err(|_| UpstreamError::BadIdToken("the id_token is not a well-formed JWT".into()))
+}
+
+/// `"true"`/`"false"` as booleans in the claims that are booleans by the
+/// spec (Cognito sends them as strings in userinfo, Apple in ID tokens), so
+/// the hub sees `true`, not `"true"`.
+pub fn normalize_booleans(claims: &mut Map<String, Value>) {
+    for name in ["email_verified", "phone_number_verified"] {
+        if let Some(Value::String(s)) = claims.get(name) {
+            match s.as_str() {
+                "true" => claims.insert(name.into(), Value::Bool(true)),
+                "false" => claims.insert(name.into(), Value::Bool(false)),
+                _ => None,
             };
-            if *err.error() == CoreErrorResponseType::InvalidGrant {
-                UpstreamError::InvalidGrant(text)
-            } else {
-                UpstreamError::Refused(text)
-            }
         }
-        RequestTokenError::Request(e) => unreachable(e),
-        RequestTokenError::Parse(e, _body) => UpstreamError::BadResponse(e.to_string()),
-        RequestTokenError::Other(e) => UpstreamError::BadResponse(e),
     }
 }
 

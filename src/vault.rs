@@ -55,6 +55,11 @@ pub struct Lineage {
     pub previous_refresh_hash: Option<String>,
     /// When that rotation happened.
     pub rotated_at: Option<i64>,
+    /// An ID token from a refresh that could not be verified yet: never
+    /// handed out until it is (see [`crate::refresh`]).
+    pub pending_id_token: Option<SecretString>,
+    /// The nonce of the login that began the lineage.
+    pub login_nonce: Option<String>,
 }
 
 /// Why the vault failed.
@@ -163,6 +168,7 @@ impl Vault {
         subject: &str,
         tokens: &TokenSet,
         claims: &Map<String, Value>,
+        nonce: &str,
     ) -> Result<i64, VaultError> {
         let seal = |field: &str, value: &[u8]| self.keys.seal(value, &aad(username, issuer, field));
         let now = now();
@@ -186,6 +192,8 @@ impl Vault {
             refreshed_at: None,
             previous_refresh_hash: None,
             rotated_at: None,
+            pending_id_token: None,
+            login_nonce: Some(nonce.to_string()),
         };
         self.forget(username, issuer);
         Ok(self.store.replace_lineage(&row).await?)
@@ -193,8 +201,14 @@ impl Vault {
 
     /// Stores the tokens a refresh of `lineage` returned, if nobody changed
     /// the lineage meanwhile; returns the stored lineage, or `None` after a
-    /// lost race (the caller re-reads).
-    pub async fn save_refresh(&self, lineage: &Lineage, tokens: &TokenSet) -> Result<Option<Lineage>, VaultError> {
+    /// lost race (the caller re-reads). `pending_id_token` is a new ID token
+    /// not verified yet; `tokens.id_token` stays the last verified one.
+    pub async fn save_refresh(
+        &self,
+        lineage: &Lineage,
+        tokens: &TokenSet,
+        pending_id_token: Option<&SecretString>,
+    ) -> Result<Option<Lineage>, VaultError> {
         let (username, issuer) = (&lineage.username, &lineage.issuer);
         let seal = |field: &str, value: &str| self.keys.seal(value.as_bytes(), &aad(username, issuer, field));
         let now = now();
@@ -222,9 +236,26 @@ impl Vault {
                 lineage.previous_refresh_hash.clone()
             },
             rotated_at: if rotated { Some(now) } else { lineage.rotated_at },
+            pending_id_token: pending_id_token.map(|t| seal("pending_id_token", t.expose_secret())),
+            login_nonce: lineage.login_nonce.clone(),
         };
         self.forget(username, issuer);
         match self.store.store_refresh(&row).await? {
+            Some(_) => self.load(username, issuer).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Settles the lineage's pending ID token: `verified` makes it the
+    /// lineage's ID token, otherwise it is dropped. `None` after a lost race.
+    pub async fn settle_pending_id_token(&self, lineage: &Lineage, verified: bool) -> Result<Option<Lineage>, VaultError> {
+        let (username, issuer) = (&lineage.username, &lineage.issuer);
+        let sealed = match (&lineage.pending_id_token, verified) {
+            (Some(token), true) => Some(self.keys.seal(token.expose_secret().as_bytes(), &aad(username, issuer, "id_token"))),
+            _ => None,
+        };
+        self.forget(username, issuer);
+        match self.store.settle_pending_id_token(username, issuer, lineage.version, sealed, now()).await? {
             Some(_) => self.load(username, issuer).await,
             None => Ok(None),
         }
@@ -269,6 +300,12 @@ impl Vault {
             refreshed_at: row.refreshed_at,
             previous_refresh_hash: row.previous_refresh_hash,
             rotated_at: row.rotated_at,
+            pending_id_token: row
+                .pending_id_token
+                .as_deref()
+                .map(|t| open("pending_id_token", t).map(SecretString::from))
+                .transpose()?,
+            login_nonce: row.login_nonce,
             username: row.username,
             issuer: row.issuer,
             subject: row.subject,

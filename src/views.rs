@@ -105,6 +105,8 @@ pub struct RenewedPage<'a> {
     pub access_expires: Option<String>,
     /// Servers whose token file was rewritten.
     pub servers: Vec<String>,
+    /// A new ID token came but is not verified yet (the previous one is served).
+    pub id_token_pending: bool,
     /// The token page.
     pub token_page_url: String,
     /// The hub.

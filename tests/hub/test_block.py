@@ -531,3 +531,44 @@ def test_a_file_of_someone_else_is_not_given_away(make_private, account, tmp_pat
     with pytest.raises(PermissionError):
         make_private(account, str(path))
     assert path.stat().st_uid == 0 and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_server_root_of_a_system_account(monkeypatch):
+    """Servers of SystemdSpawner run as the account its username_template
+    names; before the spawner has created it (TLJH does so when it starts the
+    server), the token file goes to that account's future home."""
+    monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
+    namespace = run_block(Config())
+
+    class SystemdSpawner:
+        user = SimpleNamespace(name="alice")
+        username_template = "jupyter-{USERNAME}"
+
+        def _expand_user_properties(self, template):
+            return template.replace("{USERNAME}", self.user.name)
+
+    spawner = SystemdSpawner()
+    name = namespace["_th_system_name"](spawner)
+    assert name == "jupyter-alice"
+    assert namespace["_th_server_root"](spawner, name, None) == "/home/jupyter-alice"
+    nobody = pwd.getpwnam("nobody")
+    assert namespace["_th_server_root"](spawner, "nobody", nobody) == nobody.pw_dir
+    spawner.dynamic_users = True
+    assert namespace["_th_system_name"](spawner) is None, "no account to own a file"
+
+
+def test_running_twice_changes_nothing(monkeypatch):
+    """Pasted twice (extraConfig and jupyterhub_config.d): still one service,
+    one role of each name, one scope, one spawn call."""
+    monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
+    c = Config()
+    run_block(c)
+    scopes_before = list(c.Spawner.server_token_scopes)
+    namespace = run_block(c)
+    assert namespace["_th_operator_hook"] is None
+    services = c.JupyterHub.services.to_dict()["extend"]
+    roles_ = c.JupyterHub.load_roles.to_dict()["extend"]
+    assert [s["name"] for s in services] == ["tokenhub"]
+    assert sorted(r["name"] for r in roles_) == ["tokenhub", "user"]
+    assert named(roles_, "user")["scopes"] == ["self", SCOPE]
+    assert list(c.Spawner.server_token_scopes) == scopes_before

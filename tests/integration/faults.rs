@@ -51,15 +51,20 @@ async fn idp_failures_keep_the_lineage_and_answer_503() {
     let body: Value = get("").await.json().await.unwrap();
     assert_eq!(body["access_token"], "mock-access-token-0123456789abcdef");
 
-    // Bad JSON from the IdP is no reason to kill the lineage either.
-    Mock::given(method("POST"))
+    // Bad JSON in a 200 is no reason to kill the lineage either, and no
+    // reason to send the refresh token again at once: the 200 may have
+    // spent it. One request, then 503.
+    let bad_json = Mock::given(method("POST"))
         .and(path("/token"))
         .respond_with(ResponseTemplate::new(200).insert_header("content-type", "application/json").set_body_string("{oops"))
-        .up_to_n_times(3)
-        .mount(&idp.server)
+        .up_to_n_times(1)
+        .expect(1)
+        .named("a 200 with bad JSON")
+        .mount_as_scoped(&idp.server)
         .await;
     assert_eq!(get("?min_valid=250").await.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(app.state().vault.load("mockuser", &idp.issuer()).await.unwrap().unwrap().active);
+    drop(bad_json); // checks it was asked exactly once
 
     // The IdP is back: the refresh goes through and the rotated token is kept.
     Mock::given(method("POST"))

@@ -12,10 +12,10 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::support::*;
 
 pub const KEY1: &str = include_str!("../fixtures/key1.pem");
-const KEY2: &str = include_str!("../fixtures/key2.pem");
+pub const KEY2: &str = include_str!("../fixtures/key2.pem");
 const JWK1: &str = include_str!("../fixtures/key1.jwk.json");
 const JWK2: &str = include_str!("../fixtures/key2.jwk.json");
-const ACCESS_TOKEN: &str = "mock-access-token-0123456789abcdef";
+pub const ACCESS_TOKEN: &str = "mock-access-token-0123456789abcdef";
 
 pub struct MockIdp {
     pub server: MockServer,
@@ -28,19 +28,28 @@ fn jwks(keys: &[&str]) -> Value {
 impl MockIdp {
     /// A provider whose key set first holds only `k1`, then `k1` and `k2`.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}, false).await
+    }
+
+    /// [`MockIdp::start`] with changes to the discovery document, and with
+    /// `jwks_fails_once`, a 503 from the key set between its first and
+    /// second answers.
+    pub async fn start_with(discovery: impl FnOnce(&mut Value), jwks_fails_once: bool) -> Self {
         let server = MockServer::start().await;
         let issuer = server.uri();
+        let mut document = json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        });
+        discovery(&mut document);
         Mock::given(method("GET"))
             .and(path("/.well-known/openid-configuration"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-                "issuer": issuer,
-                "authorization_endpoint": format!("{issuer}/authorize"),
-                "token_endpoint": format!("{issuer}/token"),
-                "jwks_uri": format!("{issuer}/jwks"),
-                "response_types_supported": ["code"],
-                "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["RS256"],
-            })))
+            .respond_with(ResponseTemplate::new(200).set_body_json(document))
             .mount(&server)
             .await;
         Mock::given(path("/jwks"))
@@ -48,6 +57,13 @@ impl MockIdp {
             .up_to_n_times(1)
             .mount(&server)
             .await;
+        if jwks_fails_once {
+            Mock::given(path("/jwks"))
+                .respond_with(ResponseTemplate::new(503))
+                .up_to_n_times(1)
+                .mount(&server)
+                .await;
+        }
         Mock::given(path("/jwks"))
             .respond_with(ResponseTemplate::new(200).set_body_json(jwks(&[JWK1, JWK2])))
             .mount(&server)
@@ -74,7 +90,7 @@ impl MockIdp {
         })
     }
 
-    async fn jwks_fetches(&self) -> usize {
+    pub async fn jwks_fetches(&self) -> usize {
         let requests = self.server.received_requests().await.unwrap();
         requests.iter().filter(|r| r.url.path() == "/jwks").count()
     }

@@ -2,7 +2,6 @@
 //! the negative cache, slowing down repeated failures, the bounded caches,
 //! the per-lineage lock map, the audit log and the OpenAPI document.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -173,27 +172,6 @@ async fn opened_lineages_leave_memory_after_their_second() {
     // Housekeeping runs every second; nothing else touches the cache.
     tokio::time::sleep(Duration::from_millis(2300)).await;
     assert_eq!(vault.cached_count(), 0, "the decrypted lineage is gone after its second");
-}
-
-#[tokio::test]
-async fn a_held_lineage_lock_is_never_handed_out_twice() {
-    let hub = HubMock::start().await;
-    let app = TestApp::builder(&Idp::shared().issuer).hub(&hub).spawn().await;
-    let refresher = &app.state().refresher;
-    let held = refresher.lock_for("alice\0issuer");
-    let guard = held.clone().lock_owned().await;
-    // Many other lineages come and go, sweeps run: the held lock survives.
-    for i in 0..500 {
-        let _ = refresher.lock_for(&format!("user{i}\0issuer"));
-    }
-    refresher.sweep();
-    let again = refresher.lock_for("alice\0issuer");
-    assert!(Arc::ptr_eq(&held, &again), "a second caller got the same lock");
-    assert!(again.try_lock().is_err(), "and it is held");
-    assert!(refresher.lock_count() <= 2, "locks nobody holds were pruned: {}", refresher.lock_count());
-    drop((guard, held, again));
-    refresher.sweep();
-    assert_eq!(refresher.lock_count(), 0, "the map shrinks when nobody holds a lock");
 }
 
 #[tokio::test]

@@ -41,10 +41,10 @@ async fn lineages_are_versioned_and_replaced() {
     for (name, store, _dir) in backends().await {
         let vault = Vault::new(store, keys.clone());
         assert!(vault.load("alice", "https://idp").await.unwrap().is_none(), "{name}");
-        let v1 = vault.save_login("alice", "https://idp", "sub-a", &tokens("1"), &claims("alice")).await.unwrap();
-        let v2 = vault.save_login("alice", "https://idp", "sub-a", &tokens("2"), &claims("alice")).await.unwrap();
+        let v1 = vault.save_login("alice", "https://idp", "sub-a", &tokens("1"), &claims("alice"), "nonce").await.unwrap();
+        let v2 = vault.save_login("alice", "https://idp", "sub-a", &tokens("2"), &claims("alice"), "nonce").await.unwrap();
         assert_eq!((v1, v2), (1, 2), "{name}");
-        let other_issuer = vault.save_login("alice", "https://other", "sub-x", &tokens("x"), &claims("alice")).await.unwrap();
+        let other_issuer = vault.save_login("alice", "https://other", "sub-x", &tokens("x"), &claims("alice"), "nonce").await.unwrap();
         assert_eq!(other_issuer, 1, "{name}: lineages are per issuer");
         let loaded = vault.load("alice", "https://idp").await.unwrap().unwrap();
         assert_eq!(loaded.version, 2, "{name}");
@@ -117,8 +117,8 @@ async fn a_sealed_value_moved_to_another_user_does_not_open() {
     let keys = Arc::new(KeyRing::parse(CRYPT_KEY).unwrap());
     let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
     let vault = Vault::new(app.state().vault.store().clone(), keys);
-    vault.save_login("alice", "https://idp", "a", &tokens("a"), &claims("alice")).await.unwrap();
-    vault.save_login("bob", "https://idp", "b", &tokens("b"), &claims("bob")).await.unwrap();
+    vault.save_login("alice", "https://idp", "a", &tokens("a"), &claims("alice"), "nonce").await.unwrap();
+    vault.save_login("bob", "https://idp", "b", &tokens("b"), &claims("bob"), "nonce").await.unwrap();
     app.sql("UPDATE lineages SET refresh_token = (SELECT refresh_token FROM lineages WHERE username = 'alice') WHERE username = 'bob'").await;
     assert!(matches!(vault.load("bob", "https://idp").await, Err(VaultError::Crypto { .. })));
     assert!(vault.load("alice", "https://idp").await.unwrap().is_some());

@@ -188,10 +188,19 @@ impl TestAppBuilder {
 
 // ---------------------------------------------------------------- the IdP
 
-/// The shared oidc-provider process of this test binary.
+/// An oidc-provider process: the shared one of this test binary, or one a
+/// test starts for itself (to restart it, or to run it in another mode).
 pub struct Idp {
     pub issuer: String,
-    _child: Child,
+    port: u16,
+    state_dir: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 static IDP: OnceLock<Idp> = OnceLock::new();
@@ -216,31 +225,66 @@ fn repo_root() -> &'static Path {
 impl Idp {
     /// Starts oidc-provider once per test binary (PKCE required, rotation on).
     pub fn shared() -> &'static Idp {
-        IDP.get_or_init(|| {
-            let root = repo_root();
-            assert!(
-                root.join("idp/node_modules/oidc-provider").exists(),
-                "the test IdP is not installed: run `npm ci --prefix idp`"
-            );
-            let port = free_port();
-            let state_dir = tempfile::tempdir().unwrap().keep();
-            let log = std::fs::File::create(state_dir.join("idp.log")).unwrap();
-            let child = Command::new("node")
-                .arg(root.join("idp/server.mjs"))
-                .env("IDP_PORT", port.to_string())
-                .env("IDP_STATE_DIR", &state_dir)
-                .env("IDP_CLIENT_ID", IDP_CLIENT_ID)
-                .env("IDP_CLIENT_SECRET", IDP_CLIENT_SECRET)
-                .env("IDP_REDIRECT_URIS", UPSTREAM_REDIRECT_URI)
-                .env("IDP_TEST_CONTROL", "1")
-                .env("IDP_PARENT_PID", std::process::id().to_string())
-                .stdout(Stdio::from(log.try_clone().unwrap()))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("node runs");
-            wait_for_port(port, "oidc-provider");
-            Idp { issuer: format!("http://127.0.0.1:{port}"), _child: child }
-        })
+        IDP.get_or_init(|| Idp::start(&[]))
+    }
+
+    /// Starts an oidc-provider of this test's own, with extra `IDP_*` settings.
+    pub fn start(env: &[(&str, &str)]) -> Idp {
+        let root = repo_root();
+        assert!(
+            root.join("idp/node_modules/oidc-provider").exists(),
+            "the test IdP is not installed: run `npm ci --prefix idp`"
+        );
+        let port = free_port();
+        let idp = Idp {
+            issuer: format!("http://127.0.0.1:{port}"),
+            port,
+            state_dir: tempfile::tempdir().unwrap().keep(),
+            child: Mutex::new(None),
+        };
+        idp.run(env);
+        idp
+    }
+
+    fn run(&self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state_dir.join("idp.log")).unwrap();
+        let mut command = Command::new("node");
+        command
+            .arg(repo_root().join("idp/server.mjs"))
+            .env("IDP_PORT", self.port.to_string())
+            .env("IDP_STATE_DIR", &self.state_dir)
+            .env("IDP_CLIENT_ID", IDP_CLIENT_ID)
+            .env("IDP_CLIENT_SECRET", IDP_CLIENT_SECRET)
+            .env("IDP_REDIRECT_URIS", UPSTREAM_REDIRECT_URI)
+            .env("IDP_TEST_CONTROL", "1")
+            .env("IDP_PARENT_PID", std::process::id().to_string())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        *self.child.lock().unwrap() = Some(command.spawn().expect("node runs"));
+        wait_for_port(self.port, "oidc-provider");
+    }
+
+    /// Stops the process (its grants and keys stay in its state directory).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port and state, with `env`.
+    pub fn restart(&self, env: &[(&str, &str)]) {
+        self.stop();
+        self.run(env);
+    }
+
+    /// The next `count` requests for the key set answer 503.
+    pub async fn fail_jwks(&self, count: u32) {
+        let url = format!("{}/_test/jwks-fail?count={count}", self.issuer);
+        assert!(reqwest::Client::new().post(url).send().await.unwrap().status().is_success());
     }
 
     pub async fn stats(&self) -> Value {
@@ -303,6 +347,39 @@ impl HubMock {
             .iter()
             .filter(|r| r.url.path() == "/hub/api/user")
             .count()
+    }
+
+    /// Tells the hub that `user` runs a ready default server at
+    /// `/user/<user>/`, whose Contents API (behind the mock as proxy) takes
+    /// the token file. Users never named here run nothing (the hub says 404).
+    pub async fn running(&self, user: &str) {
+        use wiremock::matchers::{method, path};
+        wiremock::Mock::given(method("GET"))
+            .and(path(format!("/hub/api/users/{user}")))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "kind": "user", "name": user, "servers": {"": {"ready": true, "url": format!("/user/{user}/")}}
+            })))
+            .mount(&self.server)
+            .await;
+        wiremock::Mock::given(method("PUT"))
+            .and(path(format!("/user/{user}/api/contents/.tokens.json")))
+            .respond_with(wiremock::ResponseTemplate::new(201))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// The token files written into `user`'s server so far, oldest first.
+    pub async fn token_files(&self, user: &str) -> Vec<Value> {
+        let wanted = format!("/user/{user}/api/contents/.tokens.json");
+        let requests = self.server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter(|r| r.method.as_str() == "PUT" && r.url.path() == wanted)
+            .map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                serde_json::from_str(body["content"].as_str().unwrap()).unwrap()
+            })
+            .collect()
     }
 }
 
@@ -533,10 +610,15 @@ impl Hub {
 
     /// Browser goes hub → tokenhub → IdP → tokenhub → hub; returns the code.
     pub async fn login(app: &TestApp, browser: &Browser, user: &str) -> (String, HubLogin) {
+        Self::login_at(app, Idp::shared(), browser, user).await
+    }
+
+    /// [`Hub::login`] through `idp`.
+    pub async fn login_at(app: &TestApp, idp: &Idp, browser: &Browser, user: &str) -> (String, HubLogin) {
         let (url, login) = Self::authorize_url(app);
         let response = browser.get(url).await;
         let to_idp = location(&response);
-        assert!(to_idp.as_str().starts_with(&format!("{}/auth", Idp::shared().issuer)), "{to_idp}");
+        assert!(to_idp.as_str().starts_with(&format!("{}/auth", idp.issuer)), "{to_idp}");
         let back = browser.sign_in_at_idp(to_idp, user).await;
         let response = browser.deliver_callback(app, &back).await;
         let to_hub = location(&response);

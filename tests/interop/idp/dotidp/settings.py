@@ -4,7 +4,7 @@ tests/interop starts it with:
     IDP_PORT             port on 127.0.0.1 (the issuer is http://127.0.0.1:<port>/o)
     IDP_STATE_DIR        where the SQLite database lives
     IDP_ACCESS_TOKEN_TTL access and ID token lifetime in seconds (default 300)
-    IDP_TEST_CONTROL     "1": serve /_test/* (key rollover, token-endpoint record)
+    IDP_TEST_CONTROL     "1": serve /_test/* (key rollover, record of token requests)
 
 The signing key is made at start-up; /_test/rotate-key replaces it at run time.
 """
@@ -48,7 +48,7 @@ MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "dotidp.views.TokenEndpointRecorder",
+    "dotidp.views.Recorder",
 ]
 TEMPLATES = [
     {

@@ -10,5 +10,5 @@ urlpatterns = [
 if settings.TEST_CONTROL:
     urlpatterns += [
         path("_test/rotate-key", views.rotate_key),
-        path("_test/token-requests", views.token_requests),
+        path("_test/record", views.record),
     ]

@@ -4,9 +4,10 @@ IDP_TEST_CONTROL=1, test-only endpoints on 127.0.0.1:
 
     POST /_test/rotate-key       key rollover: a new key signs from now on,
                                  the old one stays in the key set as inactive
-    GET  /_test/token-requests   what the token endpoint was asked and answered
+    GET  /_test/record           what the token endpoint was asked and answered
                                  (grant type, client authentication, status,
-                                 error, SHA-256 of the refresh token presented)
+                                 error, SHA-256 of the refresh token presented),
+                                 and who fetched the key set (User-Agent)
 """
 
 import base64
@@ -74,12 +75,13 @@ def rotate_key(request):
 
 
 _record_lock = threading.Lock()
-_records: list[dict] = []
+_token_requests: list[dict] = []
+_jwks_fetches: list[dict] = []
 
 
-def token_requests(request):
+def record(request):
     with _record_lock:
-        return JsonResponse({"requests": list(_records)})
+        return JsonResponse({"token_requests": list(_token_requests), "jwks_fetches": list(_jwks_fetches)})
 
 
 def _client_auth(request, form: dict) -> tuple[str, bool | None]:
@@ -97,15 +99,22 @@ def _client_auth(request, form: dict) -> tuple[str, bool | None]:
     return "none", None
 
 
-class TokenEndpointRecorder:
+class Recorder:
     """Records each token request (never a token value: refresh tokens only
-    as SHA-256, so the test can tell whether one was presented twice)."""
+    as SHA-256, so the test can tell whether one was presented twice) and
+    each fetch of the key set."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        if not (settings.TEST_CONTROL and request.method == "POST" and request.path == "/o/token/"):
+        if not settings.TEST_CONTROL:
+            return self.get_response(request)
+        if request.method == "GET" and request.path == "/o/.well-known/jwks.json":
+            with _record_lock:
+                _jwks_fetches.append({"user_agent": request.META.get("HTTP_USER_AGENT")})
+            return self.get_response(request)
+        if not (request.method == "POST" and request.path == "/o/token/"):
             return self.get_response(request)
         # Reading the body first keeps it readable for DOT afterwards.
         form = {k: v[0] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
@@ -117,7 +126,7 @@ class TokenEndpointRecorder:
                 error = json.loads(response.content).get("error")
             except ValueError:
                 error = "not JSON"
-        record = {
+        entry = {
             "grant_type": form.get("grant_type"),
             "client_auth": auth,
             "basic_form_encoded": form_encoded,
@@ -128,5 +137,5 @@ class TokenEndpointRecorder:
             else None,
         }
         with _record_lock:
-            _records.append(record)
+            _token_requests.append(entry)
         return response
