@@ -57,7 +57,27 @@ c.JupyterHub.shutdown_on_logout = False
 if os.environ.get("HUB_TEST_ADMIN_TOKEN"):
     c.JupyterHub.services.append({"name": "e2e-admin", "api_token": os.environ["HUB_TEST_ADMIN_TOKEN"]})
     c.JupyterHub.load_roles.append(
-        {"name": "e2e-admin", "scopes": ["admin:users", "admin:servers", "admin:server_state"], "services": ["e2e-admin"]}
+        {
+            "name": "e2e-admin",
+            # `tokens` and the tokenhub scope: to create users' personal tokens in the tests.
+            "scopes": ["admin:users", "admin:servers", "admin:server_state", "tokens", "access:services!service=tokenhub"],
+            "services": ["e2e-admin"],
+        }
     )
+
+# (tests only) a second OAuth client of the hub, so the tests can obtain a
+# token the hub issued for a user to a client other than tokenhub.
+if os.environ.get("HUB_TEST_OAUTH_CLIENT_SECRET"):
+    c.JupyterHub.services.append(
+        {
+            "name": "e2e-other-client",
+            "api_token": os.environ["HUB_TEST_OAUTH_CLIENT_SECRET"],
+            "oauth_client_id": "service-e2e-other-client",
+            "oauth_redirect_uri": os.environ["HUB_TEST_OAUTH_CLIENT_REDIRECT"],
+            "oauth_no_confirm": True,
+        }
+    )
+    # Users may sign in to it (the hub block adds tokenhub's scope to this role).
+    c.JupyterHub.load_roles.append({"name": "user", "scopes": ["self", "access:services!service=e2e-other-client"]})
 
 load_subconfig(os.path.join(here, "hub", "tokenhub_config.py"))  # noqa: F821

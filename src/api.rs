@@ -18,7 +18,7 @@ use crate::auth::{authenticate_hub_client, presented_token};
 use crate::delivery;
 use crate::errors::ApiError;
 use crate::fabric;
-use crate::hub::HubError;
+use crate::hub::{HubError, Verdict};
 use crate::state::AppState;
 use crate::time::now;
 use crate::crypto::{constant_time_eq, digest_hex};
@@ -58,7 +58,7 @@ pub async fn spawn(
     headers: HeaderMap,
     body: Result<Json<SpawnRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authenticate_hub_client(&app.config.hub, &headers, None, None)?;
+    hub_client(&app, &headers, None, None)?;
     let Json(request) = body.map_err(|e| ApiError::new(e.status(), "invalid_request", e.body_text()))?;
     let lineage = app
         .vault
@@ -67,6 +67,7 @@ pub async fn spawn(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_user", "tokenhub holds no tokens for this user: they must sign in through tokenhub"))?;
     delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
     tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
+    app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
     let mut env = serde_json::Map::new();
     if let Some(refresh) = &lineage.tokens.refresh_token {
         env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
@@ -80,16 +81,63 @@ pub async fn spawn(
     })))
 }
 
-/// Identifies the caller of a notebook endpoint through the hub.
+/// Checks the hub's client credentials (spawn hook, token endpoint), after
+/// the failure limiter: a client that keeps failing gets 429 first.
+pub fn hub_client(
+    app: &AppState,
+    headers: &HeaderMap,
+    form_id: Option<&str>,
+    form_secret: Option<&str>,
+) -> Result<(), ApiError> {
+    let client = crate::audit::client();
+    app.limiter.check(client.as_deref())?;
+    authenticate_hub_client(&app.config.hub, headers, form_id, form_secret).inspect_err(|e| {
+        if e.error == "invalid_client" {
+            app.limiter.failed(client.as_deref());
+            app.audit.record("refused", None, None, Some("bad hub client credentials"));
+        }
+    })
+}
+
+/// Identifies the caller of a notebook endpoint through the hub. A token
+/// the hub vouched for in the last minute passes without the limiter (a
+/// server known to be good is not slowed down by others failing behind the
+/// same address); anything else meets the limiter first, then the hub (or
+/// the cache of refused tokens). Every refusal counts as a failure of the
+/// client and is audited with its reason.
 pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let token = presented_token(headers)
-        .ok_or_else(|| ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"))?;
-    let identity = app
-        .hub
-        .identify(token)
-        .await?
-        .ok_or_else(|| ApiError::invalid_token("the hub does not know this token"))?;
-    Ok(identity.username)
+    let client = crate::audit::client();
+    let Some(token) = presented_token(headers) else {
+        app.limiter.check(client.as_deref())?;
+        app.limiter.failed(client.as_deref());
+        app.audit.record("refused", None, None, Some("no token"));
+        return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
+    };
+    let verdict = match app.hub.cached(token) {
+        Some(Verdict::User(identity)) => return Ok(identity.username),
+        _ => {
+            app.limiter.check(client.as_deref())?;
+            app.hub.identify(token).await?
+        }
+    };
+    let (error, reason) = match verdict {
+        Verdict::User(identity) => return Ok(identity.username),
+        Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
+        Verdict::NotAUser => (
+            ApiError::invalid_token("this token belongs to a service, not to a user"),
+            "token of a service",
+        ),
+        Verdict::MissingScope(scope) => (
+            ApiError::insufficient_scope(format!(
+                "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \
+                 a personal token must be created with it)"
+            )),
+            "token lacks the access:services scope",
+        ),
+    };
+    app.limiter.failed(client.as_deref());
+    app.audit.record("refused", None, None, Some(reason));
+    Err(error)
 }
 
 fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
@@ -166,6 +214,7 @@ pub async fn tokens(
         .fresh(&app, &username, Want { min_valid, force: false })
         .await
         .map_err(|e| refresh_error(&app, e))?;
+    app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
 }
 
@@ -212,9 +261,11 @@ pub async fn force_refresh(
                     .is_some_and(|h| constant_time_eq(h, &digest_hex(held)));
             if rotated_recently && lineage.active {
                 // A retry or a late kernel: it gets what replaced its token.
+                app.audit.record("rotation_grace", Some(&username), Some(lineage.version), None);
                 let fresh = Fresh { lineage: std::sync::Arc::new(lineage), refreshed: true, capped_min_valid: None };
                 return Ok(answer(&app, &fresh, None));
             }
+            app.audit.record("invalid_grant", Some(&username), Some(lineage.version), Some("presented refresh token is not the current one"));
             return Err(ApiError::invalid_grant(
                 "this refresh token is not the current one (it was rotated away or never issued); GET /api/v1/tokens gives the current set",
             )
@@ -226,5 +277,6 @@ pub async fn force_refresh(
         .fresh(&app, &username, Want { min_valid: None, force: true })
         .await
         .map_err(|e| refresh_error(&app, e))?;
+    app.audit.record("notebook_refresh", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, None))
 }

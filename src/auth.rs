@@ -57,3 +57,47 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
     let token = token.trim();
     (matches!(scheme.to_ascii_lowercase().as_str(), "bearer" | "token") && !token.is_empty()).then_some(token)
 }
+
+/// Property tests of credential parsing.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// RFC 6749 2.3.1: id and secret are form-encoded before Basic.
+    fn basic(id: &str, secret: &str) -> HeaderValue {
+        let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(id), enc(secret))))).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any id and secret (including `+~/=:%`, spaces and non-ASCII)
+        /// come back exactly as the client had them.
+        #[test]
+        fn basic_credentials_round_trip(id in "[a-zA-Z0-9+~/=:% ._-]{0,40}|\\PC{0,20}", secret in "[a-zA-Z0-9+~/=:% ._-]{0,60}|\\PC{0,20}") {
+            prop_assert_eq!(basic_credentials(&basic(&id, &secret)), Some((id, secret)));
+        }
+
+        /// Any header value: parsed or refused, never a panic.
+        #[test]
+        fn basic_credentials_never_panic(text in "\\PC{0,200}") {
+            if let Ok(value) = HeaderValue::from_str(&text) {
+                let _ = basic_credentials(&value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&format!("Basic {text}")) {
+                let _ = basic_credentials(&value);
+            }
+        }
+
+        /// `token X` and `Bearer X` give X (trimmed); other schemes nothing.
+        #[test]
+        fn presented_token_schemes(token in "[A-Za-z0-9._~+/=-]{1,80}", scheme in "token|Token|bearer|Bearer|Basic|Digest") {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("{scheme} {token}")).unwrap());
+            let expected = matches!(scheme.to_ascii_lowercase().as_str(), "token" | "bearer").then_some(token.as_str());
+            prop_assert_eq!(presented_token(&headers), expected);
+        }
+    }
+}

@@ -96,7 +96,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let keepalive = crate::keepalive::KeepAlive::start(state.clone());
-    axum::serve(listener, crate::app(state))
+    // With the peer address, for counting failed authentications per client.
+    let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     if let Some(keepalive) = keepalive {

@@ -165,6 +165,20 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, env = "TOKENHUB_LOG_FORMAT", help_heading = "Logging")]
     pub log_format: Option<LogFormat>,
+
+    /// tokenhub's service name at the hub: notebook callers' tokens must hold
+    /// `access:services!service=<name>`. Default: JUPYTERHUB_SERVICE_NAME, else `tokenhub`.
+    #[arg(long, env = "TOKENHUB_SERVICE_NAME", help_heading = "JupyterHub as OAuth client")]
+    pub service_name: Option<String>,
+
+    /// The service name the hub gives a managed service (set by the hub).
+    #[arg(long, env = "JUPYTERHUB_SERVICE_NAME", hide = true)]
+    pub hub_service_name: Option<String>,
+
+    /// Where the audit log goes: unset (the normal log, target `audit`),
+    /// `stdout`, or a file path (JSON lines, appended).
+    #[arg(long, env = "TOKENHUB_AUDIT_LOG", help_heading = "Logging")]
+    pub audit_log: Option<String>,
 }
 
 /// How log lines are written.
@@ -268,6 +282,8 @@ pub struct HubClientConfig {
     pub proxy_url: Url,
     /// The token file's path inside a server's root directory.
     pub token_file: String,
+    /// tokenhub's service name at the hub (the scope callers need names it).
+    pub service_name: String,
 }
 
 /// The vault: database and keys.
@@ -301,6 +317,8 @@ pub struct LogConfig {
     pub filter: String,
     /// Output format.
     pub format: LogFormat,
+    /// Where audit lines go.
+    pub audit: crate::audit::AuditTarget,
 }
 
 /// The whole checked configuration.
@@ -333,7 +351,8 @@ impl Settings {
             oidc_scopes, oidc_redirect_uri, oidc_client_auth_method, oidc_auth_params, username_claim, groups_claim, hub_client_id,
             hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
             token_file, service_url, database_url, crypt_key, keepalive_interval, keepalive_idle_timeout,
-            keepalive_margin, keepalive_grace, keepalive_fresh_access, log, log_format
+            keepalive_margin, keepalive_grace, keepalive_fresh_access, log, log_format,
+            service_name, hub_service_name, audit_log
         )
     }
 
@@ -431,6 +450,11 @@ impl Settings {
                 api_url: self.hub_api_url,
                 api_token: self.hub_api_token,
                 token_file: self.token_file.unwrap_or_else(|| ".tokens.json".into()),
+                service_name: self
+                    .service_name
+                    .or(self.hub_service_name)
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "tokenhub".into()),
                 client_id: self.hub_client_id.ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_ID"))?,
                 client_secret: self
                     .hub_client_secret
@@ -467,6 +491,7 @@ impl Settings {
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
                 format: self.log_format.unwrap_or_default(),
+                audit: crate::audit::AuditTarget::parse(self.audit_log.as_deref()),
             },
         })
     }

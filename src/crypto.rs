@@ -295,3 +295,73 @@ mod tests {
         assert!(shown.contains(&hex::encode(ring.keys[0].id)));
     }
 }
+
+/// Property tests of the parsers: the key list and the sealed envelope.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, ..ProptestConfig::default() }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Any text as a key list: a key ring or an error, never a panic.
+        #[test]
+        fn key_list_parse_never_panics(list in ".{0,300}") {
+            let _ = KeyRing::parse(&list);
+        }
+
+        /// Keys written as hex or base64, with blanks and empty entries
+        /// around them, parse to as many keys, in order.
+        #[test]
+        fn key_lists_round_trip(keys in proptest::collection::vec(any::<[u8; 32]>(), 1..5), pad in " {0,3}", as_hex in any::<bool>()) {
+            let texts: Vec<String> = keys.iter().map(|k| if as_hex { hex::encode(k) } else { STANDARD.encode(k) }).collect();
+            let list = texts.iter().map(|t| format!("{pad}{t}{pad}")).collect::<Vec<_>>().join(";;");
+            let ring = KeyRing::parse(&list).unwrap();
+            prop_assert_eq!(ring.keys.len(), keys.len());
+            for (key, parsed) in keys.iter().zip(&ring.keys) {
+                prop_assert_eq!(key_id(key), parsed.id);
+            }
+        }
+
+        /// Opening arbitrary bytes or text never panics and never succeeds.
+        #[test]
+        fn open_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200), text in ".{0,200}") {
+            let ring = KeyRing::parse(&KeyRing::generate_key()).unwrap();
+            prop_assert!(ring.open(&bytes, b"aad").is_err());
+            prop_assert!(ring.open_text(&text, b"aad").is_err());
+        }
+
+        /// Seal then open gives the plaintext back; other associated data,
+        /// any flipped byte, or a ring without the key does not open.
+        #[test]
+        fn seal_open_round_trip(plain in proptest::collection::vec(any::<u8>(), 0..300), aad in proptest::collection::vec(any::<u8>(), 0..40),
+                                other in proptest::collection::vec(any::<u8>(), 0..40), flip in any::<proptest::sample::Index>()) {
+            let ring = KeyRing::parse(&KeyRing::generate_key()).unwrap();
+            let sealed = ring.seal(&plain, &aad);
+            prop_assert_eq!(ring.open(&sealed, &aad).unwrap(), plain.clone());
+            if other != aad {
+                prop_assert!(ring.open(&sealed, &other).is_err());
+            }
+            let mut tampered = sealed.clone();
+            let i = flip.index(tampered.len());
+            tampered[i] ^= 0x01;
+            prop_assert!(ring.open(&tampered, &aad).is_err());
+            let stranger = KeyRing::parse(&KeyRing::generate_key()).unwrap();
+            prop_assert!(stranger.open(&sealed, &aad).is_err());
+        }
+
+        /// The same for the text form used in cookies.
+        #[test]
+        fn seal_text_round_trip(plain in ".{0,200}") {
+            let ring = KeyRing::parse(&KeyRing::generate_key()).unwrap();
+            let sealed = ring.seal_text(&plain, b"cookie");
+            prop_assert_eq!(ring.open_text(&sealed, b"cookie").unwrap(), plain);
+            prop_assert!(ring.open_text(&sealed, b"other").is_err());
+        }
+    }
+}

@@ -31,17 +31,28 @@ pub struct ApiError {
     pub description: String,
     /// Where a person renews the login, when that is the way out.
     pub reauth_url: Option<String>,
+    /// Seconds to wait before trying again (`Retry-After`), when known.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     /// Any status and code.
     pub fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
-        Self { status, error, description: description.into(), reauth_url: None }
+        Self { status, error, description: description.into(), reauth_url: None, retry_after: None }
     }
     /// Names the URL that renews the login (`/refresh`).
     pub fn with_reauth(mut self, url: impl Into<String>) -> Self {
         self.reauth_url = Some(url.into());
         self
+    }
+    /// Says when to try again (`Retry-After`).
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+    /// 403 `insufficient_scope`: the token is valid but does not allow this.
+    pub fn insufficient_scope(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "insufficient_scope", description)
     }
     /// 400 `invalid_request`: a parameter is missing or malformed.
     pub fn invalid_request(description: impl Into<String>) -> Self {
@@ -85,8 +96,20 @@ impl IntoResponse for ApiError {
         if let (Some(c), StatusCode::UNAUTHORIZED) = (challenge, self.status) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        if self.error == "insufficient_scope" {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tokenhub\", error=\"insufficient_scope\""),
+            );
+        }
+        match (self.retry_after, self.status) {
+            (Some(seconds), _) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            (None, StatusCode::SERVICE_UNAVAILABLE) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
         }
         response
     }

@@ -56,3 +56,38 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01 00:00:00 +0000");
     }
 }
+
+/// Property tests of the token file's timestamps.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use time::PrimitiveDateTime;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Every timestamp the document carries parses back with FABRIC's
+        /// `%Y-%m-%d %H:%M:%S %z` to the same instant (years 1970–9999).
+        #[test]
+        fn timestamps_parse_back(unix in 0i64..253_402_300_799) {
+            let text = timestamp(unix);
+            let format = format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] [offset_hour sign:mandatory][offset_minute]"
+            );
+            let parsed = OffsetDateTime::parse(&text, &format).unwrap();
+            prop_assert_eq!(parsed.unix_timestamp(), unix);
+            prop_assert_eq!(text.len(), 25);
+            // Python's strptime view of it: the fields without the offset.
+            let plain = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+            prop_assert!(PrimitiveDateTime::parse(&text[..19], &plain).is_ok());
+            prop_assert!(text.ends_with(" +0000"));
+        }
+
+        /// Out-of-range instants do not panic (they fall back to the epoch).
+        #[test]
+        fn any_instant_formats(unix in any::<i64>()) {
+            prop_assert_eq!(timestamp(unix).len() >= 25, true);
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! writing a file into a running server through its Contents API.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -15,8 +15,12 @@ use crate::crypto::digest_hex;
 
 /// How long the owner of a token is remembered.
 const IDENTITY_TTL: Duration = Duration::from_secs(60);
-/// Most identities remembered at once (the cache is cleared when full).
-const IDENTITY_CACHE_MAX: usize = 10_000;
+/// How long a token the hub does not know, or that may not call tokenhub,
+/// is remembered: a flood of one made-up token is not a flood of hub calls,
+/// and a token the hub learns about (or is granted the scope) soon works.
+const REFUSED_TTL: Duration = Duration::from_secs(10);
+/// Most tokens remembered at once, in each cache (least used go first).
+const CACHE_MAX: u64 = 100_000;
 
 /// Why a call to the hub failed. Texts hold no token values.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,21 @@ pub struct Identity {
     pub username: String,
 }
 
+/// What the hub says about a token presented to tokenhub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A user's token that may call tokenhub.
+    User(Identity),
+    /// The hub does not know the token.
+    Unknown,
+    /// The token belongs to a service, not a user.
+    NotAUser,
+    /// A user's token without the scope that lets it call tokenhub (a narrow
+    /// personal token, or one the hub issued to another service or to
+    /// another user's server). Holds the scope it lacks.
+    MissingScope(String),
+}
+
 /// One of a user's servers, as the hub reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServerInfo {
@@ -67,6 +86,9 @@ struct UserModel {
     kind: Option<String>,
     #[serde(default)]
     servers: HashMap<String, ServerInfo>,
+    /// The scopes of the token the request was made with (JupyterHub ≥ 2).
+    #[serde(default)]
+    scopes: Vec<String>,
 }
 
 /// A client of the hub's API and of users' servers.
@@ -76,7 +98,12 @@ pub struct HubApi {
     proxy_url: Url,
     token_file: String,
     http: reqwest::Client,
-    identities: std::sync::RwLock<HashMap<String, (Identity, Instant)>>,
+    /// The scope a token needs to call tokenhub.
+    required_scope: String,
+    /// Tokens that may call tokenhub, by SHA-256 digest (never the token).
+    identities: moka::sync::Cache<String, Identity>,
+    /// Tokens refused recently, by digest.
+    refused: moka::sync::Cache<String, Verdict>,
 }
 
 impl std::fmt::Debug for HubApi {
@@ -101,7 +128,9 @@ impl HubApi {
             proxy_url: config.proxy_url.clone(),
             token_file: config.token_file.clone(),
             http,
-            identities: Default::default(),
+            required_scope: format!("access:services!service={}", config.service_name),
+            identities: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
+            refused: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(REFUSED_TTL).build(),
         }
     }
 
@@ -122,16 +151,30 @@ impl HubApi {
         }
     }
 
-    /// The user a hub API token (a server's `JUPYTERHUB_API_TOKEN`, or any
-    /// user token) belongs to; `None` when the hub does not know it or it
-    /// belongs to a service.
-    pub async fn identify(&self, token: &str) -> Result<Option<Identity>, HubError> {
+    /// The scope a caller's token must hold (`access:services!service=<name>`).
+    pub fn required_scope(&self) -> &str {
+        &self.required_scope
+    }
+
+    /// What the hub's cache already knows about `token`, without calling
+    /// the hub (lets a known caller through while its address is slowed down).
+    pub fn cached(&self, token: &str) -> Option<Verdict> {
         let key = digest_hex(token);
-        if let Some((identity, at)) = self.identities.read().expect("identity cache lock").get(&key)
-            && at.elapsed() < IDENTITY_TTL
-        {
-            return Ok(Some(identity.clone()));
+        self.identities.get(&key).map(Verdict::User).or_else(|| self.refused.get(&key))
+    }
+
+    /// Who a hub API token (a server's `JUPYTERHUB_API_TOKEN`, or any user
+    /// token) belongs to, and whether it may call tokenhub: like JupyterHub's
+    /// `HubAuth`, a token is accepted only if its scopes include
+    /// `access:services!service=<tokenhub's name>` or `access:services`.
+    /// Without that check, any token naming a user (a narrow personal token,
+    /// a token issued for the user to another service or to another user's
+    /// server) would read that user's upstream tokens.
+    pub async fn identify(&self, token: &str) -> Result<Verdict, HubError> {
+        if let Some(verdict) = self.cached(token) {
+            return Ok(verdict);
         }
+        let key = digest_hex(token);
         let (url, _) = self.api("/user")?;
         let response = self
             .http
@@ -140,25 +183,41 @@ impl HubApi {
             .send()
             .await
             .map_err(unreachable)?;
-        match response.status().as_u16() {
-            200 => {}
-            401 | 403 | 404 => return Ok(None),
+        let verdict = match response.status().as_u16() {
+            200 => {
+                let user: UserModel = response
+                    .json()
+                    .await
+                    .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+                self.judge(user)
+            }
+            401 | 403 | 404 => Verdict::Unknown,
             status => return Err(HubError::Status { what: "the hub's /user", status }),
+        };
+        match &verdict {
+            Verdict::User(identity) => self.identities.insert(key, identity.clone()),
+            refused => self.refused.insert(key, refused.clone()),
         }
-        let user: UserModel = response
-            .json()
-            .await
-            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        Ok(verdict)
+    }
+
+    fn judge(&self, user: UserModel) -> Verdict {
         if user.kind.as_deref().is_some_and(|k| k != "user") {
-            return Ok(None);
+            return Verdict::NotAUser;
         }
-        let identity = Identity { username: user.name };
-        let mut cache = self.identities.write().expect("identity cache lock");
-        if cache.len() >= IDENTITY_CACHE_MAX {
-            cache.clear();
+        let allowed = user.scopes.iter().any(|s| s == "access:services" || *s == self.required_scope);
+        if allowed {
+            Verdict::User(Identity { username: user.name })
+        } else {
+            Verdict::MissingScope(self.required_scope.clone())
         }
-        cache.insert(key, (identity.clone(), Instant::now()));
-        Ok(Some(identity))
+    }
+
+    /// Lets the caches drop expired entries now (they hold no token values,
+    /// only digests, but should not outlive their time).
+    pub fn sweep(&self) {
+        self.identities.run_pending_tasks();
+        self.refused.run_pending_tasks();
     }
 
     /// The user's servers (ready or not).

@@ -3,6 +3,7 @@
 //! user's notebook servers. See README.md for the whole picture.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -14,9 +15,11 @@ pub mod hub;
 pub mod keepalive;
 pub mod login;
 pub mod metrics;
+pub mod openapi;
 pub mod pages;
 pub mod provider;
 pub mod refresh;
+pub mod security;
 pub mod session;
 pub mod state;
 pub mod store;
@@ -31,6 +34,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::errors::ApiError;
@@ -60,7 +64,8 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/callback"), get(login::callback))
         .route(&at("/api/v1/tokens"), get(api::tokens))
         .route(&at("/api/v1/tokens/refresh"), post(api::force_refresh))
-        .route(&at("/api/v1/hub/spawn"), post(api::spawn));
+        .route(&at("/api/v1/hub/spawn"), post(api::spawn))
+        .route(&at("/api/v1/openapi.json"), get(openapi::serve));
     if !base.is_empty() {
         // The prefix itself, without the trailing slash, is the token page too.
         routes = routes.route(&base, get(pages::token_page));
@@ -68,11 +73,28 @@ pub fn app(state: AppState) -> Router {
     routes
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(security::security_headers))
+        .layer(axum::middleware::from_fn(audit::with_context))
         // Log method and path only: query strings carry codes and state.
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
         }))
+        // Every request gets an `x-request-id` (kept if the proxy sent one),
+        // answered back and named in the audit log.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
         .with_state(state)
+}
+
+/// Makes request ids: 16 random bytes, base64url.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        axum::http::HeaderValue::from_str(&crypto::random_token()[..22]).ok().map(RequestId::new)
+    }
 }
 
 /// Marks a response as not to be stored by any cache: every answer that

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Form, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
 use secrecy::ExposeSecret;
@@ -45,8 +45,10 @@ async fn lineage_of(app: &AppState, username: &str) -> Result<Option<Lineage>, P
     Ok(app.vault.load(username, app.upstream.issuer()).await?)
 }
 
-/// `GET /`: what tokenhub holds for the signed-in user.
-pub async fn token_page(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+/// `GET /`: what tokenhub holds for the signed-in user. It carries the
+/// CSRF value of the revoke form, so it goes only to a top-level navigation.
+pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: CookieJar) -> Result<Response, PageError> {
+    crate::security::top_level_navigation(&headers)?;
     let Some(session) = session::current(&app, &jar) else {
         let info = InfoPage {
             title: "tokenhub",
@@ -85,7 +87,8 @@ pub async fn token_page(State(app): State<AppState>, jar: CookieJar) -> Result<R
         revoke_url: app.url("/revoke").to_string(),
         hub_url: app.hub_home(),
     };
-    Ok(page(views::render(&view)))
+    let referrer = (header::REFERRER_POLICY, crate::security::FORM_REFERRER_POLICY);
+    Ok(([referrer], page(views::render(&view))).into_response())
 }
 
 /// `GET /login`: sign in to tokenhub's token page through the IdP.
@@ -146,14 +149,17 @@ fn signed_in(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
 }
 
 /// `GET /tokens.json`: the token file, for a server that has none yet or for
-/// use elsewhere.
-pub async fn download(State(app): State<AppState>, jar: CookieJar) -> Result<Response, PageError> {
+/// use elsewhere. Only to a top-level navigation: script on another page of
+/// the hub's origin must not read it with the user's cookie.
+pub async fn download(State(app): State<AppState>, headers: HeaderMap, jar: CookieJar) -> Result<Response, PageError> {
+    crate::security::top_level_navigation(&headers)?;
     let session = signed_in(&app, &jar)?;
     let lineage = lineage_of(&app, &session.username).await?.ok_or_else(|| {
         PageError::new(StatusCode::NOT_FOUND, "No tokens", "tokenhub holds no tokens for you.")
             .with_action("Renew", app.url("/refresh").to_string())
     })?;
-    let body = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
+    let body = serde_json::to_string_pretty(&fabric::document(&lineage)).unwrap_or_default();
+    app.audit.record("download", Some(&session.username), Some(lineage.version), Some("token file downloaded"));
     Ok(no_store(
         (
             [
@@ -170,9 +176,12 @@ pub async fn download(State(app): State<AppState>, jar: CookieJar) -> Result<Res
 /// offers revocation) and delete the lineage from the vault.
 pub async fn revoke(
     State(app): State<AppState>,
+    headers: HeaderMap,
     jar: CookieJar,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
+    crate::security::same_origin_post(&headers, &app.origin)
+        .inspect_err(|_| app.audit.record("refused", None, None, Some("revoke form from another origin")))?;
     let session = signed_in(&app, &jar)?;
     let csrf_ok = form.get("csrf").is_some_and(|c| constant_time_eq(c, &session.csrf));
     if !csrf_ok {
@@ -195,6 +204,7 @@ pub async fn revoke(
     }
     app.vault.delete(&session.username, issuer).await?;
     tracing::info!(user = %session.username, "lineage revoked and deleted");
+    app.audit.record("revoke", Some(&session.username), None, Some("lineage revoked and deleted"));
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
     Ok((session::end(&app, jar), page(views::render(&info))).into_response())

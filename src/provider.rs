@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::auth::{authenticate_hub_client, presented_token};
+use crate::auth::presented_token;
 use crate::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
@@ -65,7 +65,7 @@ pub async fn token(
 ) -> Result<Response, ApiError> {
     let result = async {
         let Form(form) = form.map_err(form_error)?;
-        authenticate_hub_client(&app.config.hub, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
+        crate::api::hub_client(&app, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
         match form.grant_type.as_deref() {
             Some("authorization_code") => authorization_code_grant(&app, &form).await,
             Some("refresh_token") => refresh_token_grant(&app, &form).await,
@@ -83,6 +83,9 @@ pub async fn token(
         Err(e) => {
             Metrics::inc(&app.metrics.hub_token_errors);
             tracing::info!(error = e.error, description = %e.description, "token request refused");
+            if e.error == "invalid_grant" {
+                app.audit.record("invalid_grant", None, None, Some("token endpoint refused a code or refresh token"));
+            }
         }
     }
     result
@@ -121,7 +124,9 @@ async fn authorization_code_grant(app: &AppState, form: &TokenForm) -> Result<Re
         (None, Some(_)) => return Err(ApiError::invalid_grant("code_verifier sent, but the authorization request had no code_challenge")),
         (None, None) => {}
     }
-    issue_tokens(app, &row.username, &row.issuer, &row.scope).await
+    let response = issue_tokens(app, &row.username, &row.issuer, &row.scope).await?;
+    app.audit.record("hub_login", Some(&row.username), None, Some("tokens issued to the hub for a login"));
+    Ok(response)
 }
 
 async fn refresh_token_grant(app: &AppState, form: &TokenForm) -> Result<Response, ApiError> {
@@ -145,7 +150,9 @@ async fn refresh_token_grant(app: &AppState, form: &TokenForm) -> Result<Respons
     if !lineage.is_some_and(|l| l.status == "active") {
         return Err(ApiError::invalid_grant("the user's upstream login is gone: sign in again"));
     }
-    issue_tokens(app, &row.username, &row.issuer, &row.scope).await
+    let response = issue_tokens(app, &row.username, &row.issuer, &row.scope).await?;
+    app.audit.record("hub_token_refresh", Some(&row.username), None, None);
+    Ok(response)
 }
 
 async fn issue_tokens(app: &AppState, username: &str, issuer: &str, scope: &str) -> Result<Response, ApiError> {
@@ -223,4 +230,39 @@ fn user_claims(app: &AppState, username: &str, upstream: &Map<String, Value>, is
     out.insert("upstream_issuer".into(), issuer.into());
     out.insert("upstream_subject".into(), subject.into());
     out
+}
+
+/// Property tests of the token endpoint's form.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any body: a form or an error, never a panic.
+        #[test]
+        fn form_parse_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = serde_urlencoded::from_bytes::<TokenForm>(&body);
+        }
+
+        /// Form-encoded values of any text (`&`, `=`, `+`, `%`, non-ASCII)
+        /// come back unchanged.
+        #[test]
+        fn form_fields_round_trip(code in "\\PC{0,60}", verifier in "[a-zA-Z0-9&=+%~/ -]{0,60}", id in "\\PC{0,20}") {
+            let body = serde_urlencoded::to_string([
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("code_verifier", verifier.as_str()),
+                ("client_id", id.as_str()),
+            ]).unwrap();
+            let form: TokenForm = serde_urlencoded::from_str(&body).unwrap();
+            prop_assert_eq!(form.grant_type.as_deref(), Some("authorization_code"));
+            prop_assert_eq!(form.code.as_deref(), Some(code.as_str()));
+            prop_assert_eq!(form.code_verifier.as_deref(), Some(verifier.as_str()));
+            prop_assert_eq!(form.client_id.as_deref(), Some(id.as_str()));
+            prop_assert_eq!(form.refresh_token, None);
+        }
+    }
 }

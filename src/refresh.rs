@@ -169,6 +169,22 @@ impl Refresher {
         slots.entry(key.to_string()).or_default().clone()
     }
 
+    /// Drops the slots nobody holds or waits for and that keep no unsaved
+    /// answer, so the map stays as small as the lineages in flight (it runs
+    /// every second). Under the map's lock nobody can take a new handle, so a
+    /// slot whose only handle is the map's is not in use: removing it never
+    /// gives two callers two locks for one lineage. Its `failed_at` only
+    /// matters to callers already waiting, and they hold handles.
+    pub fn sweep(&self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |s| s.unsaved.is_some()));
+    }
+
+    /// How many lineage slots the map holds.
+    pub fn slot_count(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
         self.fresh_inner(app, username, want, None, &mut false).await
@@ -248,11 +264,13 @@ impl Refresher {
             Err(UpstreamError::InvalidGrant(reason)) => {
                 app.vault.mark_dead(username, issuer, lineage.version).await?;
                 tracing::warn!(user = %username, "refresh refused with invalid_grant: lineage marked dead");
+                app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some("the IdP refused the refresh"));
                 return Err(RefreshError::Dead(reason));
             }
             Err(e) => {
                 slot.failed_at = Some(Instant::now());
                 tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
+                app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some("the IdP is unavailable"));
                 app.vault.store().release_lease(username, issuer, &self.holder).await?;
                 return Err(RefreshError::Unavailable(e.to_string()));
             }
@@ -281,6 +299,7 @@ impl Refresher {
             }
         };
         tracing::info!(user = %username, version = stored.version, "tokens refreshed");
+        app.audit.record("refresh", Some(username), Some(stored.version), None);
         *made = true;
         crate::keepalive::record_refresh_expiry(app, username, issuer, stored.version, reply.refresh_expires_in).await;
         let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
@@ -393,4 +412,32 @@ impl Refresher {
 enum Lease {
     Ours,
     RefreshedElsewhere(Lineage),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot map is bounded by the lineages in flight, and a held slot
+    /// is never swept and handed out a second time.
+    #[tokio::test]
+    async fn a_held_slot_is_never_handed_out_twice() {
+        let refresher = Refresher::default();
+        let held = refresher.slot_for("alice\0issuer");
+        let guard = held.clone().lock_owned().await;
+        let waiting = refresher.slot_for("bob\0issuer"); // a caller queued, not yet locked
+        for i in 0..500 {
+            let _ = refresher.slot_for(&format!("user{i}\0issuer"));
+        }
+        assert_eq!(refresher.slot_count(), 502);
+        refresher.sweep();
+        assert_eq!(refresher.slot_count(), 2, "only the slots in use are kept");
+        let again = refresher.slot_for("alice\0issuer");
+        assert!(Arc::ptr_eq(&held, &again), "a second caller gets the same lock");
+        assert!(again.try_lock().is_err(), "and it is held");
+        assert!(Arc::ptr_eq(&waiting, &refresher.slot_for("bob\0issuer")));
+        drop((guard, held, again, waiting));
+        refresher.sweep();
+        assert_eq!(refresher.slot_count(), 0, "the map shrinks when nobody uses a slot");
+    }
 }

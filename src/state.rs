@@ -37,6 +37,12 @@ pub struct App {
     pub refresher: Refresher,
     /// `/refresh` as users open it (named in every token answer).
     pub reauth_url: String,
+    /// The audit log.
+    pub audit: crate::audit::Audit,
+    /// Slows down clients that fail authentication repeatedly.
+    pub limiter: crate::security::FailureLimiter,
+    /// tokenhub's own origin (`scheme://host[:port]`), for `Origin` checks.
+    pub origin: String,
 }
 
 /// What handlers receive.
@@ -54,6 +60,9 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The audit log could not be opened.
+    #[error("audit log (TOKENHUB_AUDIT_LOG): {0}")]
+    Audit(#[from] std::io::Error),
 }
 
 /// The HTTP client for talking to the IdP: no redirects (OAuth endpoints must
@@ -74,7 +83,7 @@ impl App {
         let store = Store::connect(&config.vault.database_url).await?;
         let http = http_client()?;
         let upstream = Upstream::new(config.upstream.clone(), http.clone());
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             vault: Vault::new(store, keys.clone()),
             keys,
             upstream,
@@ -83,8 +92,13 @@ impl App {
             deliveries: Deliveries::default(),
             refresher: Refresher::default(),
             reauth_url: crate::config::join(&config.http.public_url, "/refresh").to_string(),
+            audit: crate::audit::Audit::open(&config.log.audit)?,
+            limiter: Default::default(),
+            origin: config.http.public_url.origin().ascii_serialization(),
             config,
-        }))
+        });
+        housekeeping(Arc::downgrade(&app));
+        Ok(app)
     }
 
     /// A URL of tokenhub's own, from a path like `/callback`.
@@ -101,4 +115,21 @@ impl App {
             None => callback.to_string(),
         }
     }
+}
+
+/// Once a second, lets the caches drop what has expired: opened lineages
+/// (decrypted tokens) must leave memory when their second is up, not when
+/// the next request happens to touch the cache. Stops with the app.
+fn housekeeping(app: std::sync::Weak<App>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            app.vault.sweep();
+            app.hub.sweep();
+            app.refresher.sweep();
+            app.limiter.sweep();
+        }
+    });
 }

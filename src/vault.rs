@@ -3,9 +3,8 @@
 //! value to its user, issuer and field, so a value copied to another row or
 //! column does not open.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
@@ -83,15 +82,19 @@ pub enum VaultError {
 /// Writes through this vault drop the entry at once; the time bounds how
 /// long a change made by another replica takes to be seen.
 const CACHE_TTL: Duration = Duration::from_secs(1);
+/// Most opened lineages held at once.
+const CACHE_MAX: u64 = 10_000;
 
 type CacheKey = (String, String);
 
-/// Sealed storage of lineages, with a short-lived cache of opened ones.
+/// Sealed storage of lineages, with a short-lived cache of opened ones
+/// (bounded in time and size; expired entries are dropped by [`Vault::sweep`]
+/// every second, so decrypted tokens do not linger in memory).
 #[derive(Debug, Clone)]
 pub struct Vault {
     store: Store,
     keys: Arc<KeyRing>,
-    cache: Arc<RwLock<HashMap<CacheKey, (Arc<Lineage>, Instant)>>>,
+    cache: moka::sync::Cache<CacheKey, Arc<Lineage>>,
 }
 
 fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
@@ -101,7 +104,8 @@ fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
 impl Vault {
     /// A vault over `store`, sealing with `keys`.
     pub fn new(store: Store, keys: Arc<KeyRing>) -> Self {
-        Self { store, keys, cache: Default::default() }
+        let cache = moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(CACHE_TTL).build();
+        Self { store, keys, cache }
     }
 
     fn key(username: &str, issuer: &str) -> CacheKey {
@@ -110,7 +114,17 @@ impl Vault {
 
     /// Drops the cached copy of a lineage (after any write to it).
     pub fn forget(&self, username: &str, issuer: &str) {
-        self.cache.write().expect("cache lock").remove(&Self::key(username, issuer));
+        self.cache.invalidate(&Self::key(username, issuer));
+    }
+
+    /// Drops expired opened lineages now.
+    pub fn sweep(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    /// How many opened lineages are held (after a [`Vault::sweep`]).
+    pub fn cached_count(&self) -> u64 {
+        self.cache.entry_count()
     }
 
     /// The lineage as of at most a second ago: the hot path. Decisions that
@@ -118,18 +132,12 @@ impl Vault {
     /// use [`Vault::load`].
     pub async fn load_cached(&self, username: &str, issuer: &str) -> Result<Option<Arc<Lineage>>, VaultError> {
         let key = Self::key(username, issuer);
-        if let Some((lineage, at)) = self.cache.read().expect("cache lock").get(&key)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(Some(lineage.clone()));
+        if let Some(lineage) = self.cache.get(&key) {
+            return Ok(Some(lineage));
         }
         let lineage = self.load(username, issuer).await?.map(Arc::new);
         if let Some(lineage) = &lineage {
-            let mut cache = self.cache.write().expect("cache lock");
-            if cache.len() > 100_000 {
-                cache.clear();
-            }
-            cache.insert(key, (lineage.clone(), Instant::now()));
+            self.cache.insert(key, lineage.clone());
         }
         Ok(lineage)
     }

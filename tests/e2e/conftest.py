@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import sys
 import tempfile
 import time
@@ -48,6 +49,13 @@ def stack():
         tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
         # Short-lived access tokens, so that refreshes happen within the tests.
         access_token_ttl=120,
+        extra_env={
+            # The audit log in a file of its own (checked by test_zz_secrets).
+            "TOKENHUB_AUDIT_LOG": str(state / "audit.jsonl"),
+            # A second OAuth client at the hub (test_security).
+            "HUB_TEST_OAUTH_CLIENT_SECRET": secrets.token_hex(24),
+            "HUB_TEST_OAUTH_CLIENT_REDIRECT": f"http://127.0.0.1:{free_port()}/e2e-other-client/oauth_callback",
+        },
     )
     try:
         s.start()

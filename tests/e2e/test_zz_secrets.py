@@ -16,3 +16,22 @@ def test_logs_hold_no_token_values(stack):
     if wal.exists():
         database += wal.read_bytes()
     assert not [t for t in SEEN_TOKENS if t.encode() in database]
+
+
+def test_audit_log_holds_the_events_and_no_token_values(stack):
+    import json
+
+    path = stack.state_dir / "audit.jsonl"
+    text = path.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    events = {line["event"] for line in lines}
+    for event in ("login", "hub_login", "spawn", "notebook_fetch", "refresh", "revoke", "refused"):
+        assert event in events, f"{event} missing from the audit log: {sorted(events)}"
+    refresh = next(line for line in lines if line["event"] == "refresh")
+    assert refresh["user"] and isinstance(refresh["version"], int)
+    fetch = next(line for line in lines if line["event"] == "notebook_fetch")
+    assert fetch["request_id"] and fetch["client"] == "127.0.0.1", fetch
+    refused = [line for line in lines if line["event"] == "refused"]
+    assert any("scope" in (line["detail"] or "") for line in refused), refused
+    leaked = [t[:6] + "…" for t in SEEN_TOKENS if t in text]
+    assert not leaked, f"token values in the audit log: {leaked}"

@@ -12,6 +12,7 @@ mod pages;
 mod refresh;
 mod refresh_safety;
 mod rejections;
+mod security;
 mod service;
 mod spawn;
 mod store_backends;

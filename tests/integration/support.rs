@@ -180,7 +180,8 @@ impl TestAppBuilder {
         let config = self.settings.into_config(None).unwrap();
         let state = App::new(config).await.unwrap();
         let router = tokenhub::app(state.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
         TestApp { state: Some(state), base, db_path, _dir: Some(dir) }
     }
 }
@@ -315,19 +316,37 @@ impl HubMock {
         Self { server: wiremock::MockServer::start().await }
     }
 
-    /// A server API token of `user`'s, known to the hub.
+    /// A server API token of `user`'s, known to the hub, with the scope a
+    /// server's own token holds (`access:services!service=tokenhub`).
     pub async fn server_token(&self, user: &str) -> String {
+        self.token_with(user, "user", &["access:services!service=tokenhub", "read:users:name!user"]).await
+    }
+
+    /// A token the hub knows for `user` (`kind` `user` or `service`) with
+    /// these scopes in its `/hub/api/user` answer.
+    pub async fn token_with(&self, user: &str, kind: &str, scopes: &[&str]) -> String {
         use wiremock::matchers::{header, method, path};
         let token = format!("server-token-{user}-{}", tokenhub::crypto::random_token());
         wiremock::Mock::given(method("GET"))
             .and(path("/hub/api/user"))
             .and(header("authorization", format!("token {token}").as_str()))
             .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
-                "kind": "user", "name": user, "servers": {}
+                "kind": kind, "name": user, "servers": {}, "scopes": scopes
             })))
             .mount(&self.server)
             .await;
         token
+    }
+
+    /// How many `/hub/api/user` calls the hub received.
+    pub async fn user_calls(&self) -> usize {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.url.path() == "/hub/api/user")
+            .count()
     }
 
     /// Tells the hub that `user` runs a ready default server at
@@ -508,9 +527,16 @@ pub fn query(url: &Url, name: &str) -> Option<String> {
 }
 
 impl Browser {
+    /// Every request is a top-level navigation typed into the address bar
+    /// (what tokenhub's token page and download require).
     pub fn new() -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("sec-fetch-mode", "navigate".parse().unwrap());
+        headers.insert("sec-fetch-dest", "document".parse().unwrap());
+        headers.insert("sec-fetch-site", "none".parse().unwrap());
         Self {
             http: reqwest::Client::builder()
+                .default_headers(headers)
                 .cookie_store(true)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -633,6 +659,11 @@ impl Hub {
             .await
             .unwrap()
     }
+}
+
+/// The origin of `app` (`http://127.0.0.1:port`), as a browser sends it.
+pub fn origin_of(app: &TestApp) -> String {
+    Url::parse(&app.base).unwrap().origin().ascii_serialization()
 }
 
 /// Sends a request and reads its JSON answer.
