@@ -284,13 +284,8 @@ impl Runner {
             Ok((fresh, made)) => {
                 if made {
                     Metrics::inc(&metrics.keepalive_refreshes);
-                    tracing::info!(
-                        target: "tokenhub::audit",
-                        user = %username,
-                        reason = why.as_str(),
-                        version = fresh.lineage.version,
-                        "keep-alive refreshed the user's tokens"
-                    );
+                    tracing::info!(user = %username, reason = why.as_str(), version = fresh.lineage.version, "keep-alive refreshed the user's tokens");
+                    self.app.audit.record("keepalive_refresh", Some(username), Some(fresh.lineage.version), Some(why.as_str()));
                 }
                 Ok(())
             }
@@ -298,7 +293,6 @@ impl Runner {
             Err(RefreshError::Dead(reason)) => {
                 Metrics::inc(&metrics.keepalive_failures);
                 tracing::warn!(
-                    target: "tokenhub::audit",
                     user = %username,
                     reason = %reason,
                     "keep-alive: the identity provider refused the refresh; the user must sign in again"

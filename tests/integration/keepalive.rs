@@ -60,9 +60,9 @@ async fn refresh_now(app: &TestApp, user: &str) -> Result<tokenhub::refresh::Fre
 
 #[tokio::test]
 async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
-    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "6")]);
+    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "10")]);
     let hub = HubMock::start().await;
-    let app = app(&idp, &hub, Some(6), None).await;
+    let app = app(&idp, &hub, Some(10), None).await;
     login(&app, &idp, "alice").await;
     login(&app, &idp, "bob").await;
     hub.running("alice").await;
@@ -70,14 +70,14 @@ async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
     let keepalive = KeepAlive::start(app.state().clone()).expect("keep-alive runs");
 
     // Three idle periods, nobody touching either user's tokens.
-    tokio::time::sleep(Duration::from_secs(19)).await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
     keepalive.stop().await;
 
     let alice = lineage(&app, &idp, "alice").await;
     assert!(alice.active);
     assert!(alice.refreshed_at.is_some_and(|at| at > first_file_at), "keep-alive refreshed alice");
     let refreshes = idp.refreshes("alice").await;
-    assert!((3..=10).contains(&refreshes), "{refreshes} refreshes in 19 s of a 6 s idle timeout");
+    assert!((3..=14).contains(&refreshes), "{refreshes} refreshes in 31 s of a 10 s idle timeout");
     assert_eq!(keepalive_refreshes(&app), refreshes, "each one made by keep-alive");
     assert_eq!(alice.version as u64, 1 + refreshes);
     assert_eq!(idp.refreshes("bob").await, 0, "bob runs no server: not kept alive");
@@ -108,7 +108,7 @@ async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
 
 #[tokio::test]
 async fn the_idps_refresh_expires_in_is_stored_and_kept_to() {
-    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "6"), ("IDP_SEND_REFRESH_EXPIRES_IN", "1")]);
+    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "10"), ("IDP_SEND_REFRESH_EXPIRES_IN", "1")]);
     let hub = HubMock::start().await;
     // No idle timeout is configured: only the IdP's word says when to refresh.
     let app = app(&idp, &hub, None, None).await;
@@ -116,33 +116,33 @@ async fn the_idps_refresh_expires_in_is_stored_and_kept_to() {
     hub.running("erin").await;
     let rows = app.sql("SELECT refresh_expires_at - updated_at AS ttl FROM lineages WHERE username = 'erin'").await;
     let ttl: i64 = sqlx::Row::get(&rows[0], "ttl");
-    assert!((5..=7).contains(&ttl), "refresh_expires_at stored from refresh_expires_in: {ttl}");
+    assert!((9..=11).contains(&ttl), "refresh_expires_at stored from refresh_expires_in: {ttl}");
 
     let keepalive = KeepAlive::start(app.state().clone()).expect("keep-alive runs");
-    tokio::time::sleep(Duration::from_secs(13)).await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
     keepalive.stop().await;
     let refreshes = idp.refreshes("erin").await;
-    assert!(refreshes >= 2, "{refreshes} refreshes in 13 s of a 6 s lifetime");
+    assert!(refreshes >= 2, "{refreshes} refreshes in 21 s of a 10 s lifetime");
     let rows = app.sql("SELECT refresh_expires_at - refreshed_at AS ttl FROM lineages WHERE username = 'erin'").await;
     let ttl: i64 = sqlx::Row::get(&rows[0], "ttl");
-    assert!((5..=7).contains(&ttl), "each refresh stores the new lifetime: {ttl}");
+    assert!((9..=11).contains(&ttl), "each refresh stores the new lifetime: {ttl}");
     refresh_now(&app, "erin").await.expect("erin's lineage is alive");
 }
 
 #[tokio::test]
 async fn two_replicas_refresh_each_lineage_once_per_period() {
-    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "6")]);
+    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "10")]);
     let hub = HubMock::start().await;
     let database = Postgres::shared().new_database().await;
-    let a = app(&idp, &hub, Some(6), Some(database.clone())).await;
-    let b = app(&idp, &hub, Some(6), Some(database)).await;
+    let a = app(&idp, &hub, Some(10), Some(database.clone())).await;
+    let b = app(&idp, &hub, Some(10), Some(database)).await;
     for user in ["carol", "chen"] {
         login(&a, &idp, user).await;
         hub.running(user).await;
     }
     let keepalive_a = KeepAlive::start(a.state().clone()).unwrap();
     let keepalive_b = KeepAlive::start(b.state().clone()).unwrap();
-    tokio::time::sleep(Duration::from_secs(13)).await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
     keepalive_a.stop().await;
     keepalive_b.stop().await;
 
@@ -151,9 +151,10 @@ async fn two_replicas_refresh_each_lineage_once_per_period() {
         let refreshes = idp.refreshes(user).await;
         let lineage = lineage(&b, &idp, user).await;
         assert!(lineage.active, "{user}: a double refresh would have spent a rotated token");
-        // Refreshes come 2–4 s apart (idle 6 s, margin 3 s): one replica
-        // alone makes 3–7 of them in 13 s; both, refreshing each, twice that.
-        assert!((3..=7).contains(&refreshes), "{user}: {refreshes} refreshes in 13 s");
+        // Refreshes come 2.5–5 s apart (idle 10 s, margin 5 s): one replica
+        // alone makes 4–8 of them in 21 s; both, refreshing each, twice that
+        // (and then the versions below would not match the IdP's count).
+        assert!((2..=10).contains(&refreshes), "{user}: {refreshes} refreshes in 21 s");
         assert_eq!(lineage.version as u64, 1 + refreshes, "{user}: every IdP refresh is one stored version");
         total += refreshes;
     }
@@ -236,8 +237,8 @@ async fn replicas_deciding_at_the_same_moment_refresh_once() {
 
 #[tokio::test]
 async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
-    // Refresh tokens live long here; access tokens 6 s.
-    let idp = Idp::start(&[("IDP_ACCESS_TOKEN_TTL", "6")]);
+    // Refresh tokens live long here; access tokens 10 s.
+    let idp = Idp::start(&[("IDP_ACCESS_TOKEN_TTL", "10")]);
     let hub = HubMock::start().await;
     let proxy = url::Url::parse(&hub.server.uri()).unwrap();
     let app = TestApp::builder(&idp.issuer)
@@ -245,7 +246,7 @@ async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
         .settings(|s| {
             s.hub_url = Some(proxy);
             s.keepalive_interval = Some(1);
-            s.keepalive_margin = Some(3);
+            s.keepalive_margin = Some(5);
             s.keepalive_fresh_access = Some(true);
         })
         .spawn()
@@ -254,10 +255,10 @@ async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
     login(&app, &idp, "hal").await;
     hub.running("gus").await;
     let keepalive = KeepAlive::start(app.state().clone()).unwrap();
-    tokio::time::sleep(Duration::from_secs(9)).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
     keepalive.stop().await;
     let refreshes = idp.refreshes("gus").await;
-    assert!((2..=5).contains(&refreshes), "{refreshes} refreshes in 9 s of 6 s access tokens");
+    assert!((2..=8).contains(&refreshes), "{refreshes} refreshes in 15 s of 10 s access tokens");
     let gus = lineage(&app, &idp, "gus").await;
     assert!(gus.tokens.access_expires_at.unwrap() > tokenhub::time::now(), "the access token is still valid");
     assert_eq!(idp.refreshes("hal").await, 0, "hal runs no server");
@@ -265,17 +266,17 @@ async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
 
 #[tokio::test]
 async fn keep_alive_stops_with_the_server_unless_a_grace_period_is_set() {
-    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "6")]);
+    let idp = Idp::start(&[("IDP_REFRESH_TOKEN_TTL", "10")]);
     let (hub, hub_with_grace) = (HubMock::start().await, HubMock::start().await);
-    let app = app(&idp, &hub, Some(6), None).await;
+    let app = app(&idp, &hub, Some(10), None).await;
     let proxy = url::Url::parse(&hub_with_grace.server.uri()).unwrap();
     let with_grace = TestApp::builder(&idp.issuer)
         .hub(&hub_with_grace)
         .settings(|s| {
             s.hub_url = Some(proxy);
             s.keepalive_interval = Some(1);
-            s.keepalive_idle_timeout = Some(6);
-            s.keepalive_margin = Some(3);
+            s.keepalive_idle_timeout = Some(10);
+            s.keepalive_margin = Some(5);
             s.keepalive_grace = Some(60);
         })
         .spawn()
@@ -285,7 +286,7 @@ async fn keep_alive_stops_with_the_server_unless_a_grace_period_is_set() {
     hub.running("ivy").await;
     hub_with_grace.running("jon").await;
     let keepalives = [KeepAlive::start(app.state().clone()).unwrap(), KeepAlive::start(with_grace.state().clone()).unwrap()];
-    wait_until(Duration::from_secs(8), "both were kept alive once", async || {
+    wait_until(Duration::from_secs(14), "both were kept alive once", async || {
         keepalive_refreshes(&app) >= 1 && keepalive_refreshes(&with_grace) >= 1
     })
     .await;
@@ -294,7 +295,7 @@ async fn keep_alive_stops_with_the_server_unless_a_grace_period_is_set() {
     hub.server.reset().await;
     hub_with_grace.server.reset().await;
     let (ivy, jon) = (idp.refreshes("ivy").await, idp.refreshes("jon").await);
-    tokio::time::sleep(Duration::from_secs(9)).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
     for keepalive in keepalives {
         keepalive.stop().await;
     }
