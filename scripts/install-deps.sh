@@ -33,19 +33,7 @@ for dir in idp hub; do
 done
 
 # venv: .venv (JupyterHub 5, the demo's) and, with --jupyterhub6, .venv-jupyterhub6.
-venv() {
-  local dir=$1 requirements=$2
-  if [ ! -x "$dir/bin/python" ]; then
-    echo "creating the Python venv ($dir)"
-    "${PYTHON:-python3}" -m venv "$dir"
-  fi
-  if ! cmp -s "$requirements" "$dir/.installed-requirements.txt"; then
-    echo "installing Python packages ($requirements)"
-    "$dir/bin/pip" install -q --disable-pip-version-check -r "$requirements"
-    cp "$requirements" "$dir/.installed-requirements.txt"
-  fi
-}
-venv .venv hub/requirements.txt
+scripts/venv.sh .venv hub/requirements.txt
 if [ "${1:-}" = "--jupyterhub6" ]; then
-  venv .venv-jupyterhub6 hub/requirements-jupyterhub6.txt
+  scripts/venv.sh .venv-jupyterhub6 hub/requirements-jupyterhub6.txt
 fi

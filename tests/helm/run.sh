@@ -7,14 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=.venv-helm
-requirements=tests/helm/requirements.txt
-if [ ! -x "$dir/bin/python" ]; then
-  echo "creating the Python venv ($dir)"
-  "${PYTHON:-python3}" -m venv "$dir"
-fi
-if ! cmp -s "$requirements" "$dir/.installed-requirements.txt"; then
-  echo "installing Python packages ($requirements)"
-  "$dir/bin/pip" install -q --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$dir/.installed-requirements.txt"
-fi
+scripts/venv.sh "$dir" tests/helm/requirements.txt
 exec "$dir/bin/python" -m pytest tests/helm -v -p no:cacheprovider "$@"

@@ -10,17 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 venv=.venv-interop
-requirements=tests/interop/requirements.txt
-if [ ! -x "$venv/bin/python" ]; then
-  echo "creating the Python venv ($venv)"
-  "${PYTHON:-python3}" -m venv "$venv"
-  echo '*' >"$venv/.gitignore" # keeps the venv out of git without touching .gitignore
-fi
-if ! cmp -s "$requirements" "$venv/.installed-requirements.txt"; then
-  echo "installing Python packages ($requirements)"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$venv/.installed-requirements.txt"
-fi
+scripts/venv.sh "$venv" tests/interop/requirements.txt
 
 export TOKENHUB_BIN="${TOKENHUB_BIN:-$PWD/target/debug/tokenhub}"
 if [ ! -x "$TOKENHUB_BIN" ]; then
