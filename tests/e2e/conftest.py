@@ -39,14 +39,8 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="session")
 def stack():
     state = Path(tempfile.mkdtemp(prefix="tokenhub-e2e-"))
-    s = Stack(
-        state_dir=state,
-        hub_port=free_port(),
-        hub_api_port=free_port(),
-        proxy_api_port=free_port(),
-        idp_port=free_port(),
-        tokenhub_port=free_port(),
-        tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
+    s = start_stack(
+        state,
         # Short-lived access tokens, so that refreshes happen within the tests.
         access_token_ttl=120,
         extra_env={
@@ -57,6 +51,23 @@ def stack():
             "HUB_TEST_OAUTH_CLIENT_REDIRECT": f"http://127.0.0.1:{free_port()}/e2e-other-client/oauth_callback",
         },
     )
+    yield s
+    s.stop()
+
+
+def start_stack(state: Path, **settings) -> Stack:
+    """The whole stack on free ports, state in `state`; on a failed start,
+    the hub's and the IdP's logs are printed and everything is stopped."""
+    s = Stack(
+        state_dir=state,
+        hub_port=free_port(),
+        hub_api_port=free_port(),
+        proxy_api_port=free_port(),
+        idp_port=free_port(),
+        tokenhub_port=free_port(),
+        tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
+        **settings,
+    )
     try:
         s.start()
     except Exception:
@@ -65,8 +76,7 @@ def stack():
             if log.exists():
                 print(log.read_text()[-5000:], file=sys.stderr)
         raise
-    yield s
-    s.stop()
+    return s
 
 
 @pytest.fixture(scope="session")

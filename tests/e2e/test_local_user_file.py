@@ -23,8 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Hub, log_in_and_spawn, tokenhub_call, tokenhub_tokens, wait_for_file
-from stack import Stack, free_port
+from conftest import Hub, log_in_and_spawn, start_stack, tokenhub_call, tokenhub_tokens, wait_for_file
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the hub must run as root to start servers as users")
 
@@ -86,24 +85,10 @@ def local_stack(system_user):
     scratch.chmod(0o755)
     python, pythonpath = server_python(system_user, scratch)
     state = Path(tempfile.mkdtemp(prefix="tokenhub-e2e-local-"))
-    s = Stack(
-        state_dir=state,
-        hub_port=free_port(),
-        hub_api_port=free_port(),
-        proxy_api_port=free_port(),
-        idp_port=free_port(),
-        tokenhub_port=free_port(),
-        tokenhub_bin=Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub")),
+    s = start_stack(
+        state,
         extra_env={"HUB_SPAWNER": "local", "HUB_SERVER_PYTHON": python, "HUB_SERVER_PYTHONPATH": pythonpath},
     )
-    try:
-        s.start()
-    except Exception:
-        s.stop()
-        for log in (s.hub_log, s.idp_log):
-            if log.exists():
-                print(log.read_text()[-5000:], file=sys.stderr)
-        raise
     yield s
     s.stop()
     shutil.rmtree(state, ignore_errors=True)
