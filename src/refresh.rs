@@ -367,7 +367,7 @@ impl Refresher {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS as u64 + 5);
         loop {
             let now = now();
-            if store.try_lease(&lineage.username, &lineage.issuer, &self.holder, now, now + LEASE_SECS).await? {
+            if store.try_lease(&lineage.username, &lineage.issuer, lineage.version, &self.holder, now, now + LEASE_SECS).await? {
                 return Ok(Lease::Ours);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

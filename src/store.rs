@@ -365,12 +365,23 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Takes the refresh lease of a lineage until `until`, unless another
-    /// holder's lease is still running. Works across replicas.
-    pub async fn try_lease(&self, username: &str, issuer: &str, holder: &str, now: i64, until: i64) -> Result<bool, StoreError> {
+    /// Takes the refresh lease of a lineage at `version` until `until`,
+    /// unless another holder's lease is still running. Works across
+    /// replicas. A lineage that moved past `version` (another replica
+    /// refreshed it and gave the lease back) is not leased: refreshing it
+    /// would send the refresh token that refresh spent.
+    pub async fn try_lease(
+        &self,
+        username: &str,
+        issuer: &str,
+        version: i64,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE lineages SET lease_holder = $3, lease_until = $5 \
-             WHERE username = $1 AND issuer = $2 \
+             WHERE username = $1 AND issuer = $2 AND version = $6 \
                AND (lease_until IS NULL OR lease_until < $4 OR lease_holder = $3)",
         )
         .bind(username)
@@ -378,6 +389,7 @@ impl Store {
         .bind(holder)
         .bind(now)
         .bind(until)
+        .bind(version)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
