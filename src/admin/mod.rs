@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::config::KeepaliveConfig;
 use crate::state::AppState;
 use crate::store::{LineageFilter, LineageSort, LineageSummary};
 
@@ -153,6 +154,11 @@ pub struct Row {
     pub created_at: i64,
     /// Last change (unix seconds).
     pub updated_at: i64,
+    /// When the refresh token dies unless used: the IdP's word, else the
+    /// last refresh plus the configured idle timeout; `None` if unknown.
+    pub refresh_dies_at: Option<i64>,
+    /// Keep-alive's view of the lineage, in words.
+    pub keepalive: String,
     /// Servers this replica wrote the token file into, and when.
     pub servers: Vec<ServerFile>,
 }
@@ -203,7 +209,10 @@ async fn row(app: &AppState, s: LineageSummary) -> Row {
         .map(|d| ServerFile { server: d.server, version: d.version, at: d.at })
         .collect();
     let dead = s.status != "active";
+    let (refresh_dies_at, keepalive) = keepalive_status(&app.config.keepalive, &s, crate::time::now());
     Row {
+        refresh_dies_at,
+        keepalive,
         user: s.username,
         issuer: s.issuer,
         subject: s.subject,
@@ -219,6 +228,29 @@ async fn row(app: &AppState, s: LineageSummary) -> Row {
         updated_at: s.updated_at,
         servers,
     }
+}
+
+/// What keep-alive does for a lineage (see [`crate::keepalive::plan`]),
+/// and when its refresh token dies unused, if known.
+pub fn keepalive_status(config: &KeepaliveConfig, s: &LineageSummary, now: i64) -> (Option<i64>, String) {
+    let last = s.refreshed_at.unwrap_or(s.created_at);
+    let dies = s.refresh_expires_at.or(config.idle_timeout.map(|idle| last + idle));
+    let status = if s.status != "active" {
+        "none: the lineage is dead"
+    } else if !s.has_refresh_token {
+        "none: no refresh token to keep alive"
+    } else if config.interval.is_none() {
+        "off (TOKENHUB_KEEPALIVE_INTERVAL=0)"
+    } else if dies.is_some_and(|end| end <= now) {
+        "lapsed: the refresh token has most likely died unused"
+    } else if dies.is_some() {
+        "on: refreshed before the refresh token dies while the user runs a server"
+    } else if config.fresh_access {
+        "on: keeps the access token fresh while the user runs a server"
+    } else {
+        "idle: the refresh token's lifetime is unknown (no refresh_expires_in, no TOKENHUB_KEEPALIVE_IDLE_TIMEOUT)"
+    };
+    (dies, status.to_string())
 }
 
 #[cfg(test)]
@@ -242,5 +274,46 @@ mod tests {
         let l = Listing::parse(&params(&[("user", "a&b"), ("sort", "access_expires"), ("limit", "7")])).unwrap();
         let back: HashMap<String, String> = url::form_urlencoded::parse(l.query().as_bytes()).into_owned().collect();
         assert_eq!(Listing::parse(&back).unwrap(), l);
+    }
+
+    #[test]
+    fn keepalive_status_follows_the_lineage_and_the_settings() {
+        let config = KeepaliveConfig {
+            interval: Some(std::time::Duration::from_secs(60)),
+            idle_timeout: Some(1800),
+            margin: 1200,
+            grace: 0,
+            fresh_access: false,
+        };
+        let summary = LineageSummary {
+            username: "u".into(),
+            issuer: "i".into(),
+            subject: "s".into(),
+            status: "active".into(),
+            has_refresh_token: true,
+            scope: String::new(),
+            access_expires_at: None,
+            refresh_expires_at: None,
+            refreshed_at: Some(1000),
+            version: 2,
+            created_at: 500,
+            updated_at: 1000,
+        };
+        let (dies, status) = keepalive_status(&config, &summary, 1100);
+        assert_eq!(dies, Some(2800));
+        assert!(status.starts_with("on:"), "{status}");
+        assert!(keepalive_status(&config, &summary, 2800).1.starts_with("lapsed"));
+        // The IdP's word wins over the setting.
+        let said = LineageSummary { refresh_expires_at: Some(5000), ..summary.clone() };
+        assert_eq!(keepalive_status(&config, &said, 1100).0, Some(5000));
+        let dead = LineageSummary { status: "dead".into(), ..summary.clone() };
+        assert!(keepalive_status(&config, &dead, 1100).1.starts_with("none"));
+        let bare = LineageSummary { has_refresh_token: false, ..summary.clone() };
+        assert!(keepalive_status(&config, &bare, 1100).1.starts_with("none"));
+        let off = KeepaliveConfig { interval: None, ..config.clone() };
+        assert!(keepalive_status(&off, &summary, 1100).1.starts_with("off"));
+        let unknown = KeepaliveConfig { idle_timeout: None, ..config.clone() };
+        assert_eq!(keepalive_status(&unknown, &summary, 1100).0, None);
+        assert!(keepalive_status(&unknown, &summary, 1100).1.starts_with("idle"));
     }
 }

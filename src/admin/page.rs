@@ -27,7 +27,7 @@ pub struct RowView {
     pub row: Row,
     /// Access-token expiry, formatted.
     pub access_expires: String,
-    /// Refresh-token expiry, formatted.
+    /// When the refresh token dies unused, formatted.
     pub refresh_expires: String,
     /// Last refresh, formatted.
     pub last_refresh: String,
@@ -161,7 +161,7 @@ pub async fn admin_page(
         .into_iter()
         .map(|row| RowView {
             access_expires: when(row.access_expires_at, "not said"),
-            refresh_expires: when(row.refresh_expires_at, "not said"),
+            refresh_expires: when(row.refresh_dies_at, "unknown"),
             last_refresh: when(row.last_refresh, "never"),
             created: timestamp(row.created_at),
             servers: row

@@ -101,12 +101,15 @@ async fn admin_json_lists_states_filters_sorts_and_pages() {
     assert_eq!(alive["has_refresh_token"], true);
     assert!(alive["access_expires_at"].as_i64().is_some());
     assert!(alive["dead_reason"].is_null());
+    // Default settings: keep-alive runs but knows no idle timeout.
+    assert!(alive["keepalive"].as_str().unwrap().starts_with("idle"), "{alive}");
     for key in ["refresh_expires_at", "last_refresh", "version", "created_at", "servers"] {
         assert!(alive.get(key).is_some(), "{key} missing: {alive}");
     }
     let gone = &page["lineages"][1];
     assert_eq!(gone["state"], "dead");
     assert!(gone["dead_reason"].as_str().unwrap().contains("invalid_grant"));
+    assert!(gone["keepalive"].as_str().unwrap().starts_with("none"), "{gone}");
     assert_eq!(users(&list_ok(&app, &admin, "state=dead").await), ["gone"]);
     assert_eq!(users(&list_ok(&app, &admin, "state=active").await), ["alive"]);
 
