@@ -49,7 +49,14 @@ pub enum HubError {
 pub struct Identity {
     /// The user's name.
     pub username: String,
+    /// Whether the hub says the token may use tokenhub's operator's view: the
+    /// user is a hub admin, or the token holds [`ADMIN_SCOPE`].
+    pub admin: bool,
 }
+
+/// The JupyterHub custom scope that makes a token a tokenhub operator
+/// without making its user a hub admin (defined by the hub's config block).
+pub const ADMIN_SCOPE: &str = "custom:tokenhub:admin";
 
 /// What the hub says about a token presented to tokenhub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +91,9 @@ struct UserModel {
     name: String,
     #[serde(default)]
     kind: Option<String>,
+    /// Visible with `read:users:name` (JupyterHub 5 and 6).
+    #[serde(default)]
+    admin: bool,
     #[serde(default)]
     servers: HashMap<String, ServerInfo>,
     /// The scopes of the token the request was made with (JupyterHub ≥ 2).
@@ -207,7 +217,8 @@ impl HubApi {
         }
         let allowed = user.scopes.iter().any(|s| s == "access:services" || *s == self.required_scope);
         if allowed {
-            Verdict::User(Identity { username: user.name })
+            let admin = user.admin || user.scopes.iter().any(|s| s == ADMIN_SCOPE);
+            Verdict::User(Identity { username: user.name, admin })
         } else {
             Verdict::MissingScope(self.required_scope.clone())
         }
@@ -247,6 +258,30 @@ impl HubApi {
                 server
             })
             .collect())
+    }
+
+    /// Whether the hub says `username` is an admin (`GET /users/{name}` with
+    /// tokenhub's own token; its `read:users:name` shows the `admin` field).
+    /// A user the hub does not know is not an admin.
+    pub async fn is_admin(&self, username: &str) -> Result<bool, HubError> {
+        let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", format!("token {}", token.expose_secret()))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => return Ok(false),
+            status => return Err(HubError::Status { what: "the hub's /users", status }),
+        }
+        let user: UserModel = response
+            .json()
+            .await
+            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        Ok(user.admin && user.name == username)
     }
 
     /// Writes `content` as the token file of a running server, through the

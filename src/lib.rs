@@ -2,6 +2,7 @@
 //! tokens issued at login in an encrypted vault, and hands them to the
 //! user's notebook servers. See README.md for the whole picture.
 
+pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -55,6 +56,9 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/refresh"), get(pages::refresh))
         .route(&at("/tokens.json"), get(pages::download))
         .route(&at("/revoke"), post(pages::revoke))
+        .route(&at("/admin"), get(admin::page::admin_page))
+        .route(&at("/admin/revoke"), post(admin::page::revoke))
+        .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
         .route(&at("/healthz"), get(healthz))
         .route(&at("/metrics"), get(metrics))
         .route(&at("/.well-known/openid-configuration"), get(provider::discovery))

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod admin;
 mod binary;
 mod faults;
 mod id_token;
