@@ -106,6 +106,8 @@ def check_common(app: JupyterHub, token: str, url: str) -> None:
     granted = server_token_scopes(app, "alice")
     assert SCOPE in granted
     assert {"users:activity!user", "access:servers!server=alice/"} <= granted
+    # The operator API's custom scope is defined (JupyterHub checked its name).
+    assert "custom:tokenhub:admin" in app.custom_scopes
 
 
 # --- 1. load_subconfig from jupyterhub_config.py

@@ -195,6 +195,12 @@ _th_add_scopes(_th_role, ["read:users:name", "read:servers", "access:servers"])
 _th_role["services"] = sorted({*_th_role.get("services", []), _th_name})
 # Users hold the scope that lets their tokens reach tokenhub…
 _th_add_scopes(_th_named("load_roles", "user"), [_th_scope])
+# tokenhub's operator API (/api/v1/admin/lineages) takes hub admins and tokens
+# with this custom scope; grant it, with the scope above, in a role of yours.
+# (A lazy update: merged with custom scopes defined anywhere else.)
+c.JupyterHub.custom_scopes.update(
+    {f"custom:{_th_name}:admin": {"description": "See and revoke every user's tokens in tokenhub's operator view."}}
+)
 
 
 # …and the servers' own JUPYTERHUB_API_TOKEN asks for it (JupyterHub narrows
