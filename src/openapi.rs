@@ -304,6 +304,28 @@ fn healthz() {}
 )]
 fn openapi_json() {}
 
+#[utoipa::path(
+    get, path = "/api/v1/admin/lineages", tag = "operators",
+    params(
+        ("state" = Option<String>, Query, description = "`active`, `dead` or `all` (default)"),
+        ("user" = Option<String>, Query, description = "user names starting with this"),
+        ("sort" = Option<String>, Query, description = "`user` (default), `last_refresh` or `access_expires`"),
+        ("order" = Option<String>, Query, description = "`asc` (default) or `desc`"),
+        ("limit" = Option<u32>, Query, description = "rows per page, 1 to 500 (default 50)"),
+        ("offset" = Option<u32>, Query, description = "rows to skip"),
+    ),
+    responses(
+        (status = 200, description = "one page of every user's lineage (never a token value)", body = Object),
+        (status = 400, description = "bad parameter", body = ErrorBody),
+        (status = 401, description = "no or unknown token", body = ErrorBody),
+        (status = 403, description = "not a hub admin and no `custom:tokenhub:admin`, or the token lacks the access scope", body = ErrorBody),
+        (status = 429, description = "too many failed attempts from this address", body = ErrorBody),
+        (status = 503, description = "the hub or the store is not answering", body = ErrorBody),
+    ),
+    security(("hub_token" = []))
+)]
+fn admin_lineages() {}
+
 struct Security;
 
 impl Modify for Security {
@@ -325,7 +347,7 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tokenhub", description = "Upstream tokens for JupyterHub users' notebooks, and tokenhub's OAuth provider for the hub."),
-    paths(tokens, force_refresh, spawn, token, userinfo, userinfo_post, discovery, healthz, openapi_json),
+    paths(tokens, force_refresh, spawn, admin_lineages, token, userinfo, userinfo_post, discovery, healthz, openapi_json),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -240,6 +240,7 @@ async fn openapi_document_describes_the_json_api() {
         ("/api/v1/tokens", "get"),
         ("/api/v1/tokens/refresh", "post"),
         ("/api/v1/hub/spawn", "post"),
+        ("/api/v1/admin/lineages", "get"),
         ("/oauth2/token", "post"),
         ("/oauth2/userinfo", "get"),
         ("/healthz", "get"),
