@@ -152,7 +152,7 @@ fn signed_in(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
 /// use elsewhere. Only to a top-level navigation: script on another page of
 /// the hub's origin must not read it with the user's cookie.
 pub async fn download(State(app): State<AppState>, headers: HeaderMap, jar: CookieJar) -> Result<Response, PageError> {
-    crate::security::top_level_navigation(&headers)?;
+    crate::security::own_top_level_navigation(&headers)?;
     let session = signed_in(&app, &jar)?;
     let lineage = lineage_of(&app, &session.username).await?.ok_or_else(|| {
         PageError::new(StatusCode::NOT_FOUND, "No tokens", "tokenhub holds no tokens for you.")

@@ -164,25 +164,35 @@ fn header_is(headers: &HeaderMap, name: &str, allowed: &[&str]) -> bool {
         .is_some_and(|v| allowed.iter().any(|a| v.eq_ignore_ascii_case(a)))
 }
 
-/// Passes only a top-level navigation of the user's own browser: typing the
-/// URL, a bookmark, or a link on a page of this origin. `fetch`, XHR,
-/// frames, and navigations started by other sites get a 403 page without
-/// secrets. A request without `Sec-Fetch-*` headers (an old browser, a
-/// script) is refused too: these pages are for people.
+/// Passes only a top-level navigation in the user's browser: the address
+/// bar, a bookmark, a link, a redirect (a sign-in ends with one from the
+/// IdP, a cross-site chain). Such a page is shown to the user alone: no
+/// script of another page can read it. `fetch`, XHR, frames, objects and
+/// requests without `Sec-Fetch-*` headers (a script, an old browser) get a
+/// 403 page without secrets: these pages are for people.
 pub fn top_level_navigation(headers: &HeaderMap) -> Result<(), PageError> {
     let navigation = header_is(headers, "sec-fetch-mode", &["navigate"])
         && header_is(headers, "sec-fetch-dest", &["document"])
-        && header_is(headers, "sec-fetch-site", &["same-origin", "none"]);
-    if navigation {
-        Ok(())
-    } else {
-        Err(PageError::new(
-            StatusCode::FORBIDDEN,
-            "Open this page directly",
-            "This page holds your tokens, so tokenhub shows it only when you open it yourself in your browser, \
-             not to scripts, frames or other sites. Open tokenhub's address in the address bar or follow a link to it.",
-        ))
-    }
+        && header_is(headers, "sec-fetch-site", &["same-origin", "same-site", "cross-site", "none"]);
+    if navigation { Ok(()) } else { Err(open_directly()) }
+}
+
+/// [`top_level_navigation`] that the user started on tokenhub's own pages
+/// or in the address bar (`Sec-Fetch-Site` `same-origin` or `none`): for
+/// responses that carry token values, which another site must not make the
+/// browser download.
+pub fn own_top_level_navigation(headers: &HeaderMap) -> Result<(), PageError> {
+    top_level_navigation(headers)?;
+    if header_is(headers, "sec-fetch-site", &["same-origin", "none"]) { Ok(()) } else { Err(open_directly()) }
+}
+
+fn open_directly() -> PageError {
+    PageError::new(
+        StatusCode::FORBIDDEN,
+        "Open this page directly",
+        "This page holds your tokens, so tokenhub shows it only when you open it yourself in your browser, \
+         not to scripts, frames or other sites. Open tokenhub's address in the address bar or follow a link to it.",
+    )
 }
 
 /// Passes a form post only when the browser says it comes from tokenhub's
@@ -252,8 +262,14 @@ mod tests {
         assert!(nav("navigate", "document", "same-origin").is_ok());
         assert!(nav("cors", "empty", "same-origin").is_err());
         assert!(nav("navigate", "iframe", "same-origin").is_err());
-        assert!(nav("navigate", "document", "cross-site").is_err());
-        assert!(nav("navigate", "document", "same-site").is_err());
+        assert!(nav("navigate", "document", "cross-site").is_ok(), "the end of a sign-in through the IdP");
+        assert!(nav("navigate", "document", "bogus").is_err());
+        let own = |site: &str| {
+            own_top_level_navigation(&headers(&[("sec-fetch-mode", "navigate"), ("sec-fetch-dest", "document"), ("sec-fetch-site", site)]))
+        };
+        assert!(own("same-origin").is_ok() && own("none").is_ok());
+        assert!(own("cross-site").is_err() && own("same-site").is_err());
+        assert!(nav("navigate", "document", "same-site").is_ok());
         assert!(top_level_navigation(&headers(&[])).is_err());
     }
 

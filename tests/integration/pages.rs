@@ -153,25 +153,31 @@ async fn token_page_and_download_only_go_to_top_level_navigation() {
         lineage.tokens.refresh_token.as_ref().unwrap().expose_secret().to_string(),
         csrf,
     ];
-    let cases: [(&str, &str, &str); 6] = [
-        ("cors", "empty", "same-origin"),       // fetch() from a page on the hub's origin
-        ("no-cors", "empty", "same-origin"),    // fetch(…, {mode: "no-cors"})
-        ("navigate", "iframe", "same-origin"),  // <iframe src=…>
-        ("navigate", "document", "cross-site"), // a link on another site
-        ("navigate", "document", "same-site"),  // a sibling host name
-        ("navigate", "object", "same-origin"),  // <object>/<embed>
+    let refused: [(&str, &str, &str); 4] = [
+        ("cors", "empty", "same-origin"),      // fetch() from a page on the hub's origin
+        ("no-cors", "empty", "same-origin"),   // fetch(…, {mode: "no-cors"})
+        ("navigate", "iframe", "same-origin"), // <iframe src=…>
+        ("navigate", "object", "same-origin"), // <object>/<embed>
     ];
+    // Navigations another site started: the page is shown (only the user
+    // sees it: a sign-in through the IdP ends with one), the download is not.
+    let from_elsewhere: [(&str, &str, &str); 2] = [
+        ("navigate", "document", "cross-site"), // a link on another site, or the IdP's redirect chain
+        ("navigate", "document", "same-site"),  // a sibling host name (the hub's, when tokenhub has its own)
+    ];
+    let fetch = |path: &str, (mode, dest, site): (&str, &str, &str)| {
+        browser
+            .http
+            .get(app.url(path))
+            .header("sec-fetch-mode", mode)
+            .header("sec-fetch-dest", dest)
+            .header("sec-fetch-site", site)
+            .send()
+    };
     for path in ["/", "/tokens.json"] {
-        for (mode, dest, site) in cases {
-            let response = browser
-                .http
-                .get(app.url(path))
-                .header("sec-fetch-mode", mode)
-                .header("sec-fetch-dest", dest)
-                .header("sec-fetch-site", site)
-                .send()
-                .await
-                .unwrap();
+        let cases = refused.iter().chain(if path == "/" { [].iter() } else { from_elsewhere.iter() });
+        for &(mode, dest, site) in cases {
+            let response = fetch(path, (mode, dest, site)).await.unwrap();
             let body = assert_error_page(response, StatusCode::FORBIDDEN).await;
             for secret in &secrets {
                 assert!(!body.contains(secret.as_str()), "{path} {mode} {dest} {site} leaked a secret");
@@ -180,6 +186,9 @@ async fn token_page_and_download_only_go_to_top_level_navigation() {
         // No Sec-Fetch headers at all (a script, an old browser).
         let bare = reqwest::Client::new().get(app.url(path)).send().await.unwrap();
         assert_error_page(bare, StatusCode::FORBIDDEN).await;
+    }
+    for case in from_elsewhere {
+        assert_eq!(fetch("/", case).await.unwrap().status(), StatusCode::OK, "{case:?}");
     }
     // A link on tokenhub's own page (same-origin navigation) works.
     let download = browser.http.get(app.url("/tokens.json")).header("sec-fetch-site", "same-origin").send().await.unwrap();
