@@ -271,6 +271,7 @@ impl HubApi {
     /// A user the hub does not know is not an admin.
     pub async fn is_admin(&self, username: &str) -> Result<bool, HubError> {
         let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let _timer = self.timings.start(HubCall::IsAdmin);
         let response = self
             .http
             .get(url)

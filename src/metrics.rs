@@ -63,16 +63,20 @@ pub enum HubCall {
     Servers,
     /// The token file, through a server's Contents API.
     WriteTokenFile,
+    /// Whether a user is a hub admin (`GET /hub/api/users/<name>`, for the
+    /// operator's view).
+    IsAdmin,
 }
 
 impl HubCall {
-    const ALL: [HubCall; 3] = [Self::Identify, Self::Servers, Self::WriteTokenFile];
+    const ALL: [HubCall; 4] = [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Identify => "identify",
             Self::Servers => "servers",
             Self::WriteTokenFile => "write_token_file",
+            Self::IsAdmin => "is_admin",
         }
     }
 }

@@ -91,6 +91,7 @@ async fn refreshes_waits_hub_calls_and_token_files_show_in_metrics() {
     assert_eq!(sample(&body, r#"tokenhub_hub_call_duration_seconds_count{call="identify"}"#), 1.0, "identities are cached");
     assert!(sample(&body, r#"tokenhub_hub_call_duration_seconds_count{call="servers"}"#) >= 1.0);
     assert!(sample(&body, r#"tokenhub_hub_call_duration_seconds_count{call="write_token_file"}"#) >= 1.0);
+    assert_eq!(sample(&body, r#"tokenhub_hub_call_duration_seconds_count{call="is_admin"}"#), 0.0, "no admin asked");
     assert_eq!(sample(&body, "tokenhub_logins_total"), 1.0);
     assert_eq!(sample(&body, "tokenhub_keepalive_refreshes_total"), 0.0);
 }
