@@ -59,7 +59,9 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
         }
     };
     let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
-    app.hub.write_token_file(server, &document).await?;
+    let written = app.hub.write_token_file(server, &document).await;
+    app.metrics.token_file_write(written.is_ok());
+    written?;
     let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
     app.deliveries
         .done

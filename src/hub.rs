@@ -12,6 +12,7 @@ use url::Url;
 
 use crate::config::{HubClientConfig, join};
 use crate::crypto::digest_hex;
+use crate::metrics::{HubCall, HubTimings};
 
 /// How long the owner of a token is remembered.
 const IDENTITY_TTL: Duration = Duration::from_secs(60);
@@ -114,6 +115,8 @@ pub struct HubApi {
     identities: moka::sync::Cache<String, Identity>,
     /// Tokens refused recently, by digest.
     refused: moka::sync::Cache<String, Verdict>,
+    /// How long calls take (for `/metrics`).
+    timings: HubTimings,
 }
 
 impl std::fmt::Debug for HubApi {
@@ -131,7 +134,7 @@ fn unreachable(e: reqwest::Error) -> HubError {
 
 impl HubApi {
     /// A client for the hub described by `config`.
-    pub fn new(config: &HubClientConfig, http: reqwest::Client) -> Self {
+    pub fn new(config: &HubClientConfig, http: reqwest::Client, timings: HubTimings) -> Self {
         Self {
             api_url: config.api_url.clone(),
             api_token: config.api_token.clone(),
@@ -141,6 +144,7 @@ impl HubApi {
             required_scope: format!("access:services!service={}", config.service_name),
             identities: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
             refused: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(REFUSED_TTL).build(),
+            timings,
         }
     }
 
@@ -186,6 +190,7 @@ impl HubApi {
         }
         let key = digest_hex(token);
         let (url, _) = self.api("/user")?;
+        let _timer = self.timings.start(HubCall::Identify);
         let response = self
             .http
             .get(url)
@@ -234,6 +239,7 @@ impl HubApi {
     /// The user's servers (ready or not).
     pub async fn servers(&self, username: &str) -> Result<Vec<ServerInfo>, HubError> {
         let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let _timer = self.timings.start(HubCall::Servers);
         let response = self
             .http
             .get(url)
@@ -265,6 +271,7 @@ impl HubApi {
     /// A user the hub does not know is not an admin.
     pub async fn is_admin(&self, username: &str) -> Result<bool, HubError> {
         let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let _timer = self.timings.start(HubCall::IsAdmin);
         let response = self
             .http
             .get(url)
@@ -295,6 +302,7 @@ impl HubApi {
         );
         let url = join(&self.proxy_url, &path);
         let body = json!({ "type": "file", "format": "text", "content": content });
+        let _timer = self.timings.start(HubCall::WriteTokenFile);
         let response = self
             .http
             .put(url)

@@ -30,7 +30,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
-use crate::metrics::Metrics;
 use crate::refresh::{RefreshError, Want};
 use crate::state::{App, AppState};
 use crate::store::LineageTimes;
@@ -283,7 +282,7 @@ impl Runner {
             // `made`: this replica refreshed (not another one, meanwhile).
             Ok((fresh, made)) => {
                 if made {
-                    Metrics::inc(&metrics.keepalive_refreshes);
+                    metrics.keepalive_refreshes.inc();
                     tracing::info!(user = %username, reason = why.as_str(), version = fresh.lineage.version, "keep-alive refreshed the user's tokens");
                     self.app.audit.record("keepalive_refresh", Some(username), Some(fresh.lineage.version), Some(why.as_str()));
                 }
@@ -291,7 +290,7 @@ impl Runner {
             }
             Err(RefreshError::NoLineage) => Ok(()),
             Err(RefreshError::Dead(reason)) => {
-                Metrics::inc(&metrics.keepalive_failures);
+                metrics.keepalive_failures.inc();
                 tracing::warn!(
                     user = %username,
                     reason = %reason,
@@ -300,12 +299,12 @@ impl Runner {
                 Ok(())
             }
             Err(RefreshError::Unavailable(e)) => {
-                Metrics::inc(&metrics.keepalive_failures);
+                metrics.keepalive_failures.inc();
                 tracing::warn!(user = %username, error = %e, "keep-alive refresh failed; the lineage is kept");
                 Err(Pause::IdpUnavailable(e))
             }
             Err(RefreshError::Vault(e)) => {
-                Metrics::inc(&metrics.keepalive_failures);
+                metrics.keepalive_failures.inc();
                 Err(Pause::Vault(e.to_string()))
             }
         }

@@ -116,7 +116,7 @@ async fn healthz(State(app): State<AppState>) -> Result<Json<serde_json::Value>,
     Ok(Json(json!({ "status": "ok" })))
 }
 
-/// `GET /metrics`: Prometheus counters.
+/// `GET /metrics`: Prometheus metrics (OpenMetrics text).
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], app.metrics.render(app.vault.store()).await)
 }

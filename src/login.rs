@@ -20,7 +20,6 @@ use serde_json::Value;
 
 use crate::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
-use crate::metrics::Metrics;
 use crate::session;
 use crate::state::AppState;
 use crate::store::HubCodeRow;
@@ -183,11 +182,11 @@ pub async fn callback(
 ) -> Response {
     match finish(&app, &jar, &params).await {
         Ok(response) => {
-            Metrics::inc(&app.metrics.logins);
+            app.metrics.logins.inc();
             response
         }
         Err(page) => {
-            Metrics::inc(&app.metrics.login_failures);
+            app.metrics.login_failures.inc();
             // Drop this login's cookie whatever went wrong: it cannot be reused.
             let jar = match param(&params, "state") {
                 Some(state) => jar.remove(login_cookie(&app, state)),

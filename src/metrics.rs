@@ -1,44 +1,281 @@
-//! Counters exposed at `/metrics` in the Prometheus text format.
+//! What tokenhub exposes at `/metrics`: a `prometheus-client` registry owned
+//! by the `App` (one per `App`, so tests stay independent; nothing global),
+//! rendered in the OpenMetrics text format. README.md, "Metrics", lists
+//! every metric and its labels.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-/// Process-wide counters (one per `App`, so tests stay independent).
-#[derive(Debug, Default)]
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::store::Store;
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long a count of lineages by state is reused: a flood of scrapes (the
+/// endpoint needs no credentials) costs at most one query a second.
+const LINEAGE_COUNT_TTL: Duration = Duration::from_secs(1);
+
+/// One label, with its value: every family here has a single label.
+type Label = [(&'static str, &'static str); 1];
+
+/// How an upstream refresh (one call of the IdP's token endpoint, with its
+/// retries) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// New tokens came back.
+    Ok,
+    /// The IdP refused the refresh token: the lineage is dead.
+    InvalidGrant,
+    /// No answer, or a server error: the lineage is kept.
+    Unavailable,
+    /// Another OAuth error, or an answer that breaks the protocol.
+    Error,
+    /// A 2xx whose body could not be read or used.
+    AnswerLost,
+}
+
+impl RefreshOutcome {
+    const ALL: [RefreshOutcome; 5] = [Self::Ok, Self::InvalidGrant, Self::Unavailable, Self::Error, Self::AnswerLost];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::InvalidGrant => "invalid_grant",
+            Self::Unavailable => "unavailable",
+            Self::Error => "error",
+            Self::AnswerLost => "answer_lost",
+        }
+    }
+}
+
+/// A call tokenhub makes to JupyterHub or to a user's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubCall {
+    /// Who owns a token (`GET /hub/api/user`, on a cache miss).
+    Identify,
+    /// A user's servers (`GET /hub/api/users/<name>`).
+    Servers,
+    /// The token file, through a server's Contents API.
+    WriteTokenFile,
+    /// Whether a user is a hub admin (`GET /hub/api/users/<name>`, for the
+    /// operator's view).
+    IsAdmin,
+}
+
+impl HubCall {
+    const ALL: [HubCall; 4] = [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Identify => "identify",
+            Self::Servers => "servers",
+            Self::WriteTokenFile => "write_token_file",
+            Self::IsAdmin => "is_admin",
+        }
+    }
+}
+
+/// Latencies of hub calls by call. A clone shares the series, so `HubApi`
+/// holds one while the registry renders another.
+#[derive(Debug, Clone)]
+pub struct HubTimings(Family<Label, Histogram, fn() -> Histogram>);
+
+impl Default for HubTimings {
+    fn default() -> Self {
+        Self(Family::new_with_constructor(latency_histogram))
+    }
+}
+
+impl HubTimings {
+    /// Starts timing a call; the time is recorded when the guard drops, on
+    /// every way out of the call.
+    pub fn start(&self, call: HubCall) -> Timer {
+        Timer { histogram: self.0.get_or_create_owned(&[("call", call.as_str())]), started: Instant::now() }
+    }
+}
+
+/// Observes the seconds since it was made when dropped.
+#[derive(Debug)]
+pub struct Timer {
+    histogram: Histogram,
+    started: Instant,
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Buckets from 5 ms to about 20 s: IdP and hub calls, retries included.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+/// The metrics of one `App`.
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     /// Completed upstream logins.
-    pub logins: AtomicU64,
+    pub logins: Counter,
     /// Logins that failed at the callback.
-    pub login_failures: AtomicU64,
+    pub login_failures: Counter,
     /// Token responses sent to the hub.
-    pub hub_tokens_issued: AtomicU64,
+    pub hub_tokens_issued: Counter,
     /// Token-endpoint requests refused.
-    pub hub_token_errors: AtomicU64,
+    pub hub_token_errors: Counter,
     /// Upstream refreshes keep-alive made.
-    pub keepalive_refreshes: AtomicU64,
+    pub keepalive_refreshes: Counter,
     /// Keep-alive refreshes that failed (IdP unavailable or refusing).
-    pub keepalive_failures: AtomicU64,
+    pub keepalive_failures: Counter,
+    /// Callers that waited for another caller's (or replica's) refresh and
+    /// took its result instead of asking the IdP themselves.
+    pub refresh_waits: Counter,
+    /// Seconds of upstream refreshes.
+    refresh_seconds: Histogram,
+    refresh_outcomes: Family<Label, Counter>,
+    token_file_writes: Family<Label, Counter>,
+    /// Hub call latencies (shared with `HubApi`).
+    pub hub_calls: HubTimings,
+    lineages: Family<Label, Gauge>,
+    /// When lineages were last counted (held across the query, so
+    /// concurrent scrapes share one).
+    lineages_counted: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    /// Adds one to a counter.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Every metric, registered, with each label value present from the
+    /// start (at zero): alert rules see a series before its first event.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tokenhub");
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let counter = Counter::default();
+            registry.register(name, help, counter.clone());
+            counter
+        };
+        let logins = counter(&mut registry, "logins", "Completed upstream logins.");
+        let login_failures = counter(&mut registry, "login_failures", "Logins that failed at the callback.");
+        let hub_tokens_issued = counter(&mut registry, "hub_tokens_issued", "Token responses sent to JupyterHub.");
+        let hub_token_errors = counter(&mut registry, "hub_token_errors", "Token requests from JupyterHub refused.");
+        let keepalive_refreshes = counter(
+            &mut registry,
+            "keepalive_refreshes",
+            "Refreshes made by keep-alive for users with running servers.",
+        );
+        let keepalive_failures = counter(
+            &mut registry,
+            "keepalive_failures",
+            "Keep-alive refreshes that failed (the lineage is kept unless the IdP said invalid_grant).",
+        );
+        let refresh_waits = counter(
+            &mut registry,
+            "refresh_waits",
+            "Callers that waited for another caller's or replica's refresh and shared its result.",
+        );
+
+        let refresh_seconds = latency_histogram();
+        registry.register_with_unit(
+            "upstream_refresh_duration",
+            "Time of an upstream refresh at the IdP's token endpoint, retries included.",
+            Unit::Seconds,
+            refresh_seconds.clone(),
+        );
+        let refresh_outcomes = Family::<Label, Counter>::default();
+        registry.register(
+            "upstream_refreshes",
+            "Upstream refreshes by outcome (ok, invalid_grant, unavailable, error, answer_lost).",
+            refresh_outcomes.clone(),
+        );
+        for outcome in RefreshOutcome::ALL {
+            let _ = refresh_outcomes.get_or_create(&[("outcome", outcome.as_str())]);
+        }
+        let token_file_writes = Family::<Label, Counter>::default();
+        registry.register("token_file_writes", "Token files written to servers, by outcome (ok, failed).", token_file_writes.clone());
+        for outcome in ["ok", "failed"] {
+            let _ = token_file_writes.get_or_create(&[("outcome", outcome)]);
+        }
+        let hub_calls = HubTimings::default();
+        registry.register_with_unit(
+            "hub_call_duration",
+            "Time of calls to JupyterHub's API and to servers' Contents API, by call.",
+            Unit::Seconds,
+            hub_calls.0.clone(),
+        );
+        for call in HubCall::ALL {
+            let _ = hub_calls.0.get_or_create(&[("call", call.as_str())]);
+        }
+        let lineages = Family::<Label, Gauge>::default();
+        registry.register("lineages", "Token lineages in the vault by state (active, dead), counted at scrape time.", lineages.clone());
+        for state in ["active", "dead"] {
+            let _ = lineages.get_or_create(&[("state", state)]);
+        }
+
+        Self {
+            registry,
+            logins,
+            login_failures,
+            hub_tokens_issued,
+            hub_token_errors,
+            keepalive_refreshes,
+            keepalive_failures,
+            refresh_waits,
+            refresh_seconds,
+            refresh_outcomes,
+            token_file_writes,
+            hub_calls,
+            lineages,
+            lineages_counted: Default::default(),
+        }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, value) in [
-            ("tokenhub_logins_total", "Completed upstream logins.", &self.logins),
-            ("tokenhub_login_failures_total", "Logins that failed at the callback.", &self.login_failures),
-            ("tokenhub_hub_tokens_issued_total", "Token responses sent to JupyterHub.", &self.hub_tokens_issued),
-            ("tokenhub_hub_token_errors_total", "Token requests from JupyterHub refused.", &self.hub_token_errors),
-            ("tokenhub_keepalive_refreshes_total", "Refreshes made by keep-alive for users with running servers.", &self.keepalive_refreshes),
-            ("tokenhub_keepalive_failures_total", "Keep-alive refreshes that failed (the lineage is kept unless the IdP said invalid_grant).", &self.keepalive_failures),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+    /// Records an upstream refresh that took `elapsed` and ended `outcome`.
+    pub fn upstream_refresh(&self, elapsed: Duration, outcome: RefreshOutcome) {
+        self.refresh_seconds.observe(elapsed.as_secs_f64());
+        self.refresh_outcomes.get_or_create(&[("outcome", outcome.as_str())]).inc();
+    }
+
+    /// Records a token file write.
+    pub fn token_file_write(&self, ok: bool) {
+        self.token_file_writes.get_or_create(&[("outcome", if ok { "ok" } else { "failed" })]).inc();
+    }
+
+    /// Counts lineages by state, unless counted within the last second. A
+    /// database that does not answer leaves the last counts (and is logged):
+    /// the other metrics still render.
+    async fn count_lineages(&self, store: &Store) {
+        let mut counted = self.lineages_counted.lock().await;
+        if counted.is_some_and(|at| at.elapsed() < LINEAGE_COUNT_TTL) {
+            return;
         }
+        match store.count_lineages_by_status().await {
+            Ok(counts) => {
+                for state in ["active", "dead"] {
+                    let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+                    self.lineages.get_or_create(&[("state", state)]).set(n);
+                }
+                *counted = Some(Instant::now());
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot count lineages"),
+        }
+    }
+
+    /// The OpenMetrics text exposition, with lineages counted now.
+    pub async fn render(&self, store: &Store) -> String {
+        self.count_lineages(store).await;
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
     }
 }

@@ -14,7 +14,6 @@ use serde_json::{Map, Value, json};
 use crate::auth::presented_token;
 use crate::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
-use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::store::{HubTokenKind, HubTokenRow};
 use crate::time::now;
@@ -79,9 +78,11 @@ pub async fn token(
     }
     .await;
     match &result {
-        Ok(_) => Metrics::inc(&app.metrics.hub_tokens_issued),
+        Ok(_) => {
+            app.metrics.hub_tokens_issued.inc();
+        }
         Err(e) => {
-            Metrics::inc(&app.metrics.hub_token_errors);
+            app.metrics.hub_token_errors.inc();
             tracing::info!(error = e.error, description = %e.description, "token request refused");
             if e.error == "invalid_grant" {
                 app.audit.record("invalid_grant", None, None, Some("token endpoint refused a code or refresh token"));

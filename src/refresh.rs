@@ -29,6 +29,7 @@ use secrecy::SecretString;
 use tokio::sync::Mutex;
 
 use crate::crypto::random_token;
+use crate::metrics::RefreshOutcome;
 use crate::state::AppState;
 use crate::time::now;
 use crate::upstream::UpstreamError;
@@ -243,6 +244,7 @@ impl Refresher {
             lineage = self.settle_id_token(app, lineage).await?;
         }
         if changed_elsewhere && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
+            app.metrics.refresh_waits.inc();
             return self.settled(lineage, true, capped);
         }
         if !lineage.active {
@@ -257,7 +259,10 @@ impl Refresher {
 
         let lineage = match self.take_lease(app, &lineage).await? {
             Lease::Ours => lineage,
-            Lease::RefreshedElsewhere(newer) => return self.settled(newer, true, capped),
+            Lease::RefreshedElsewhere(newer) => {
+                app.metrics.refresh_waits.inc();
+                return self.settled(newer, true, capped);
+            }
         };
         let reply = match self.refresh_upstream(app, &lineage).await {
             Ok(reply) => reply,
@@ -393,9 +398,10 @@ impl Refresher {
             .refresh_token
             .as_ref()
             .ok_or_else(|| UpstreamError::InvalidGrant("the lineage has no refresh token (the login brought none)".into()))?;
+        let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
-        loop {
+        let result = loop {
             match app.upstream.refresh_grant(refresh_token).await {
                 Err(UpstreamError::Unreachable(e)) if attempt < ATTEMPTS => {
                     tracing::info!(attempt, error = %e, "refresh attempt got no answer; retrying");
@@ -403,9 +409,22 @@ impl Refresher {
                     backoff *= 2;
                     attempt += 1;
                 }
-                other => return other,
+                other => break other,
             }
-        }
+        };
+        app.metrics.upstream_refresh(started.elapsed(), outcome(&result));
+        result
+    }
+}
+
+/// How an upstream refresh ended, for `/metrics`.
+fn outcome(result: &Result<crate::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
+    match result {
+        Ok(_) => RefreshOutcome::Ok,
+        Err(UpstreamError::InvalidGrant(_)) => RefreshOutcome::InvalidGrant,
+        Err(UpstreamError::Unreachable(_) | UpstreamError::KeysUnavailable(_)) => RefreshOutcome::Unavailable,
+        Err(UpstreamError::AnswerLost(_)) => RefreshOutcome::AnswerLost,
+        Err(UpstreamError::Refused(_) | UpstreamError::BadResponse(_) | UpstreamError::BadIdToken(_)) => RefreshOutcome::Error,
     }
 }
 

@@ -27,7 +27,7 @@ pub struct App {
     pub vault: Vault,
     /// The upstream OpenID provider.
     pub upstream: Upstream,
-    /// Counters for `/metrics`.
+    /// What `/metrics` shows.
     pub metrics: Metrics,
     /// The hub's API and users' servers.
     pub hub: HubApi,
@@ -83,12 +83,13 @@ impl App {
         let store = Store::connect(&config.vault.database_url).await?;
         let http = http_client()?;
         let upstream = Upstream::new(config.upstream.clone(), http.clone());
+        let metrics = Metrics::new();
         let app = Arc::new(App {
             vault: Vault::new(store, keys.clone()),
             keys,
             upstream,
-            metrics: Metrics::default(),
-            hub: HubApi::new(&config.hub, http),
+            hub: HubApi::new(&config.hub, http, metrics.hub_calls.clone()),
+            metrics,
             deliveries: Deliveries::default(),
             refresher: Refresher::default(),
             reauth_url: crate::config::join(&config.http.public_url, "/refresh").to_string(),

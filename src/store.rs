@@ -525,6 +525,18 @@ impl Store {
         Ok(row.as_ref().map(times_from_row).transpose()?)
     }
 
+    /// How many lineages each status (`active`, `dead`) holds, over all
+    /// issuers: one grouped count for `/metrics`, no token values.
+    pub async fn count_lineages_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM lineages GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
     /// Records when the refresh token of the lineage at `version` dies
     /// (`None`: the IdP did not say). Leaves the version alone.
     pub async fn set_refresh_expiry(&self, username: &str, issuer: &str, version: i64, at: Option<i64>) -> Result<(), StoreError> {

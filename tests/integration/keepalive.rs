@@ -2,7 +2,6 @@
 //! few seconds unused (each refresh issues a new one, so the lifetime acts as
 //! an idle timeout); the hub mocked, saying who runs a server.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
@@ -37,11 +36,11 @@ async fn lineage(app: &TestApp, idp: &Idp, user: &str) -> tokenhub::vault::Linea
 }
 
 fn keepalive_refreshes(app: &TestApp) -> u64 {
-    app.state().metrics.keepalive_refreshes.load(Ordering::Relaxed)
+    app.state().metrics.keepalive_refreshes.get()
 }
 
 fn keepalive_failures(app: &TestApp) -> u64 {
-    app.state().metrics.keepalive_failures.load(Ordering::Relaxed)
+    app.state().metrics.keepalive_failures.get()
 }
 
 /// Waits until `check` holds, at most `limit`.

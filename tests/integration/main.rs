@@ -9,6 +9,7 @@ mod id_token;
 mod idp_variants;
 mod keepalive;
 mod login_flow;
+mod metrics;
 mod pages;
 mod refresh;
 mod refresh_safety;
