@@ -180,7 +180,7 @@ def test_the_rendered_chart_boots_with_sqlite(binary, chart, tmp_path):
         # The ServiceMonitor's path is served too.
         monitor = find(objects, "ServiceMonitor")["spec"]["endpoints"][0]
         status, kind, body = tokenhub.get(monitor["path"])
-        assert status == 200 and kind.startswith("text/plain")
+        assert status == 200 and kind.startswith("application/openmetrics-text")
         # Routes live under publicUrl's path only.
         assert tokenhub.get("/healthz")[0] == 404
         # The vault is the SQLite file on the chart's volume.
