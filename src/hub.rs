@@ -236,10 +236,11 @@ impl HubApi {
         self.refused.run_pending_tasks();
     }
 
-    /// The user's servers (ready or not).
-    pub async fn servers(&self, username: &str) -> Result<Vec<ServerInfo>, HubError> {
+    /// The hub's model of `username` (`GET /users/{name}` with tokenhub's
+    /// own token); `None` when the hub does not know the user.
+    async fn user_model(&self, username: &str, call: HubCall) -> Result<Option<UserModel>, HubError> {
         let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
-        let _timer = self.timings.start(HubCall::Servers);
+        let _timer = self.timings.start(call);
         let response = self
             .http
             .get(url)
@@ -249,13 +250,21 @@ impl HubApi {
             .map_err(unreachable)?;
         match response.status().as_u16() {
             200 => {}
-            404 => return Ok(vec![]),
+            404 => return Ok(None),
             status => return Err(HubError::Status { what: "the hub's /users", status }),
         }
-        let user: UserModel = response
+        let user = response
             .json()
             .await
             .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        Ok(Some(user))
+    }
+
+    /// The user's servers (ready or not).
+    pub async fn servers(&self, username: &str) -> Result<Vec<ServerInfo>, HubError> {
+        let Some(user) = self.user_model(username, HubCall::Servers).await? else {
+            return Ok(vec![]);
+        };
         Ok(user
             .servers
             .into_iter()
@@ -270,25 +279,8 @@ impl HubApi {
     /// tokenhub's own token; its `read:users:name` shows the `admin` field).
     /// A user the hub does not know is not an admin.
     pub async fn is_admin(&self, username: &str) -> Result<bool, HubError> {
-        let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
-        let _timer = self.timings.start(HubCall::IsAdmin);
-        let response = self
-            .http
-            .get(url)
-            .header("authorization", format!("token {}", token.expose_secret()))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        match response.status().as_u16() {
-            200 => {}
-            404 => return Ok(false),
-            status => return Err(HubError::Status { what: "the hub's /users", status }),
-        }
-        let user: UserModel = response
-            .json()
-            .await
-            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
-        Ok(user.admin && user.name == username)
+        let user = self.user_model(username, HubCall::IsAdmin).await?;
+        Ok(user.is_some_and(|user| user.admin && user.name == username))
     }
 
     /// Writes `content` as the token file of a running server, through the

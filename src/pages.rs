@@ -188,26 +188,54 @@ pub async fn revoke(
         return Err(PageError::new(StatusCode::FORBIDDEN, "Request not accepted", "This form is out of date. Reload the token page and try again.")
             .with_action("Token page", app.url("/").to_string()));
     }
-    let issuer = app.upstream.issuer();
-    let mut idp_note = "Your identity provider does not offer revocation; the refresh token stays valid there until it expires.".to_string();
-    if let Some(lineage) = lineage_of(&app, &session.username).await?
-        && let Some(token) = lineage.tokens.refresh_token.as_ref()
-    {
-        match app.upstream.revoke(token.expose_secret()).await {
-            Ok(true) => idp_note = "Your identity provider revoked the refresh token.".into(),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(user = %session.username, error = %e, "revocation at the IdP failed");
-                idp_note = "Your identity provider could not be reached to revoke the refresh token; it stays valid there until it expires.".into();
-            }
+    let idp_note = match revoke_lineage(&app, &session.username).await? {
+        Some(IdpRevocation::Revoked) => "Your identity provider revoked the refresh token.",
+        Some(IdpRevocation::Unreachable) => {
+            "Your identity provider could not be reached to revoke the refresh token; it stays valid there until it expires."
         }
-    }
-    app.vault.delete(&session.username, issuer).await?;
+        _ => "Your identity provider does not offer revocation; the refresh token stays valid there until it expires.",
+    };
     tracing::info!(user = %session.username, "lineage revoked and deleted");
     app.audit.record("revoke", Some(&session.username), None, Some("lineage revoked and deleted"));
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
     Ok((session::end(&app, jar), page(views::render(&info))).into_response())
+}
+
+/// What the IdP did when a lineage was revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdpRevocation {
+    /// It revoked the refresh token (RFC 7009).
+    Revoked,
+    /// It offers no revocation endpoint.
+    NotOffered,
+    /// It could not be reached, or refused: the token stays valid there.
+    Unreachable,
+    /// The lineage held no refresh token.
+    NoRefreshToken,
+}
+
+/// Revokes the user's refresh token at the IdP where it offers revocation,
+/// then deletes the lineage from the vault; `None` when there was none. The
+/// user's own revoke and an admin's share it.
+pub async fn revoke_lineage(app: &AppState, username: &str) -> Result<Option<IdpRevocation>, crate::vault::VaultError> {
+    let issuer = app.upstream.issuer();
+    let Some(lineage) = app.vault.load(username, issuer).await? else {
+        return Ok(None);
+    };
+    let outcome = match lineage.tokens.refresh_token.as_ref() {
+        None => IdpRevocation::NoRefreshToken,
+        Some(token) => match app.upstream.revoke(token.expose_secret()).await {
+            Ok(true) => IdpRevocation::Revoked,
+            Ok(false) => IdpRevocation::NotOffered,
+            Err(e) => {
+                tracing::warn!(user = %username, error = %e, "revocation at the IdP failed");
+                IdpRevocation::Unreachable
+            }
+        },
+    };
+    app.vault.delete(username, issuer).await?;
+    Ok(Some(outcome))
 }
 
 /// `GET /logout`: ends tokenhub's own session (the hub's is separate).

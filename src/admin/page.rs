@@ -10,9 +10,9 @@ use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum_extra::extract::CookieJar;
-use secrecy::ExposeSecret;
 
 use super::{Listing, Row, sort_name};
+use crate::pages::IdpRevocation;
 use crate::crypto::constant_time_eq;
 use crate::errors::PageError;
 use crate::fabric::timestamp;
@@ -219,24 +219,16 @@ pub async fn revoke(
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));
     }
-    let issuer = app.upstream.issuer();
-    let Some(lineage) = app.vault.load(user, issuer).await? else {
+    let Some(outcome) = crate::pages::revoke_lineage(&app, user).await? else {
         return Err(PageError::new(StatusCode::NOT_FOUND, "No tokens", format!("tokenhub holds no tokens for {user}."))
             .with_action("Operator's page", app.url("/admin").to_string()));
     };
-    let idp = match lineage.tokens.refresh_token.as_ref() {
-        None => "no refresh token was held",
-        Some(token) => match app.upstream.revoke(token.expose_secret()).await {
-            Ok(true) => "the identity provider revoked the refresh token",
-            Ok(false) => "the identity provider offers no revocation",
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "revocation at the IdP failed");
-                "the identity provider could not be reached to revoke the refresh token"
-            }
-        },
+    let idp = match outcome {
+        IdpRevocation::NoRefreshToken => "no refresh token was held",
+        IdpRevocation::Revoked => "the identity provider revoked the refresh token",
+        IdpRevocation::NotOffered => "the identity provider offers no revocation",
+        IdpRevocation::Unreachable => "the identity provider could not be reached to revoke the refresh token",
     };
-    drop(lineage);
-    app.vault.delete(user, issuer).await?;
     tracing::info!(user = %user, admin = %session.username, "lineage revoked and deleted by an admin");
     let detail = format!("revoked by admin {}; {idp}", session.username);
     app.audit.record("admin_revoke", Some(user), None, Some(&detail));
