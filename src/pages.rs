@@ -11,7 +11,6 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
 use secrecy::ExposeSecret;
 
-use crate::crypto::constant_time_eq;
 use crate::no_store;
 use crate::delivery;
 use crate::errors::PageError;
@@ -183,11 +182,7 @@ pub async fn revoke(
     crate::security::same_origin_post(&headers, &app.origin)
         .inspect_err(|_| app.audit.record("refused", None, None, Some("revoke form from another origin")))?;
     let session = signed_in(&app, &jar)?;
-    let csrf_ok = form.get("csrf").is_some_and(|c| constant_time_eq(c, &session.csrf));
-    if !csrf_ok {
-        return Err(PageError::new(StatusCode::FORBIDDEN, "Request not accepted", "This form is out of date. Reload the token page and try again.")
-            .with_action("Token page", app.url("/").to_string()));
-    }
+    session.check_csrf(&form, "Token page", app.url("/").to_string())?;
     let idp_note = match revoke_lineage(&app, &session.username).await? {
         Some(IdpRevocation::Revoked) => "Your identity provider revoked the refresh token.",
         Some(IdpRevocation::Unreachable) => {

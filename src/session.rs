@@ -56,3 +56,25 @@ pub fn current(app: &App, jar: &CookieJar) -> Option<Session> {
 pub fn end(app: &App, jar: CookieJar) -> CookieJar {
     jar.remove(Cookie::build(COOKIE).path(cookie_path(app)))
 }
+
+impl Session {
+    /// Checks a posted form's `csrf` value against this session's; a form
+    /// that fails gets a 403 page sending the user back to `page` (`label`)
+    /// to reload it.
+    pub fn check_csrf(
+        &self,
+        form: &std::collections::HashMap<String, String>,
+        label: &str,
+        page: String,
+    ) -> Result<(), crate::errors::PageError> {
+        if form.get("csrf").is_some_and(|c| crate::crypto::constant_time_eq(c, &self.csrf)) {
+            return Ok(());
+        }
+        Err(crate::errors::PageError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "Request not accepted",
+            format!("This form is out of date. Reload the {} and try again.", label.to_lowercase()),
+        )
+        .with_action(label.to_string(), page))
+    }
+}

@@ -13,7 +13,6 @@ use axum_extra::extract::CookieJar;
 
 use super::{Listing, Row, sort_name};
 use crate::pages::IdpRevocation;
-use crate::crypto::constant_time_eq;
 use crate::errors::PageError;
 use crate::fabric::timestamp;
 use crate::session::{self, Session};
@@ -210,11 +209,7 @@ pub async fn revoke(
     crate::security::same_origin_post(&headers, &app.origin)
         .inspect_err(|_| app.audit.record("refused", None, None, Some("admin revoke form from another origin")))?;
     let session = operator(&app, &jar).await?;
-    let csrf_ok = form.get("csrf").is_some_and(|c| constant_time_eq(c, &session.csrf));
-    if !csrf_ok {
-        return Err(PageError::new(StatusCode::FORBIDDEN, "Request not accepted", "This form is out of date. Reload the operator's page and try again.")
-            .with_action("Operator's page", app.url("/admin").to_string()));
-    }
+    session.check_csrf(&form, "Operator's page", app.url("/admin").to_string())?;
     let user = form.get("user").map(String::as_str).unwrap_or_default();
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));
