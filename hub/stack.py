@@ -54,6 +54,7 @@ class Stack:
     access_token_ttl: int = 3600
     tokenhub_bin: Path = ROOT / "target" / "debug" / "tokenhub"
     extra_env: dict = field(default_factory=dict)
+    idp_env: dict = field(default_factory=dict)  # IDP_* settings for idp/server.mjs
     hub_client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     idp_client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     crypt_key: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -102,6 +103,7 @@ class Stack:
             "IDP_REDIRECT_URIS": f"{self.tokenhub_url}/callback",
             "IDP_ACCESS_TOKEN_TTL": str(self.access_token_ttl),
             "IDP_TEST_CONTROL": "1",
+            **self.idp_env,
         }
         self.start_idp()
 

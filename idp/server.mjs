@@ -202,6 +202,13 @@ provider.on('grant.success', (ctx) => {
     if (type in byAccount[account]) byAccount[account][type] += 1;
   }
 });
+// Grants revoked through the revocation endpoint (RFC 7009), per account.
+provider.on('grant.revoked', (ctx) => {
+  const token = ctx.oidc?.entities?.RefreshToken;
+  if (ctx.oidc?.route !== 'revocation' || !token) return;
+  byAccount[token.accountId] ??= { authorization_code: 0, refresh_token: 0 };
+  byAccount[token.accountId].revoked = (byAccount[token.accountId].revoked ?? 0) + 1;
+});
 provider.on('grant.error', (ctx) => {
   if (ctx.oidc?.params?.grant_type === 'refresh_token') counters.refresh_token_error += 1;
 });

@@ -111,6 +111,18 @@ class Hub:
         raw = Path(f"/proc/{self.server_pid(user)}/environ").read_bytes()
         return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
+    def personal_token(self, user: str, scopes: list[str]) -> str:
+        """A token created through the hub's REST API, as a user does on the
+        hub's token page (here by the test's admin service, which holds `tokens`)."""
+        req = urllib.request.Request(
+            f"{self.stack.hub_url}/hub/api/users/{user}/tokens",
+            method="POST",
+            data=json.dumps({"scopes": scopes, "note": "e2e", "expires_in": 600}).encode(),
+            headers={"Authorization": f"token {self.stack.admin_token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["token"]
+
     def stop_server(self, user: str) -> None:
         try:
             self.api("DELETE", f"/users/{user}/server")
@@ -132,12 +144,24 @@ def log_in_and_spawn(page, stack: Stack, user: str) -> None:
     """The browser opens the hub, goes through tokenhub to the IdP, signs in
     and lands in its running server."""
     page.goto(f"{stack.hub_url}/hub/")
+    _sign_in(page, stack, user)
+    page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"), timeout=120_000)
+
+
+def log_in(page, stack: Stack, user: str) -> None:
+    """Signs in as `log_in_and_spawn` does but stays on the hub's home page:
+    the user has no server."""
+    page.goto(f"{stack.hub_url}/hub/login?next=%2Fhub%2Fhome")
+    _sign_in(page, stack, user)
+    page.wait_for_url(re.compile(r".*/hub/home.*"), timeout=60_000)
+
+
+def _sign_in(page, stack: Stack, user: str) -> None:
     page.click("a:has-text('Sign in with')")
     if page.url.startswith(stack.idp_url):  # no IdP session yet: the login form
         page.fill("#login", user)
         page.fill("#password", "anything")
         page.click("#submit")
-    page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"), timeout=120_000)
 
 
 def tokenhub_call(stack: Stack, server_api_token: str, method: str, path: str, body: dict | None = None):
@@ -162,10 +186,15 @@ def tokenhub_tokens(stack: Stack, server_api_token: str, query: str = "") -> dic
     return body
 
 
+def idp_stats(stack: Stack, account: str) -> dict:
+    """The IdP's counters for `account`: grants answered by type, and `revoked`."""
+    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats?account={account}", timeout=10) as r:
+        return json.loads(r.read())
+
+
 def idp_refreshes(stack: Stack, account: str) -> int:
     """Refresh-token grants the IdP has answered for `account`."""
-    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats?account={account}", timeout=10) as r:
-        return json.loads(r.read())["refresh_token"]
+    return idp_stats(stack, account)["refresh_token"]
 
 
 def jwt_payload(token: str) -> dict:

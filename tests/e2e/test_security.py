@@ -26,16 +26,7 @@ def spawned(stack, browser, hub, user):
 
 
 def personal_token(hub, user: str, scopes: list[str]) -> str:
-    """A token created through the hub's REST API, as a user does on the
-    hub's token page (here by the test's admin service, which holds `tokens`)."""
-    req = urllib.request.Request(
-        f"{hub.stack.hub_url}/hub/api/users/{user}/tokens",
-        method="POST",
-        data=json.dumps({"scopes": scopes, "note": "e2e", "expires_in": 600}).encode(),
-        headers={"Authorization": f"token {hub.stack.admin_token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        token = json.loads(r.read())["token"]
+    token = hub.personal_token(user, scopes)
     remember(token)
     return token
 
