@@ -119,10 +119,11 @@ def test_a_running_server_keeps_its_tokens_alive_and_an_idle_user_is_let_go(stac
     elapsed = time.time() - file_time(people["first_file"]).timestamp()
     time.sleep(max(0.0, 3 * IDLE + 2 - elapsed))
 
-    # Keep-alive refreshed alice's lineage at the IdP several times (about
-    # every IDLE - margin seconds); bob runs no server and was left alone.
+    # Keep-alive refreshed alice's lineage at the IdP several times (every 6
+    # to 9 s: the margin less the user's spread), not once per 2 s round;
+    # bob runs no server and was left alone.
     alice_refreshes = idp_refreshes(stack, "alice")
-    assert 3 <= alice_refreshes <= 3 * IDLE // 2, f"{alice_refreshes} refreshes in three idle periods"
+    assert 3 <= alice_refreshes <= 12, f"{alice_refreshes} refreshes in three idle periods"
     assert idp_refreshes(stack, "bob") == 0, "bob has no server: not kept alive"
 
     # The API and the token file in alice's server hold the current tokens,
