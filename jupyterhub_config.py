@@ -80,4 +80,15 @@ if os.environ.get("HUB_TEST_OAUTH_CLIENT_SECRET"):
     # Users may sign in to it (the hub block adds tokenhub's scope to this role).
     c.JupyterHub.load_roles.append({"name": "user", "scopes": ["self", "access:services!service=e2e-other-client"]})
 
+# tokenhub operators who are not hub admins: members of the IdP's group
+# "tokenhub-operators" (the test IdP puts operator* users there), with the
+# custom scope the tokenhub block defines.
+c.JupyterHub.load_roles.append(
+    {
+        "name": "tokenhub-operators",
+        "scopes": ["custom:tokenhub:admin", "access:services!service=tokenhub"],
+        "groups": ["tokenhub-operators"],
+    }
+)
+
 load_subconfig(os.path.join(here, "hub", "tokenhub_config.py"))  # noqa: F821

@@ -191,7 +191,8 @@ def demo() -> None:
         f"""
 tokenhub demo is running.
 
-  Open   {stack.hub_url}/   and sign in with any user name (e.g. alice; admin* users are admins).
+  Open   {stack.hub_url}/   and sign in with any user name (e.g. alice; admin* users are admins,
+         operator* users may call tokenhub's operator API).
   Your tokens in tokenhub:   {stack.tokenhub_url}/
   After "invalid grant":     {stack.tokenhub_url}/refresh
   Logs:  {stack.hub_log}  and  {stack.idp_log}

@@ -111,6 +111,7 @@ class FileAdapter {
 function groupsFor(user) {
   const groups = ['users'];
   if (user.startsWith('admin')) groups.push('admins');
+  if (user.startsWith('operator')) groups.push('tokenhub-operators');
   return groups;
 }
 

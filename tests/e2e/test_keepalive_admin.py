@@ -8,9 +8,10 @@ idle timeout. The tests run in order on that stack:
 1. alice's server runs untouched for three idle periods while bob, who has no
    server, idles too: alice's tokens still work and her token file moved on;
    bob's lineage died.
-2. A hub admin sees both in the operator's page in chromium; bob gets 403 for
-   the page and the JSON; the admin revokes alice from the page and alice's
-   notebook gets `invalid_grant` with `reauth_url`.
+2. A hub admin sees both in the operator's page in chromium; an operator by
+   the IdP's group reads the JSON; bob gets 403 for the page and the JSON;
+   the admin revokes alice from the page and alice's notebook gets
+   `invalid_grant` with `reauth_url`.
 3. `/metrics` shows what those tests did.
 """
 
@@ -71,7 +72,7 @@ def people(stack, browser, hub):
     """alice signs in and her server starts, then she closes the browser; bob
     and the admin sign in without a server. Returns alice's server environment
     and the time her token file was first written."""
-    contexts = {name: browser.new_context() for name in ("alice", "bob", "admin-kim")}
+    contexts = {name: browser.new_context() for name in ("alice", "bob", "admin-kim", "operator-oz")}
     log_in_and_spawn(contexts["alice"].new_page(), stack, "alice")
     env = hub.server_env("alice")
     seen(env["JUPYTERHUB_API_TOKEN"], env["CILOGON_REFRESH_TOKEN"])
@@ -79,6 +80,7 @@ def people(stack, browser, hub):
     contexts["alice"].close()  # the user closed the laptop: nothing touches her server from here
     log_in(contexts["bob"].new_page(), stack, "bob")
     log_in(contexts["admin-kim"].new_page(), stack, "admin-kim")
+    log_in(contexts["operator-oz"].new_page(), stack, "operator-oz")
     yield {"env": env, "first_file": first, "bob": contexts["bob"], "admin": contexts["admin-kim"]}
     for context in contexts.values():
         try:
@@ -165,7 +167,7 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     response = admin_page.goto(f"{stack.tokenhub_url}/admin")
     assert response.status == 200
     rows = lineage_rows(admin_page)
-    assert set(rows) == {"alice", "bob", "admin-kim"}, rows
+    assert set(rows) == {"alice", "bob", "admin-kim", "operator-oz"}, rows
     assert rows["alice"]["state"] == "active"
     assert rows["alice"]["keepalive"].startswith("on:"), rows["alice"]
     assert rows["bob"]["state"].startswith("dead: the identity provider refused a refresh (invalid_grant)")
@@ -182,7 +184,14 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     status, listing, _ = tokenhub_call(stack, admin_token, "GET", "/api/v1/admin/lineages?sort=user")
     assert status == 200, listing
     states = {row["user"]: row["state"] for row in listing["lineages"]}
-    assert states == {"admin-kim": "active", "alice": "active", "bob": "dead"}, states
+    assert states == {"admin-kim": "active", "alice": "active", "bob": "dead", "operator-oz": "active"}, states
+
+    # An operator who is no hub admin, by the IdP's group "tokenhub-operators"
+    # and the role jupyterhub_config.py grants that group: the JSON answers.
+    operator_token = hub.personal_token("operator-oz", ["custom:tokenhub:admin", SCOPE])
+    status, listing, _ = tokenhub_call(stack, operator_token, "GET", "/api/v1/admin/lineages?state=dead")
+    assert status == 200, listing
+    assert [row["user"] for row in listing["lineages"]] == ["bob"]
 
     # bob is no hub admin: 403 for the page (he has a tokenhub session) and the JSON.
     bob_page = people["bob"].new_page()
@@ -201,7 +210,7 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     assert "the identity provider revoked the refresh token" in admin_page.content()
     assert idp_stats(stack, "alice").get("revoked") == 1, "the IdP revoked alice's grant"
     admin_page.goto(f"{stack.tokenhub_url}/admin")
-    assert set(lineage_rows(admin_page)) == {"bob", "admin-kim"}
+    assert set(lineage_rows(admin_page)) == {"bob", "admin-kim", "operator-oz"}
 
     # alice's notebook now gets invalid_grant with the URL that repairs it,
     # and the IdP refuses the refresh token her file holds.
@@ -236,7 +245,7 @@ def scrape(stack) -> dict[str, float]:
 def test_metrics_show_what_happened(stack):
     m = scrape(stack)
     alice_and_bob_refreshes = idp_refreshes(stack, "alice") + idp_refreshes(stack, "bob")
-    assert m["tokenhub_logins_total"] == 3
+    assert m["tokenhub_logins_total"] == 4
     assert m["tokenhub_keepalive_refreshes_total"] >= 3
     assert m["tokenhub_keepalive_failures_total"] == 0
     # Every refresh the IdP answered alice, plus bob's refused one.
@@ -245,8 +254,9 @@ def test_metrics_show_what_happened(stack):
     assert m['tokenhub_upstream_refreshes_total{outcome="unavailable"}'] == 0
     assert m["tokenhub_upstream_refresh_duration_seconds_count"] == alice_and_bob_refreshes + 1
     assert m["tokenhub_upstream_refresh_duration_seconds_sum"] > 0
-    # alice's lineage was deleted by the revoke; bob's is dead; the admin's is active.
-    assert m['tokenhub_lineages{state="active"}'] == 1
+    # alice's lineage was deleted by the revoke; bob's is dead; the admin's
+    # and the operator's are active.
+    assert m['tokenhub_lineages{state="active"}'] == 2
     assert m['tokenhub_lineages{state="dead"}'] == 1
     # A token file at the spawn and after each of alice's refreshes.
     assert m['tokenhub_token_file_writes_total{outcome="ok"}'] >= m["tokenhub_keepalive_refreshes_total"] + 1

@@ -78,7 +78,7 @@ def test_notes_print_the_hub_values(chart, z2jh):
     assert printed["hub"]["extraConfig"]["tokenhub"].encode() == BLOCK.read_bytes()
     assert z2jh_errors(z2jh, printed) == []
     # The example is what NOTES prints, plus the choices NOTES cannot know
-    # (who may log in, the login button, the servers' root).
+    # (who may log in, the login button, the servers' root, the operators' role).
     example = yaml.safe_load(HUB_EXAMPLE.read_text())
     assert merged(example, printed) == example
 

@@ -258,6 +258,8 @@ def operator_values() -> dict:
                 "tokenhub": {"description": "the operator's", "scopes": ["read:users:name"], "services": ["tokenhub"]},
                 "user": {"scopes": ["self", "read:users:activity"]},
                 "server": {"scopes": ["users:activity!user", "access:servers!server", "read:users:name!user"]},
+                # Operators by group, with the custom scope the block defines.
+                "tokenhub-operators": {"scopes": ["custom:tokenhub:admin", SCOPE], "groups": ["tokenhub-operators"]},
             },
             "config": {
                 "JupyterHub": {"admin_access": True, "authenticator_class": "dummy"},
@@ -281,6 +283,10 @@ def test_z2jh_extra_config(tmp_path, monkeypatch):
     role = named(app.load_roles, "tokenhub")
     assert role["description"] == "the operator's"
     assert named(app.load_roles, "user")["scopes"] == ["self", "read:users:activity", SCOPE]
+    # JupyterHub loaded the operators' role: the custom scope it names exists.
+    operators = orm.Role.find(app.db, "tokenhub-operators")
+    assert set(operators.scopes) == {"custom:tokenhub:admin", SCOPE}
+    assert [g.name for g in operators.groups] == ["tokenhub-operators"]
     # The operator's settings win over the block's.
     auth = app.authenticator
     assert auth.allow_all is False
@@ -295,6 +301,32 @@ def test_z2jh_extra_config(tmp_path, monkeypatch):
         SCOPE,
     ]
     assert "read:users:name!user" in server_token_scopes(app, "bob")
+
+
+def test_z2jh_with_the_documented_example_values(tmp_path, monkeypatch):
+    """helm/examples/jupyterhub-values.yaml as an operator pastes it, over
+    Z2JH's own default hub.config; the hub pod's environment is its
+    hub.extraEnv (a value from a Secret stands in as a literal)."""
+    import yaml
+
+    values = yaml.safe_load((ROOT / "helm" / "examples" / "jupyterhub-values.yaml").read_text())
+    values["hub"]["config"] = {"JupyterHub": {"admin_access": True, "authenticator_class": "dummy"}}
+    for name in ("TOKENHUB_SERVICE_URL", "TOKENHUB_ALLOW_ALL"):
+        monkeypatch.delenv(name)
+    for name, value in values["hub"]["extraEnv"].items():
+        monkeypatch.setenv(name, value if isinstance(value, str) else "from-the-secret-" + "x" * 16)
+    app = z2jh_hub(tmp_path, values, in_config_d=False)
+    assert named(app.services, "tokenhub")["url"] == "http://tokenhub:8000"
+    assert orm.APIToken.find(app.db, Z2JH_TOKEN).service.name == "tokenhub"
+    auth = app.authenticator
+    assert type(auth).__name__ == "GenericOAuthenticator"
+    assert auth.token_url == "http://tokenhub:8000/services/tokenhub/oauth2/token"
+    assert auth.allowed_groups == {"researchers"} and "alice" in auth.admin_users
+    assert SCOPE in orm.Role.find(app.db, "user").scopes
+    # The operators' role loads: the block defined the custom scope it names.
+    operators = orm.Role.find(app.db, "tokenhub-operators")
+    assert set(operators.scopes) == {"custom:tokenhub:admin", SCOPE}
+    assert [g.name for g in operators.groups] == ["tokenhub-operators"]
 
 
 def test_z2jh_config_d_with_defaults(tmp_path):
