@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
 use crate::refresh::{RefreshError, Want};
-use crate::state::{App, AppState};
+use crate::state::AppState;
 use crate::store::LineageTimes;
 use crate::time::now;
 
@@ -98,16 +98,6 @@ pub fn plan(config: &KeepaliveConfig, times: &LineageTimes, now: i64) -> Option<
         return Some(Why::AccessToken);
     }
     None
-}
-
-/// Stores when the refresh token of a lineage at `version` dies, from the
-/// IdP's `refresh_expires_in` (`None` clears it). A failure is logged only:
-/// keep-alive then goes by its setting.
-pub async fn record_refresh_expiry(app: &App, username: &str, issuer: &str, version: i64, refresh_expires_in: Option<i64>) {
-    let at = refresh_expires_in.map(|secs| now() + secs);
-    if let Err(e) = app.vault.store().set_refresh_expiry(username, issuer, version, at).await {
-        tracing::warn!(user = %username, error = %e, "the refresh token's lifetime was not stored");
-    }
 }
 
 /// The running keep-alive task of this replica.

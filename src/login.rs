@@ -282,7 +282,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, refresh_token = login.tokens.refresh_token.is_some(), "login stored");
     app.audit.record("login", Some(&username), Some(version), Some("upstream login stored"));
-    crate::keepalive::record_refresh_expiry(app, &username, &login.issuer, version, login.refresh_expires_in).await;
+    app.vault.record_refresh_expiry(&username, &login.issuer, version, login.refresh_expires_in).await;
     let jar = jar.clone().remove(login_cookie(app, state));
     let jar = session::start(app, jar, &username);
 

@@ -306,7 +306,7 @@ impl Refresher {
         tracing::info!(user = %username, version = stored.version, "tokens refreshed");
         app.audit.record("refresh", Some(username), Some(stored.version), None);
         *made = true;
-        crate::keepalive::record_refresh_expiry(app, username, issuer, stored.version, reply.refresh_expires_in).await;
+        app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
         let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
         // Every refresh reaches the running servers: the refresh token in
         // their files was just spent.

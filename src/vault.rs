@@ -246,6 +246,17 @@ impl Vault {
         }
     }
 
+    /// Stores when the refresh token of a lineage at `version` dies, from the
+    /// IdP's `refresh_expires_in` (`None` clears it). A failure is logged only:
+    /// keep-alive then goes by its setting. Login and refresh both record it,
+    /// so it lives here rather than in keep-alive, which only reads it.
+    pub async fn record_refresh_expiry(&self, username: &str, issuer: &str, version: i64, refresh_expires_in: Option<i64>) {
+        let at = refresh_expires_in.map(|secs| now() + secs);
+        if let Err(e) = self.store.set_refresh_expiry(username, issuer, version, at).await {
+            tracing::warn!(user = %username, error = %e, "the refresh token's lifetime was not stored");
+        }
+    }
+
     /// Settles the lineage's pending ID token: `verified` makes it the
     /// lineage's ID token, otherwise it is dropped. `None` after a lost race.
     pub async fn settle_pending_id_token(&self, lineage: &Lineage, verified: bool) -> Result<Option<Lineage>, VaultError> {
