@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod deliveries;
 pub mod delivery;
 pub mod errors;
 pub mod fabric;

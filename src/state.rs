@@ -8,7 +8,7 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::crypto::KeyRing;
-use crate::delivery::Deliveries;
+use crate::deliveries::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
