@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod pages;
 pub mod provider;
 pub mod refresh;
+pub mod refresher;
 pub mod security;
 pub mod session;
 pub mod state;

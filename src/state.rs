@@ -11,7 +11,7 @@ use crate::crypto::KeyRing;
 use crate::deliveries::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
-use crate::refresh::Refresher;
+use crate::refresher::Refresher;
 use crate::store::Store;
 use crate::upstream::Upstream;
 use crate::vault::Vault;
