@@ -22,6 +22,7 @@ pub mod pages;
 pub mod provider;
 pub mod refresh;
 pub mod refresher;
+pub mod renewed;
 pub mod security;
 pub mod session;
 pub mod state;
