@@ -21,7 +21,7 @@ use crate::fabric;
 use crate::hub::{HubError, Verdict};
 use crate::state::AppState;
 use crate::time::now;
-use crate::crypto::{constant_time_eq, digest_hex};
+use crate::vault::crypto::{constant_time_eq, digest_hex};
 use crate::refresh::{Fresh, RefreshError, Want};
 
 /// How long a refresh token rotated away still gets the current set back.

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD;
 use secrecy::ExposeSecret;
 
 use crate::config::HubClientConfig;
-use crate::crypto::constant_time_eq;
+use crate::vault::crypto::constant_time_eq;
 use crate::errors::ApiError;
 
 /// Checks the hub's client credentials, from the Basic header or, failing

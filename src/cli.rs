@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, Settings};
-use crate::crypto::KeyRing;
+use crate::vault::crypto::KeyRing;
 use crate::state::App;
 
 /// OpenID Connect login, token vault and token service for JupyterHub.

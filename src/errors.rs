@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
-use crate::store::StoreError;
+use crate::vault::store::StoreError;
 use crate::upstream::UpstreamError;
 use crate::vault::VaultError;
 use crate::views;

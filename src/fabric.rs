@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::crypto::digest_hex;
+use crate::vault::crypto::digest_hex;
 use crate::vault::Lineage;
 
 /// FABRIC's timestamp format, `%Y-%m-%d %H:%M:%S %z` (`2026-06-04 13:09:25 +0000`).

@@ -11,7 +11,7 @@ use serde_json::json;
 use url::Url;
 
 use crate::config::{HubClientConfig, join};
-use crate::crypto::digest_hex;
+use crate::vault::crypto::digest_hex;
 use crate::metrics::{HubCall, HubTimings};
 
 /// How long the owner of a token is remembered.

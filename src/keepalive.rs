@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use crate::config::KeepaliveConfig;
 use crate::refresh::{RefreshError, Want};
 use crate::state::AppState;
-use crate::store::LineageTimes;
+use crate::vault::store::LineageTimes;
 use crate::time::now;
 
 /// Lineages read from the database at a time.
@@ -63,7 +63,7 @@ impl Why {
 /// A number from the user name, the same on every replica: where in the
 /// spread window the lineage is due.
 fn spread_of(username: &str) -> u64 {
-    let hex = crate::crypto::digest_hex(&format!("tokenhub keep-alive\0{username}"));
+    let hex = crate::vault::crypto::digest_hex(&format!("tokenhub keep-alive\0{username}"));
     u64::from_str_radix(&hex[..16], 16).unwrap_or(0)
 }
 

@@ -8,7 +8,6 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod crypto;
 pub mod deliveries;
 pub mod delivery;
 pub mod errors;
@@ -26,7 +25,6 @@ pub mod renewed;
 pub mod security;
 pub mod session;
 pub mod state;
-pub mod store;
 pub mod time;
 pub mod upstream;
 pub mod vault;
@@ -100,7 +98,7 @@ pub struct RandomRequestId;
 
 impl MakeRequestId for RandomRequestId {
     fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        axum::http::HeaderValue::from_str(&crypto::random_token()[..22]).ok().map(RequestId::new)
+        axum::http::HeaderValue::from_str(&vault::crypto::random_token()[..22]).ok().map(RequestId::new)
     }
 }
 

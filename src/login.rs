@@ -18,11 +18,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::crypto::{digest_hex, random_token};
+use crate::vault::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
 use crate::session;
 use crate::state::AppState;
-use crate::store::HubCodeRow;
+use crate::vault::store::HubCodeRow;
 use crate::time::now;
 
 /// How long a started login may take at the IdP.

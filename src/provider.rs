@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::presented_token;
-use crate::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
+use crate::vault::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
 use crate::state::AppState;
-use crate::store::{HubTokenKind, HubTokenRow};
+use crate::vault::store::{HubTokenKind, HubTokenRow};
 use crate::time::now;
 
 /// Lifetime of refresh tokens issued to the hub.

@@ -78,8 +78,8 @@ pub enum RefreshError {
     Vault(#[from] VaultError),
 }
 
-impl From<crate::store::StoreError> for RefreshError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::vault::store::StoreError> for RefreshError {
+    fn from(e: crate::vault::store::StoreError) -> Self {
         RefreshError::Vault(e.into())
     }
 }

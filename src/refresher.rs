@@ -12,7 +12,7 @@ use std::time::Instant;
 use secrecy::SecretString;
 use tokio::sync::Mutex;
 
-use crate::crypto::random_token;
+use crate::vault::crypto::random_token;
 use crate::vault::{Lineage, TokenSet};
 
 /// A refresh answer the database did not take: it is stored by the next

@@ -7,12 +7,12 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
-use crate::crypto::KeyRing;
+use crate::vault::crypto::KeyRing;
 use crate::deliveries::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
 use crate::refresher::Refresher;
-use crate::store::Store;
+use crate::vault::store::Store;
 use crate::upstream::Upstream;
 use crate::vault::Vault;
 
@@ -53,10 +53,10 @@ pub type AppState = Arc<App>;
 pub enum StartError {
     /// The key list is invalid.
     #[error(transparent)]
-    Keys(#[from] crate::crypto::CryptoError),
+    Keys(#[from] crate::vault::crypto::CryptoError),
     /// The database could not be opened.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::vault::store::StoreError),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),

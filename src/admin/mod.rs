@@ -10,7 +10,7 @@
 //!   (`GET /hub/api/users/{name}`) that user is an admin.
 //!
 //! The listing reads only the plain columns of the vault
-//! ([`crate::store::LineageSummary`]): token values are never selected, so
+//! ([`crate::vault::store::LineageSummary`]): token values are never selected, so
 //! neither the JSON nor the page can hold one.
 
 pub mod api;
@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::config::KeepaliveConfig;
 use crate::state::AppState;
-use crate::store::{LineageFilter, LineageSort, LineageSummary};
+use crate::vault::store::{LineageFilter, LineageSort, LineageSummary};
 
 /// Most rows one request may ask for.
 pub const MAX_LIMIT: i64 = 500;
@@ -179,7 +179,7 @@ pub struct Page {
 }
 
 /// Reads one page of the listing from the vault's plain columns.
-pub async fn list(app: &AppState, listing: &Listing) -> Result<Page, crate::store::StoreError> {
+pub async fn list(app: &AppState, listing: &Listing) -> Result<Page, crate::vault::store::StoreError> {
     let filter = LineageFilter { status: listing.state.clone(), user_prefix: listing.user.clone() };
     let (summaries, total) = app
         .vault

@@ -17,7 +17,7 @@ use crate::errors::PageError;
 use crate::fabric::timestamp;
 use crate::session::{self, Session};
 use crate::state::AppState;
-use crate::store::LineageSort;
+use crate::vault::store::LineageSort;
 use crate::views::{self, InfoPage};
 
 /// A row as the page shows it.

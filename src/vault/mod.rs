@@ -2,6 +2,12 @@
 //! [`Store`] and opened after it leaves. Associated data binds every sealed
 //! value to its user, issuer and field, so a value copied to another row or
 //! column does not open.
+//!
+//! The folder holds what the vault is made of: [`crypto`] (the key list and
+//! the sealed envelope) and [`store`] (the rows in SQLite or PostgreSQL).
+
+pub mod crypto;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +15,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use crate::crypto::{CryptoError, KeyRing};
-use crate::store::{LineageRow, Store, StoreError};
 use crate::time::now;
+use crypto::{CryptoError, KeyRing};
+use store::{LineageRow, Store, StoreError};
 
 /// The tokens the upstream IdP issued at login or at the last refresh.
 #[derive(Debug, Clone)]
@@ -231,7 +237,7 @@ impl Vault {
             updated_at: now,
             refreshed_at: Some(now),
             previous_refresh_hash: if rotated {
-                old_refresh.as_deref().map(crate::crypto::digest_hex)
+                old_refresh.as_deref().map(crypto::digest_hex)
             } else {
                 lineage.previous_refresh_hash.clone()
             },
