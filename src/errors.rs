@@ -16,7 +16,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
 use crate::vault::store::StoreError;
-use crate::upstream::UpstreamError;
+use crate::oauth::upstream::UpstreamError;
 use crate::vault::VaultError;
 use crate::views;
 

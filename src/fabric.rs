@@ -22,7 +22,7 @@ pub fn timestamp(unix: i64) -> String {
 
 /// When the ID token expires: its `exp`, else the access token's expiry.
 pub fn id_token_expiry(lineage: &Lineage) -> Option<i64> {
-    crate::upstream::jwt_claims(lineage.tokens.id_token.expose_secret())
+    crate::oauth::upstream::jwt_claims(lineage.tokens.id_token.expose_secret())
         .ok()
         .and_then(|claims| claims.get("exp").and_then(Value::as_i64))
         .or(lineage.tokens.access_expires_at)

@@ -14,11 +14,10 @@ pub mod errors;
 pub mod fabric;
 pub mod hub;
 pub mod keepalive;
-pub mod login;
 pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod pages;
-pub mod provider;
 pub mod refresh;
 pub mod refresher;
 pub mod renewed;
@@ -26,7 +25,6 @@ pub mod security;
 pub mod session;
 pub mod state;
 pub mod time;
-pub mod upstream;
 pub mod vault;
 pub mod views;
 
@@ -62,11 +60,11 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
         .route(&at("/healthz"), get(healthz))
         .route(&at("/metrics"), get(metrics))
-        .route(&at("/.well-known/openid-configuration"), get(provider::discovery))
-        .route(&at("/oauth2/authorize"), get(login::authorize))
-        .route(&at("/oauth2/token"), post(provider::token))
-        .route(&at("/oauth2/userinfo"), get(provider::userinfo).post(provider::userinfo))
-        .route(&at("/callback"), get(login::callback))
+        .route(&at("/.well-known/openid-configuration"), get(oauth::provider::discovery))
+        .route(&at("/oauth2/authorize"), get(oauth::login::authorize))
+        .route(&at("/oauth2/token"), post(oauth::provider::token))
+        .route(&at("/oauth2/userinfo"), get(oauth::provider::userinfo).post(oauth::provider::userinfo))
+        .route(&at("/callback"), get(oauth::login::callback))
         .route(&at("/api/v1/tokens"), get(api::tokens))
         .route(&at("/api/v1/tokens/refresh"), post(api::force_refresh))
         .route(&at("/api/v1/hub/spawn"), post(api::spawn))

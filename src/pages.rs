@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use crate::no_store;
 use crate::errors::PageError;
 use crate::fabric::{self, timestamp};
-use crate::login::{Purpose, start_login};
+use crate::oauth::login::{Purpose, start_login};
 use crate::refresh::{RefreshError, Want};
 use crate::session::{self, Session};
 use crate::state::AppState;

@@ -29,7 +29,7 @@ use crate::metrics::RefreshOutcome;
 use crate::refresher::{Refresher, Unsaved};
 use crate::state::AppState;
 use crate::time::now;
-use crate::upstream::UpstreamError;
+use crate::oauth::upstream::UpstreamError;
 use crate::vault::{Lineage, TokenSet, VaultError};
 
 /// How long a replica may hold the refresh lease.
@@ -329,7 +329,7 @@ impl Refresher {
 
     /// The refresh at the IdP, retried with backoff only while no attempt got
     /// a 2xx (a 2xx may have spent the refresh token).
-    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::upstream::TokenReply, UpstreamError> {
+    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
         let refresh_token = lineage
             .tokens
             .refresh_token
@@ -355,7 +355,7 @@ impl Refresher {
 }
 
 /// How an upstream refresh ended, for `/metrics`.
-fn outcome(result: &Result<crate::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
+fn outcome(result: &Result<crate::oauth::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
     match result {
         Ok(_) => RefreshOutcome::Ok,
         Err(UpstreamError::InvalidGrant(_)) => RefreshOutcome::InvalidGrant,

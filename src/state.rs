@@ -13,7 +13,7 @@ use crate::hub::HubApi;
 use crate::metrics::Metrics;
 use crate::refresher::Refresher;
 use crate::vault::store::Store;
-use crate::upstream::Upstream;
+use crate::oauth::upstream::Upstream;
 use crate::vault::Vault;
 
 /// Shared application state.
