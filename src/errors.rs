@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::vault::store::StoreError;
 use crate::oauth::upstream::UpstreamError;
 use crate::vault::VaultError;
-use crate::views;
+use crate::web::views;
 
 /// An error answered as OAuth-style JSON.
 #[derive(Debug)]

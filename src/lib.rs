@@ -17,16 +17,13 @@ pub mod keepalive;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
-pub mod pages;
 pub mod refresh;
 pub mod refresher;
-pub mod renewed;
 pub mod security;
-pub mod session;
 pub mod state;
 pub mod time;
 pub mod vault;
-pub mod views;
+pub mod web;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Request, header};
@@ -49,12 +46,12 @@ pub fn app(state: AppState) -> Router {
     let base = state.config.http.base_path.clone();
     let at = |path: &str| format!("{base}{path}");
     let mut routes = Router::new()
-        .route(&at("/"), get(pages::token_page))
-        .route(&at("/login"), get(pages::login))
-        .route(&at("/logout"), get(pages::logout))
-        .route(&at("/refresh"), get(pages::refresh))
-        .route(&at("/tokens.json"), get(pages::download))
-        .route(&at("/revoke"), post(pages::revoke))
+        .route(&at("/"), get(web::pages::token_page))
+        .route(&at("/login"), get(web::pages::login))
+        .route(&at("/logout"), get(web::pages::logout))
+        .route(&at("/refresh"), get(web::pages::refresh))
+        .route(&at("/tokens.json"), get(web::pages::download))
+        .route(&at("/revoke"), post(web::pages::revoke))
         .route(&at("/admin"), get(admin::page::admin_page))
         .route(&at("/admin/revoke"), post(admin::page::revoke))
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
@@ -71,7 +68,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/api/v1/openapi.json"), get(openapi::serve));
     if !base.is_empty() {
         // The prefix itself, without the trailing slash, is the token page too.
-        routes = routes.route(&base, get(pages::token_page));
+        routes = routes.route(&base, get(web::pages::token_page));
     }
     routes
         .fallback(|| async { ApiError::not_found() })

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::vault::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
-use crate::session;
+use crate::web::session;
 use crate::state::AppState;
 use crate::vault::store::HubCodeRow;
 use crate::time::now;
@@ -288,7 +288,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
 
     let hub = match pending.purpose {
         Purpose::Hub(hub) => hub,
-        Purpose::Refresh => return Ok((jar, crate::renewed::renewed(app, &username).await?).into_response()),
+        Purpose::Refresh => return Ok((jar, crate::web::renewed::renewed(app, &username).await?).into_response()),
         Purpose::Page => return Ok((jar, Redirect::to(app.url("/").as_str())).into_response()),
     };
     let code = random_token();

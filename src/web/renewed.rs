@@ -11,7 +11,7 @@ use crate::errors::PageError;
 use crate::fabric::timestamp;
 use crate::state::AppState;
 use crate::time::now;
-use crate::views::{self, RenewedPage, relative};
+use crate::web::views::{self, RenewedPage, relative};
 
 /// The page after a renewal: writes the token files, then says what was
 /// renewed, until when, and which servers got it.

@@ -16,11 +16,11 @@ use crate::errors::PageError;
 use crate::fabric::{self, timestamp};
 use crate::oauth::login::{Purpose, start_login};
 use crate::refresh::{RefreshError, Want};
-use crate::session::{self, Session};
+use crate::web::session::{self, Session};
 use crate::state::AppState;
 use crate::vault::Lineage;
-use crate::renewed::renewed;
-use crate::views::{self, DeliveryRow, InfoPage, TokenPage, relative};
+use crate::web::renewed::renewed;
+use crate::web::views::{self, DeliveryRow, InfoPage, TokenPage, relative};
 
 fn page(html: String) -> Response {
     no_store(Html(html).into_response())
