@@ -15,14 +15,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{authenticate_hub_client, presented_token};
-use crate::delivery;
+use crate::tokens::delivery;
 use crate::errors::ApiError;
-use crate::fabric;
+use crate::tokens::fabric;
 use crate::hub::{HubError, Verdict};
 use crate::state::AppState;
 use crate::time::now;
 use crate::vault::crypto::{constant_time_eq, digest_hex};
-use crate::refresh::{Fresh, RefreshError, Want};
+use crate::tokens::refresh::{Fresh, RefreshError, Want};
 
 /// How long a refresh token rotated away still gets the current set back.
 pub const ROTATION_GRACE_SECS: i64 = 120;

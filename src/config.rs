@@ -295,7 +295,7 @@ pub struct VaultConfig {
     pub crypt_key: SecretString,
 }
 
-/// Keep-alive of users' lineages (see [`crate::keepalive`]).
+/// Keep-alive of users' lineages (see [`crate::tokens::keepalive`]).
 #[derive(Debug, Clone)]
 pub struct KeepaliveConfig {
     /// Time between rounds; `None`: keep-alive is off.

@@ -8,10 +8,10 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::vault::crypto::KeyRing;
-use crate::deliveries::Deliveries;
+use crate::tokens::deliveries::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
-use crate::refresher::Refresher;
+use crate::tokens::refresher::Refresher;
 use crate::vault::store::Store;
 use crate::oauth::upstream::Upstream;
 use crate::vault::Vault;

@@ -30,7 +30,7 @@ pub const MAX_LIMIT: i64 = 500;
 pub const DEFAULT_LIMIT: i64 = 50;
 
 /// What a dead lineage died of. tokenhub marks a lineage dead only when the
-/// IdP answers a refresh with `invalid_grant` (see [`crate::refresh`]).
+/// IdP answers a refresh with `invalid_grant` (see [`crate::tokens::refresh`]).
 pub const DEAD_REASON: &str = "the identity provider refused a refresh (invalid_grant): the user must sign in again";
 
 /// A listing request, checked.
@@ -230,7 +230,7 @@ async fn row(app: &AppState, s: LineageSummary) -> Row {
     }
 }
 
-/// What keep-alive does for a lineage (see [`crate::keepalive::plan`]),
+/// What keep-alive does for a lineage (see [`crate::tokens::keepalive::plan`]),
 /// and when its refresh token dies unused, if known.
 pub fn keepalive_status(config: &KeepaliveConfig, s: &LineageSummary, now: i64) -> (Option<i64>, String) {
     let last = s.refreshed_at.unwrap_or(s.created_at);

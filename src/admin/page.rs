@@ -14,7 +14,7 @@ use axum_extra::extract::CookieJar;
 use super::{Listing, Row, sort_name};
 use crate::web::pages::IdpRevocation;
 use crate::errors::PageError;
-use crate::fabric::timestamp;
+use crate::tokens::fabric::timestamp;
 use crate::web::session::{self, Session};
 use crate::state::AppState;
 use crate::vault::store::LineageSort;

@@ -62,7 +62,7 @@ pub struct Lineage {
     /// When that rotation happened.
     pub rotated_at: Option<i64>,
     /// An ID token from a refresh that could not be verified yet: never
-    /// handed out until it is (see [`crate::refresh`]).
+    /// handed out until it is (see [`crate::tokens::refresh`]).
     pub pending_id_token: Option<SecretString>,
     /// The nonce of the login that began the lineage.
     pub login_nonce: Option<String>,

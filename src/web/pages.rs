@@ -13,9 +13,9 @@ use secrecy::ExposeSecret;
 
 use crate::no_store;
 use crate::errors::PageError;
-use crate::fabric::{self, timestamp};
+use crate::tokens::fabric::{self, timestamp};
 use crate::oauth::login::{Purpose, start_login};
-use crate::refresh::{RefreshError, Want};
+use crate::tokens::refresh::{RefreshError, Want};
 use crate::web::session::{self, Session};
 use crate::state::AppState;
 use crate::vault::Lineage;

@@ -6,9 +6,9 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 
-use crate::delivery;
+use crate::tokens::delivery;
 use crate::errors::PageError;
-use crate::fabric::timestamp;
+use crate::tokens::fabric::timestamp;
 use crate::state::AppState;
 use crate::time::now;
 use crate::web::views::{self, RenewedPage, relative};

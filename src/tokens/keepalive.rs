@@ -8,7 +8,7 @@
 //! end (from the IdP's `refresh_expires_in`, else from the operator's idle
 //! timeout) — or, when asked, whose access token nears its end — asks the hub
 //! whether the user runs a server, reads the lineage again from the
-//! database, and refreshes through [`crate::refresher::Refresher`], which rewrites
+//! database, and refreshes through [`super::refresher::Refresher`], which rewrites
 //! the token files and keeps single flight and the database lease.
 //!
 //! - Replicas agree on when a lineage is due (the same spread from its user
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
-use crate::refresh::{RefreshError, Want};
+use crate::tokens::refresh::{RefreshError, Want};
 use crate::state::AppState;
 use crate::vault::store::LineageTimes;
 use crate::time::now;

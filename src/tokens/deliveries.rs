@@ -1,6 +1,6 @@
 //! Which lineage version each running server last got in its token file,
 //! and which spawning servers are being waited for. The app owns this
-//! book-keeping; [`crate::delivery`] does the writing. Kept apart so the
+//! book-keeping; [`super::delivery`] does the writing. Kept apart so the
 //! app's state does not depend on the code that needs the app.
 
 use std::collections::{HashMap, HashSet};

@@ -1,7 +1,7 @@
 //! What the refresher keeps in this process: one lock per lineage in
 //! flight, the refresh answers the database did not take, and the name this
 //! replica holds the database lease under. The refresh itself is
-//! [`crate::refresh`]; this part needs nothing of the app, so the app's
+//! [`super::refresh`]; this part needs nothing of the app, so the app's
 //! state can own it without depending on the code that needs the app.
 
 use std::collections::HashMap;
@@ -18,19 +18,19 @@ use crate::vault::{Lineage, TokenSet};
 /// A refresh answer the database did not take: it is stored by the next
 /// caller before anything else happens (the refresh token it replaced is
 /// spent at the IdP, so this is the only copy of the lineage's future).
-pub(crate) struct Unsaved {
-    pub(crate) base: Lineage,
-    pub(crate) tokens: TokenSet,
-    pub(crate) pending_id_token: Option<SecretString>,
+pub(super) struct Unsaved {
+    pub(super) base: Lineage,
+    pub(super) tokens: TokenSet,
+    pub(super) pending_id_token: Option<SecretString>,
 }
 
 /// What this process knows about one lineage, under its lock.
 #[derive(Default)]
-pub(crate) struct Slot {
+pub(super) struct Slot {
     /// When the last refresh attempt failed: callers that queued behind it
     /// share the failure instead of asking the IdP again.
-    pub(crate) failed_at: Option<Instant>,
-    pub(crate) unsaved: Option<Unsaved>,
+    pub(super) failed_at: Option<Instant>,
+    pub(super) unsaved: Option<Unsaved>,
 }
 
 /// The per-lineage locks of this process and its lease-holder name.
@@ -38,8 +38,8 @@ pub struct Refresher {
     slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
     /// How many slots hold an unsaved answer: while any do, no caller takes
     /// the hot path past them (it would serve the spent refresh token).
-    pub(crate) unsaved: AtomicUsize,
-    pub(crate) holder: String,
+    pub(super) unsaved: AtomicUsize,
+    pub(super) holder: String,
 }
 
 impl std::fmt::Debug for Refresher {
@@ -56,7 +56,7 @@ impl Default for Refresher {
 
 impl Refresher {
     /// The lock of the lineage named by `key`, made on first use.
-    pub(crate) fn slot_for(&self, key: &str) -> Arc<Mutex<Slot>> {
+    pub(super) fn slot_for(&self, key: &str) -> Arc<Mutex<Slot>> {
         let mut slots = self.slots.lock().expect("slot map is never poisoned");
         slots.entry(key.to_string()).or_default().clone()
     }

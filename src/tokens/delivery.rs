@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use crate::deliveries::Delivery;
-use crate::fabric;
+use crate::tokens::deliveries::Delivery;
+use crate::tokens::fabric;
 use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
 use crate::time::now;

@@ -1,5 +1,5 @@
 //! One refresher per lineage (what it keeps in memory is
-//! [`crate::refresher`]). Every refresh of a user's tokens goes through
+//! [`super::refresher`]). Every refresh of a user's tokens goes through
 //! [`Refresher::fresh`]:
 //!
 //! - callers whose tokens are fresh enough never wait (the hot path);
@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::metrics::RefreshOutcome;
-use crate::refresher::{Refresher, Unsaved};
+use crate::tokens::refresher::{Refresher, Unsaved};
 use crate::state::AppState;
 use crate::time::now;
 use crate::oauth::upstream::UpstreamError;
@@ -114,7 +114,7 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
 /// Whether `lineage` may be handed out: its ID token is verified, or, while
 /// a newer one waits to be verified, the last verified one is still valid.
 fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
-    if lineage.pending_id_token.is_some() && crate::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
+    if lineage.pending_id_token.is_some() && crate::tokens::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
         return Err(RefreshError::Unavailable(
             "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept".into(),
         ));
@@ -288,7 +288,7 @@ impl Refresher {
     fn deliver(&self, app: &AppState, username: &str) {
         let (app, user) = (app.clone(), username.to_string());
         tokio::spawn(async move {
-            crate::delivery::write_all(&app, &user).await;
+            crate::tokens::delivery::write_all(&app, &user).await;
         });
     }
 
