@@ -14,11 +14,10 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{authenticate_hub_client, presented_token};
+use crate::auth::{caller, hub_client};
 use crate::tokens::delivery;
 use crate::errors::ApiError;
 use crate::tokens::fabric;
-use crate::hub::{HubError, Verdict};
 use crate::state::AppState;
 use crate::time::now;
 use crate::vault::crypto::{constant_time_eq, digest_hex};
@@ -29,16 +28,6 @@ pub const ROTATION_GRACE_SECS: i64 = 120;
 
 fn no_store(body: Value) -> Response {
     crate::no_store(Json(body).into_response())
-}
-
-impl From<HubError> for ApiError {
-    fn from(e: HubError) -> Self {
-        tracing::warn!(error = %e, "hub API call failed");
-        match e {
-            HubError::NotConfigured => ApiError::unavailable("tokenhub is not connected to the hub's API"),
-            _ => ApiError::unavailable("the hub could not confirm who is calling; try again"),
-        }
-    }
 }
 
 /// The spawn hook's request.
@@ -79,65 +68,6 @@ pub async fn spawn(
         "version": lineage.version,
         "active": lineage.active,
     })))
-}
-
-/// Checks the hub's client credentials (spawn hook, token endpoint), after
-/// the failure limiter: a client that keeps failing gets 429 first.
-pub fn hub_client(
-    app: &AppState,
-    headers: &HeaderMap,
-    form_id: Option<&str>,
-    form_secret: Option<&str>,
-) -> Result<(), ApiError> {
-    let client = crate::audit::client();
-    app.limiter.check(client.as_deref())?;
-    authenticate_hub_client(&app.config.hub, headers, form_id, form_secret).inspect_err(|e| {
-        if e.error == "invalid_client" {
-            app.limiter.failed(client.as_deref());
-            app.audit.record("refused", None, None, Some("bad hub client credentials"));
-        }
-    })
-}
-
-/// Identifies the caller of a notebook endpoint through the hub. A token
-/// the hub vouched for in the last minute passes without the limiter (a
-/// server known to be good is not slowed down by others failing behind the
-/// same address); anything else meets the limiter first, then the hub (or
-/// the cache of refused tokens). Every refusal counts as a failure of the
-/// client and is audited with its reason.
-pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let client = crate::audit::client();
-    let Some(token) = presented_token(headers) else {
-        app.limiter.check(client.as_deref())?;
-        app.limiter.failed(client.as_deref());
-        app.audit.record("refused", None, None, Some("no token"));
-        return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
-    };
-    let verdict = match app.hub.cached(token) {
-        Some(Verdict::User(identity)) => return Ok(identity.username),
-        _ => {
-            app.limiter.check(client.as_deref())?;
-            app.hub.identify(token).await?
-        }
-    };
-    let (error, reason) = match verdict {
-        Verdict::User(identity) => return Ok(identity.username),
-        Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
-        Verdict::NotAUser => (
-            ApiError::invalid_token("this token belongs to a service, not to a user"),
-            "token of a service",
-        ),
-        Verdict::MissingScope(scope) => (
-            ApiError::insufficient_scope(format!(
-                "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \
-                 a personal token must be created with it)"
-            )),
-            "token lacks the access:services scope",
-        ),
-    };
-    app.limiter.failed(client.as_deref());
-    app.audit.record("refused", None, None, Some(reason));
-    Err(error)
 }
 
 fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {

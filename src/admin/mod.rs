@@ -4,7 +4,7 @@
 //!
 //! Who is an operator is the hub's answer, never tokenhub's own list:
 //! - the JSON API takes a hub token that may call tokenhub (as
-//!   [`crate::api::caller`] checks) whose `/hub/api/user` answer says
+//!   [`crate::auth::caller`] checks) whose `/hub/api/user` answer says
 //!   `"admin": true` or lists the custom scope [`crate::hub::ADMIN_SCOPE`];
 //! - the page takes the signed-in tokenhub session's user, if the hub says
 //!   (`GET /hub/api/users/{name}`) that user is an admin.

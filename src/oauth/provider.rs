@@ -64,7 +64,7 @@ pub async fn token(
 ) -> Result<Response, ApiError> {
     let result = async {
         let Form(form) = form.map_err(form_error)?;
-        crate::api::hub_client(&app, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
+        crate::auth::hub_client(&app, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
         match form.grant_type.as_deref() {
             Some("authorization_code") => authorization_code_grant(&app, &form).await,
             Some("refresh_token") => refresh_token_grant(&app, &form).await,
