@@ -12,7 +12,6 @@ pub mod errors;
 pub mod hub;
 pub mod metrics;
 pub mod oauth;
-pub mod openapi;
 pub mod security;
 pub mod state;
 pub mod time;
@@ -57,10 +56,10 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/oauth2/token"), post(oauth::provider::token))
         .route(&at("/oauth2/userinfo"), get(oauth::provider::userinfo).post(oauth::provider::userinfo))
         .route(&at("/callback"), get(oauth::login::callback))
-        .route(&at("/api/v1/tokens"), get(api::tokens))
-        .route(&at("/api/v1/tokens/refresh"), post(api::force_refresh))
-        .route(&at("/api/v1/hub/spawn"), post(api::spawn))
-        .route(&at("/api/v1/openapi.json"), get(openapi::serve));
+        .route(&at("/api/v1/tokens"), get(api::notebook::tokens))
+        .route(&at("/api/v1/tokens/refresh"), post(api::notebook::force_refresh))
+        .route(&at("/api/v1/hub/spawn"), post(api::spawn::spawn))
+        .route(&at("/api/v1/openapi.json"), get(api::openapi::serve));
     if !base.is_empty() {
         // The prefix itself, without the trailing slash, is the token page too.
         routes = routes.route(&base, get(web::pages::token_page));
