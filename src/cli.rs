@@ -8,8 +8,8 @@ use secrecy::SecretString;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, Settings};
-use crate::vault::crypto::KeyRing;
 use crate::state::App;
+use crate::vault::crypto::KeyRing;
 
 /// OpenID Connect login, token vault and token service for JupyterHub.
 ///

@@ -17,8 +17,8 @@ use serde_json::json;
 
 use crate::hub::HubError;
 use crate::oauth::upstream::UpstreamError;
-use crate::vault::VaultError;
 use crate::vault::store::StoreError;
+use crate::vault::VaultError;
 use crate::web::views;
 
 /// An error answered as OAuth-style JSON.

@@ -7,13 +7,13 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
-use crate::vault::crypto::KeyRing;
-use crate::tokens::deliveries::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
-use crate::tokens::refresher::Refresher;
-use crate::vault::store::Store;
 use crate::oauth::upstream::Upstream;
+use crate::tokens::deliveries::Deliveries;
+use crate::tokens::refresher::Refresher;
+use crate::vault::crypto::KeyRing;
+use crate::vault::store::Store;
 use crate::vault::Vault;
 
 /// Shared application state.

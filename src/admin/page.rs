@@ -12,12 +12,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum_extra::extract::CookieJar;
 
 use super::{Listing, Row, sort_name};
-use crate::web::pages::IdpRevocation;
 use crate::errors::PageError;
-use crate::tokens::fabric::timestamp;
-use crate::web::session::{self, Session};
 use crate::state::AppState;
+use crate::tokens::fabric::timestamp;
 use crate::vault::store::LineageSort;
+use crate::web::pages::IdpRevocation;
+use crate::web::session::{self, Session};
 use crate::web::views::{self, InfoPage};
 
 /// A row as the page shows it.

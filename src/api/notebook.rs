@@ -14,11 +14,11 @@ use serde_json::{Value, json};
 use super::no_store;
 use crate::auth::caller;
 use crate::errors::ApiError;
-use crate::tokens::fabric;
 use crate::state::AppState;
 use crate::time::now;
-use crate::vault::crypto::{constant_time_eq, digest_hex};
+use crate::tokens::fabric;
 use crate::tokens::refresh::{Fresh, RefreshError, Want};
+use crate::vault::crypto::{constant_time_eq, digest_hex};
 
 /// How long a refresh token rotated away still gets the current set back.
 pub const ROTATION_GRACE_SECS: i64 = 120;

@@ -18,12 +18,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::vault::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
-use crate::web::session;
 use crate::state::AppState;
-use crate::vault::store::HubCodeRow;
 use crate::time::now;
+use crate::vault::crypto::{digest_hex, random_token};
+use crate::vault::store::HubCodeRow;
+use crate::web::session;
 
 /// How long a started login may take at the IdP.
 const LOGIN_TTL_SECS: i64 = 600;

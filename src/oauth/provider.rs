@@ -12,11 +12,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::presented_token;
-use crate::vault::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
 use crate::state::AppState;
-use crate::vault::store::{HubTokenKind, HubTokenRow};
 use crate::time::now;
+use crate::vault::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
+use crate::vault::store::{HubTokenKind, HubTokenRow};
 
 /// Lifetime of refresh tokens issued to the hub.
 const HUB_REFRESH_TTL_SECS: i64 = 30 * 24 * 3600;

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use crate::tokens::deliveries::Delivery;
-use crate::tokens::fabric;
 use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
 use crate::time::now;
+use crate::tokens::deliveries::Delivery;
+use crate::tokens::fabric;
 
 /// How long to wait for a spawning server to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);

@@ -30,10 +30,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
-use crate::tokens::refresh::{RefreshError, Want};
 use crate::state::AppState;
-use crate::vault::store::LineageTimes;
 use crate::time::now;
+use crate::tokens::refresh::{RefreshError, Want};
+use crate::vault::store::LineageTimes;
 
 /// Lineages read from the database at a time.
 const PAGE: i64 = 500;

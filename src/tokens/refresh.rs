@@ -26,10 +26,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::metrics::RefreshOutcome;
-use crate::tokens::refresher::{Refresher, Unsaved};
+use crate::oauth::upstream::UpstreamError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::oauth::upstream::UpstreamError;
+use crate::tokens::refresher::{Refresher, Unsaved};
 use crate::vault::{Lineage, TokenSet, VaultError};
 
 /// How long a replica may hold the refresh lease.

@@ -11,15 +11,15 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
 use secrecy::ExposeSecret;
 
-use crate::no_store;
 use crate::errors::PageError;
-use crate::tokens::fabric::{self, timestamp};
+use crate::no_store;
 use crate::oauth::login::{Purpose, start_login};
-use crate::tokens::refresh::{RefreshError, Want};
-use crate::web::session::{self, Session};
 use crate::state::AppState;
+use crate::tokens::fabric::{self, timestamp};
+use crate::tokens::refresh::{RefreshError, Want};
 use crate::vault::Lineage;
 use crate::web::renewed::renewed;
+use crate::web::session::{self, Session};
 use crate::web::views::{self, DeliveryRow, InfoPage, TokenPage, relative};
 
 fn page(html: String) -> Response {

@@ -6,11 +6,11 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 
-use crate::tokens::delivery;
 use crate::errors::PageError;
-use crate::tokens::fabric::timestamp;
 use crate::state::AppState;
 use crate::time::now;
+use crate::tokens::delivery;
+use crate::tokens::fabric::timestamp;
 use crate::web::views::{self, RenewedPage, relative};
 
 /// The page after a renewal: writes the token files, then says what was

@@ -6,9 +6,9 @@ use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use serde::{Deserialize, Serialize};
 
-use crate::vault::crypto::random_token;
 use crate::state::App;
 use crate::time::now;
+use crate::vault::crypto::random_token;
 
 const COOKIE: &str = "tokenhub_session";
 const AAD: &[u8] = b"tokenhub session";
