@@ -19,8 +19,11 @@ use crate::vault::{Lineage, TokenSet};
 /// caller before anything else happens (the refresh token it replaced is
 /// spent at the IdP, so this is the only copy of the lineage's future).
 pub(super) struct Unsaved {
+    /// The lineage the refresh started from.
     pub(super) base: Lineage,
+    /// The tokens the IdP answered with.
     pub(super) tokens: TokenSet,
+    /// The answer's ID token, not verified yet.
     pub(super) pending_id_token: Option<SecretString>,
 }
 
@@ -30,6 +33,7 @@ pub(super) struct Slot {
     /// When the last refresh attempt failed: callers that queued behind it
     /// share the failure instead of asking the IdP again.
     pub(super) failed_at: Option<Instant>,
+    /// A refresh answer still to be stored.
     pub(super) unsaved: Option<Unsaved>,
 }
 
@@ -39,6 +43,7 @@ pub struct Refresher {
     /// How many slots hold an unsaved answer: while any do, no caller takes
     /// the hot path past them (it would serve the spent refresh token).
     pub(super) unsaved: AtomicUsize,
+    /// The name this replica takes the database's refresh lease under.
     pub(super) holder: String,
 }
 
