@@ -12,7 +12,6 @@
 //! the refresher need not carry them around.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use axum::extract::Request;
@@ -20,28 +19,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde_json::json;
 
-/// Where audit lines go.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum AuditTarget {
-    /// The normal log, target `audit`.
-    #[default]
-    Log,
-    /// Standard output, JSON lines.
-    Stdout,
-    /// A file, JSON lines appended.
-    File(PathBuf),
-}
-
-impl AuditTarget {
-    /// From the setting's value.
-    pub fn parse(value: Option<&str>) -> Self {
-        match value.map(str::trim) {
-            None | Some("") => Self::Log,
-            Some("stdout") | Some("-") => Self::Stdout,
-            Some(path) => Self::File(path.into()),
-        }
-    }
-}
+use crate::config::AuditTarget;
 
 /// The request an event belongs to.
 #[derive(Debug, Clone, Default)]
@@ -154,14 +132,6 @@ impl Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_parse() {
-        assert_eq!(AuditTarget::parse(None), AuditTarget::Log);
-        assert_eq!(AuditTarget::parse(Some("")), AuditTarget::Log);
-        assert_eq!(AuditTarget::parse(Some("stdout")), AuditTarget::Stdout);
-        assert_eq!(AuditTarget::parse(Some("/var/log/th.jsonl")), AuditTarget::File("/var/log/th.jsonl".into()));
-    }
 
     #[tokio::test]
     async fn file_lines_are_json_with_the_request_context() {

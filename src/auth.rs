@@ -1,5 +1,9 @@
-//! Credentials presented to tokenhub: the hub's client credentials (Basic or
-//! form fields) and bearer-style tokens (`Bearer …` or JupyterHub's `token …`).
+//! Who is calling tokenhub: the credentials presented (the hub's client
+//! credentials, Basic or form fields; bearer-style tokens, `Bearer …` or
+//! JupyterHub's `token …`) and the checks every machine endpoint makes with
+//! them ([`hub_client`] for the hub itself, [`caller`] for a user's server
+//! or an admin's token), behind the failure limiter and audited. Shared by
+//! the JSON API, the OAuth token endpoint and the admin API.
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use base64::Engine as _;
@@ -7,8 +11,10 @@ use base64::engine::general_purpose::STANDARD;
 use secrecy::ExposeSecret;
 
 use crate::config::HubClientConfig;
-use crate::crypto::constant_time_eq;
 use crate::errors::ApiError;
+use crate::hub::Verdict;
+use crate::state::AppState;
+use crate::vault::crypto::constant_time_eq;
 
 /// Checks the hub's client credentials, from the Basic header or, failing
 /// that, from `form_id`/`form_secret` (client_secret_post).
@@ -56,6 +62,65 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (matches!(scheme.to_ascii_lowercase().as_str(), "bearer" | "token") && !token.is_empty()).then_some(token)
+}
+
+/// Checks the hub's client credentials (spawn hook, token endpoint), after
+/// the failure limiter: a client that keeps failing gets 429 first.
+pub fn hub_client(
+    app: &AppState,
+    headers: &HeaderMap,
+    form_id: Option<&str>,
+    form_secret: Option<&str>,
+) -> Result<(), ApiError> {
+    let client = crate::audit::client();
+    app.limiter.check(client.as_deref())?;
+    authenticate_hub_client(&app.config.hub, headers, form_id, form_secret).inspect_err(|e| {
+        if e.error == "invalid_client" {
+            app.limiter.failed(client.as_deref());
+            app.audit.record("refused", None, None, Some("bad hub client credentials"));
+        }
+    })
+}
+
+/// Identifies the caller of a notebook endpoint through the hub. A token
+/// the hub vouched for in the last minute passes without the limiter (a
+/// server known to be good is not slowed down by others failing behind the
+/// same address); anything else meets the limiter first, then the hub (or
+/// the cache of refused tokens). Every refusal counts as a failure of the
+/// client and is audited with its reason.
+pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let client = crate::audit::client();
+    let Some(token) = presented_token(headers) else {
+        app.limiter.check(client.as_deref())?;
+        app.limiter.failed(client.as_deref());
+        app.audit.record("refused", None, None, Some("no token"));
+        return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
+    };
+    let verdict = match app.hub.cached(token) {
+        Some(Verdict::User(identity)) => return Ok(identity.username),
+        _ => {
+            app.limiter.check(client.as_deref())?;
+            app.hub.identify(token).await?
+        }
+    };
+    let (error, reason) = match verdict {
+        Verdict::User(identity) => return Ok(identity.username),
+        Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
+        Verdict::NotAUser => (
+            ApiError::invalid_token("this token belongs to a service, not to a user"),
+            "token of a service",
+        ),
+        Verdict::MissingScope(scope) => (
+            ApiError::insufficient_scope(format!(
+                "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \
+                 a personal token must be created with it)"
+            )),
+            "token lacks the access:services scope",
+        ),
+    };
+    app.limiter.failed(client.as_deref());
+    app.audit.record("refused", None, None, Some(reason));
+    Err(error)
 }
 
 /// Property tests of credential parsing.

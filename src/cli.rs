@@ -8,8 +8,8 @@ use secrecy::SecretString;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, Settings};
-use crate::crypto::KeyRing;
 use crate::state::App;
+use crate::vault::crypto::KeyRing;
 
 /// OpenID Connect login, token vault and token service for JupyterHub.
 ///
@@ -95,7 +95,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let keepalive = crate::keepalive::KeepAlive::start(state.clone());
+    let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());
     // With the peer address, for counting failed authentications per client.
     let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service)

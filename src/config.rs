@@ -295,7 +295,7 @@ pub struct VaultConfig {
     pub crypt_key: SecretString,
 }
 
-/// Keep-alive of users' lineages (see [`crate::keepalive`]).
+/// Keep-alive of users' lineages (see [`crate::tokens::keepalive`]).
 #[derive(Debug, Clone)]
 pub struct KeepaliveConfig {
     /// Time between rounds; `None`: keep-alive is off.
@@ -318,7 +318,30 @@ pub struct LogConfig {
     /// Output format.
     pub format: LogFormat,
     /// Where audit lines go.
-    pub audit: crate::audit::AuditTarget,
+    pub audit: AuditTarget,
+}
+
+/// Where audit lines go (`TOKENHUB_AUDIT_LOG`); [`crate::audit`] opens it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AuditTarget {
+    /// The normal log, target `audit`.
+    #[default]
+    Log,
+    /// Standard output, JSON lines.
+    Stdout,
+    /// A file, JSON lines appended.
+    File(PathBuf),
+}
+
+impl AuditTarget {
+    /// From the setting's value.
+    pub fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("") => Self::Log,
+            Some("stdout") | Some("-") => Self::Stdout,
+            Some(path) => Self::File(path.into()),
+        }
+    }
 }
 
 /// The whole checked configuration.
@@ -491,7 +514,7 @@ impl Settings {
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
                 format: self.log_format.unwrap_or_default(),
-                audit: crate::audit::AuditTarget::parse(self.audit_log.as_deref()),
+                audit: AuditTarget::parse(self.audit_log.as_deref()),
             },
         })
     }
@@ -541,6 +564,14 @@ pub fn join(base: &Url, path: &str) -> Url {
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn audit_targets_parse() {
+        assert_eq!(AuditTarget::parse(None), AuditTarget::Log);
+        assert_eq!(AuditTarget::parse(Some("")), AuditTarget::Log);
+        assert_eq!(AuditTarget::parse(Some("stdout")), AuditTarget::Stdout);
+        assert_eq!(AuditTarget::parse(Some("/var/log/th.jsonl")), AuditTarget::File("/var/log/th.jsonl".into()));
+    }
 
     fn minimal() -> Settings {
         Settings {

@@ -15,10 +15,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
-use crate::store::StoreError;
-use crate::upstream::UpstreamError;
+use crate::hub::HubError;
+use crate::oauth::upstream::UpstreamError;
+use crate::vault::store::StoreError;
 use crate::vault::VaultError;
-use crate::views;
+use crate::web::views;
 
 /// An error answered as OAuth-style JSON.
 #[derive(Debug)]
@@ -130,6 +131,17 @@ impl From<VaultError> for ApiError {
                 tracing::error!(error = %e, "vault entry does not decrypt: check TOKENHUB_CRYPT_KEY");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "stored tokens cannot be decrypted")
             }
+        }
+    }
+}
+
+/// The hub could not be asked who is calling: the caller may retry.
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        tracing::warn!(error = %e, "hub API call failed");
+        match e {
+            HubError::NotConfigured => ApiError::unavailable("tokenhub is not connected to the hub's API"),
+            _ => ApiError::unavailable("the hub could not confirm who is calling; try again"),
         }
     }
 }

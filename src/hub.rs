@@ -11,8 +11,8 @@ use serde_json::json;
 use url::Url;
 
 use crate::config::{HubClientConfig, join};
-use crate::crypto::digest_hex;
 use crate::metrics::{HubCall, HubTimings};
+use crate::vault::crypto::digest_hex;
 
 /// How long the owner of a token is remembered.
 const IDENTITY_TTL: Duration = Duration::from_secs(60);

@@ -8,26 +8,16 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod crypto;
-pub mod delivery;
 pub mod errors;
-pub mod fabric;
 pub mod hub;
-pub mod keepalive;
-pub mod login;
 pub mod metrics;
-pub mod openapi;
-pub mod pages;
-pub mod provider;
-pub mod refresh;
+pub mod oauth;
 pub mod security;
-pub mod session;
 pub mod state;
-pub mod store;
 pub mod time;
-pub mod upstream;
+pub mod tokens;
 pub mod vault;
-pub mod views;
+pub mod web;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Request, header};
@@ -50,29 +40,29 @@ pub fn app(state: AppState) -> Router {
     let base = state.config.http.base_path.clone();
     let at = |path: &str| format!("{base}{path}");
     let mut routes = Router::new()
-        .route(&at("/"), get(pages::token_page))
-        .route(&at("/login"), get(pages::login))
-        .route(&at("/logout"), get(pages::logout))
-        .route(&at("/refresh"), get(pages::refresh))
-        .route(&at("/tokens.json"), get(pages::download))
-        .route(&at("/revoke"), post(pages::revoke))
+        .route(&at("/"), get(web::pages::token_page))
+        .route(&at("/login"), get(web::pages::login))
+        .route(&at("/logout"), get(web::pages::logout))
+        .route(&at("/refresh"), get(web::pages::refresh))
+        .route(&at("/tokens.json"), get(web::pages::download))
+        .route(&at("/revoke"), post(web::pages::revoke))
         .route(&at("/admin"), get(admin::page::admin_page))
         .route(&at("/admin/revoke"), post(admin::page::revoke))
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
         .route(&at("/healthz"), get(healthz))
         .route(&at("/metrics"), get(metrics))
-        .route(&at("/.well-known/openid-configuration"), get(provider::discovery))
-        .route(&at("/oauth2/authorize"), get(login::authorize))
-        .route(&at("/oauth2/token"), post(provider::token))
-        .route(&at("/oauth2/userinfo"), get(provider::userinfo).post(provider::userinfo))
-        .route(&at("/callback"), get(login::callback))
-        .route(&at("/api/v1/tokens"), get(api::tokens))
-        .route(&at("/api/v1/tokens/refresh"), post(api::force_refresh))
-        .route(&at("/api/v1/hub/spawn"), post(api::spawn))
-        .route(&at("/api/v1/openapi.json"), get(openapi::serve));
+        .route(&at("/.well-known/openid-configuration"), get(oauth::provider::discovery))
+        .route(&at("/oauth2/authorize"), get(oauth::login::authorize))
+        .route(&at("/oauth2/token"), post(oauth::provider::token))
+        .route(&at("/oauth2/userinfo"), get(oauth::provider::userinfo).post(oauth::provider::userinfo))
+        .route(&at("/callback"), get(oauth::login::callback))
+        .route(&at("/api/v1/tokens"), get(api::notebook::tokens))
+        .route(&at("/api/v1/tokens/refresh"), post(api::notebook::force_refresh))
+        .route(&at("/api/v1/hub/spawn"), post(api::spawn::spawn))
+        .route(&at("/api/v1/openapi.json"), get(api::openapi::serve));
     if !base.is_empty() {
         // The prefix itself, without the trailing slash, is the token page too.
-        routes = routes.route(&base, get(pages::token_page));
+        routes = routes.route(&base, get(web::pages::token_page));
     }
     routes
         .fallback(|| async { ApiError::not_found() })
@@ -97,7 +87,7 @@ pub struct RandomRequestId;
 
 impl MakeRequestId for RandomRequestId {
     fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        axum::http::HeaderValue::from_str(&crypto::random_token()[..22]).ok().map(RequestId::new)
+        axum::http::HeaderValue::from_str(&vault::crypto::random_token()[..22]).ok().map(RequestId::new)
     }
 }
 

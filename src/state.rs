@@ -7,13 +7,13 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
-use crate::crypto::KeyRing;
-use crate::delivery::Deliveries;
 use crate::hub::HubApi;
 use crate::metrics::Metrics;
-use crate::refresh::Refresher;
-use crate::store::Store;
-use crate::upstream::Upstream;
+use crate::oauth::upstream::Upstream;
+use crate::tokens::deliveries::Deliveries;
+use crate::tokens::refresher::Refresher;
+use crate::vault::crypto::KeyRing;
+use crate::vault::store::Store;
 use crate::vault::Vault;
 
 /// Shared application state.
@@ -53,10 +53,10 @@ pub type AppState = Arc<App>;
 pub enum StartError {
     /// The key list is invalid.
     #[error(transparent)]
-    Keys(#[from] crate::crypto::CryptoError),
+    Keys(#[from] crate::vault::crypto::CryptoError),
     /// The database could not be opened.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::vault::store::StoreError),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),

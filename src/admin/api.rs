@@ -15,11 +15,11 @@ use crate::hub::{ADMIN_SCOPE, Verdict};
 use crate::state::AppState;
 
 /// The operator calling the admin API: a token that may call tokenhub at
-/// all (checked, limited and audited by [`crate::api::caller`]), then the
+/// all (checked, limited and audited by [`crate::auth::caller`]), then the
 /// hub's word that it is an admin's or holds [`ADMIN_SCOPE`]. Returns the
 /// operator's user name.
 pub async fn operator(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let username = crate::api::caller(app, headers).await?;
+    let username = crate::auth::caller(app, headers).await?;
     // `caller` just had the hub vouch for the token, so this is its cache.
     let admin = match presented_token(headers) {
         Some(token) => matches!(app.hub.identify(token).await?, Verdict::User(identity) if identity.admin),

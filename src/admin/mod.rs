@@ -4,13 +4,13 @@
 //!
 //! Who is an operator is the hub's answer, never tokenhub's own list:
 //! - the JSON API takes a hub token that may call tokenhub (as
-//!   [`crate::api::caller`] checks) whose `/hub/api/user` answer says
+//!   [`crate::auth::caller`] checks) whose `/hub/api/user` answer says
 //!   `"admin": true` or lists the custom scope [`crate::hub::ADMIN_SCOPE`];
 //! - the page takes the signed-in tokenhub session's user, if the hub says
 //!   (`GET /hub/api/users/{name}`) that user is an admin.
 //!
 //! The listing reads only the plain columns of the vault
-//! ([`crate::store::LineageSummary`]): token values are never selected, so
+//! ([`crate::vault::store::LineageSummary`]): token values are never selected, so
 //! neither the JSON nor the page can hold one.
 
 pub mod api;
@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::config::KeepaliveConfig;
 use crate::state::AppState;
-use crate::store::{LineageFilter, LineageSort, LineageSummary};
+use crate::vault::store::{LineageFilter, LineageSort, LineageSummary};
 
 /// Most rows one request may ask for.
 pub const MAX_LIMIT: i64 = 500;
@@ -30,7 +30,7 @@ pub const MAX_LIMIT: i64 = 500;
 pub const DEFAULT_LIMIT: i64 = 50;
 
 /// What a dead lineage died of. tokenhub marks a lineage dead only when the
-/// IdP answers a refresh with `invalid_grant` (see [`crate::refresh`]).
+/// IdP answers a refresh with `invalid_grant` (see [`crate::tokens::refresh`]).
 pub const DEAD_REASON: &str = "the identity provider refused a refresh (invalid_grant): the user must sign in again";
 
 /// A listing request, checked.
@@ -179,7 +179,7 @@ pub struct Page {
 }
 
 /// Reads one page of the listing from the vault's plain columns.
-pub async fn list(app: &AppState, listing: &Listing) -> Result<Page, crate::store::StoreError> {
+pub async fn list(app: &AppState, listing: &Listing) -> Result<Page, crate::vault::store::StoreError> {
     let filter = LineageFilter { status: listing.state.clone(), user_prefix: listing.user.clone() };
     let (summaries, total) = app
         .vault
@@ -230,7 +230,7 @@ async fn row(app: &AppState, s: LineageSummary) -> Row {
     }
 }
 
-/// What keep-alive does for a lineage (see [`crate::keepalive::plan`]),
+/// What keep-alive does for a lineage (see [`crate::tokens::keepalive::plan`]),
 /// and when its refresh token dies unused, if known.
 pub fn keepalive_status(config: &KeepaliveConfig, s: &LineageSummary, now: i64) -> (Option<i64>, String) {
     let last = s.refreshed_at.unwrap_or(s.created_at);

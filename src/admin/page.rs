@@ -12,13 +12,13 @@ use axum::response::{Html, IntoResponse, Response};
 use axum_extra::extract::CookieJar;
 
 use super::{Listing, Row, sort_name};
-use crate::pages::IdpRevocation;
 use crate::errors::PageError;
-use crate::fabric::timestamp;
-use crate::session::{self, Session};
 use crate::state::AppState;
-use crate::store::LineageSort;
-use crate::views::{self, InfoPage};
+use crate::tokens::fabric::timestamp;
+use crate::vault::store::LineageSort;
+use crate::web::pages::IdpRevocation;
+use crate::web::session::{self, Session};
+use crate::web::views::{self, InfoPage};
 
 /// A row as the page shows it.
 pub struct RowView {
@@ -214,7 +214,7 @@ pub async fn revoke(
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));
     }
-    let Some(outcome) = crate::pages::revoke_lineage(&app, user).await? else {
+    let Some(outcome) = crate::web::pages::revoke_lineage(&app, user).await? else {
         return Err(PageError::new(StatusCode::NOT_FOUND, "No tokens", format!("tokenhub holds no tokens for {user}."))
             .with_action("Operator's page", app.url("/admin").to_string()));
     };

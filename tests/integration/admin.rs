@@ -13,7 +13,7 @@ use crate::support::*;
 /// `/hub/api/user` answer says `admin` and lists `extra` scopes too.
 async fn hub_token(hub: &HubMock, user: &str, admin: bool, extra: &[&str]) -> String {
     use wiremock::matchers::{header, method, path};
-    let token = format!("admin-test-token-{user}-{}", tokenhub::crypto::random_token());
+    let token = format!("admin-test-token-{user}-{}", tokenhub::vault::crypto::random_token());
     let mut scopes = vec!["access:services!service=tokenhub", "read:users:name!user"];
     scopes.extend_from_slice(extra);
     wiremock::Mock::given(method("GET"))

@@ -35,7 +35,7 @@ fn help_documents_every_setting() {
 fn keygen_prints_a_usable_key() {
     let out = Command::new(BIN).arg("keygen").output().unwrap();
     let key = String::from_utf8(out.stdout).unwrap();
-    tokenhub::crypto::KeyRing::parse(key.trim()).unwrap();
+    tokenhub::vault::crypto::KeyRing::parse(key.trim()).unwrap();
 }
 
 #[test]

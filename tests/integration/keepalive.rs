@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
-use tokenhub::keepalive::KeepAlive;
-use tokenhub::refresh::{RefreshError, Want};
+use tokenhub::tokens::keepalive::KeepAlive;
+use tokenhub::tokens::refresh::{RefreshError, Want};
 
 use crate::support::*;
 
@@ -53,7 +53,7 @@ async fn wait_until(limit: Duration, what: &str, mut check: impl AsyncFnMut() ->
 }
 
 /// A forced refresh through tokenhub: the IdP takes the stored refresh token.
-async fn refresh_now(app: &TestApp, user: &str) -> Result<tokenhub::refresh::Fresh, RefreshError> {
+async fn refresh_now(app: &TestApp, user: &str) -> Result<tokenhub::tokens::refresh::Fresh, RefreshError> {
     app.state().refresher.fresh(app.state(), user, Want { min_valid: None, force: true }).await
 }
 
@@ -212,7 +212,7 @@ async fn replicas_deciding_at_the_same_moment_refresh_once() {
         .await
         .unwrap();
         // Both replicas run a round at once: both see the lineage due.
-        let (ra, rb) = tokio::join!(tokenhub::keepalive::round_once(a.state()), tokenhub::keepalive::round_once(b.state()));
+        let (ra, rb) = tokio::join!(tokenhub::tokens::keepalive::round_once(a.state()), tokenhub::tokens::keepalive::round_once(b.state()));
         ra.unwrap();
         rb.unwrap();
         assert_eq!(idp.refreshes("fay").await, round, "one refresh per due point, not one per replica");

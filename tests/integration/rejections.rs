@@ -100,7 +100,7 @@ async fn replayed_code_wrong_verifier_wrong_redirect_and_expired_code_are_invali
 
     // Wrong PKCE verifier, and the code is burnt by the attempt.
     let (code, login) = Hub::login(&app, &browser, "grace").await;
-    let wrong = HubLogin { state: login.state.clone(), verifier: tokenhub::crypto::random_token() };
+    let wrong = HubLogin { state: login.state.clone(), verifier: tokenhub::vault::crypto::random_token() };
     let body = assert_json_error(Hub::exchange_code(&app, &code, &wrong).await, StatusCode::BAD_REQUEST, "invalid_grant").await;
     assert!(body["error_description"].as_str().unwrap().contains("PKCE"));
     assert_json_error(Hub::exchange_code(&app, &code, &login).await, StatusCode::BAD_REQUEST, "invalid_grant").await;

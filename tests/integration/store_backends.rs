@@ -5,8 +5,8 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
-use tokenhub::crypto::KeyRing;
-use tokenhub::store::{HubCodeRow, HubTokenKind, HubTokenRow, Store};
+use tokenhub::vault::crypto::KeyRing;
+use tokenhub::vault::store::{HubCodeRow, HubTokenKind, HubTokenRow, Store};
 use tokenhub::time::now;
 use tokenhub::vault::{TokenSet, Vault, VaultError};
 

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use reqwest::header::LOCATION;
 use serde_json::Value;
 use tokenhub::config::Settings;
-use tokenhub::crypto::pkce_s256;
+use tokenhub::vault::crypto::pkce_s256;
 use tokenhub::{App, AppState};
 use url::Url;
 
@@ -326,7 +326,7 @@ impl HubMock {
     /// these scopes in its `/hub/api/user` answer.
     pub async fn token_with(&self, user: &str, kind: &str, scopes: &[&str]) -> String {
         use wiremock::matchers::{header, method, path};
-        let token = format!("server-token-{user}-{}", tokenhub::crypto::random_token());
+        let token = format!("server-token-{user}-{}", tokenhub::vault::crypto::random_token());
         wiremock::Mock::given(method("GET"))
             .and(path("/hub/api/user"))
             .and(header("authorization", format!("token {token}").as_str()))
@@ -484,7 +484,7 @@ impl Postgres {
     /// A new, empty database; returns its URL.
     pub async fn new_database(&self) -> String {
         use sqlx::Connection;
-        let name = format!("tokenhub_test_{}", tokenhub::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string());
+        let name = format!("tokenhub_test_{}", tokenhub::vault::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string());
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = loop {
             match sqlx::PgConnection::connect(&format!("{}/postgres", self.url)).await {
@@ -594,8 +594,8 @@ pub struct Hub;
 impl Hub {
     /// The authorize URL the hub would send the browser to, with PKCE.
     pub fn authorize_url(app: &TestApp) -> (String, HubLogin) {
-        let verifier = tokenhub::crypto::random_token();
-        let state = tokenhub::crypto::random_token();
+        let verifier = tokenhub::vault::crypto::random_token();
+        let state = tokenhub::vault::crypto::random_token();
         let mut url = Url::parse(&app.url("/oauth2/authorize")).unwrap();
         url.query_pairs_mut()
             .append_pair("response_type", "code")

@@ -66,7 +66,7 @@ true
 {{- end -}}
 {{- end }}
 
-{{- /* The SQLite file on the chart's volume, in the form src/store.rs takes
+{{- /* The SQLite file on the chart's volume, in the form src/vault/store.rs takes
   (sqlx: everything after sqlite:// is the path; mode=rwc creates it). */}}
 {{- define "tokenhub.sqliteUrl" -}}
 sqlite:///data/tokenhub.sqlite?mode=rwc

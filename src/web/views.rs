@@ -2,6 +2,8 @@
 
 use askama::Template;
 
+use crate::time::now;
+
 /// The page shown for any failure in the browser flow.
 #[derive(Template)]
 #[template(path = "error.html")]
@@ -111,4 +113,17 @@ pub struct RenewedPage<'a> {
     pub token_page_url: String,
     /// The hub.
     pub hub_url: String,
+}
+
+/// "in 5 min", "3 h ago": how far `at` is from now.
+pub fn relative(at: i64) -> String {
+    let delta = at - now();
+    let span = delta.unsigned_abs();
+    let text = match span {
+        0..=59 => format!("{span} s"),
+        60..=5999 => format!("{} min", span / 60),
+        6000..=172_799 => format!("{} h", span / 3600),
+        _ => format!("{} days", span / 86_400),
+    };
+    if delta >= 0 { format!("in {text}") } else { format!("{text} ago") }
 }

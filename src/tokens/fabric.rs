@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::crypto::digest_hex;
+use crate::vault::crypto::digest_hex;
 use crate::vault::Lineage;
 
 /// FABRIC's timestamp format, `%Y-%m-%d %H:%M:%S %z` (`2026-06-04 13:09:25 +0000`).
@@ -22,7 +22,7 @@ pub fn timestamp(unix: i64) -> String {
 
 /// When the ID token expires: its `exp`, else the access token's expiry.
 pub fn id_token_expiry(lineage: &Lineage) -> Option<i64> {
-    crate::upstream::jwt_claims(lineage.tokens.id_token.expose_secret())
+    crate::oauth::upstream::jwt_claims(lineage.tokens.id_token.expose_secret())
         .ok()
         .and_then(|claims| claims.get("exp").and_then(Value::as_i64))
         .or(lineage.tokens.access_expires_at)

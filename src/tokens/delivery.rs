@@ -4,49 +4,19 @@
 //! running server whenever the lineage changes, so a file never keeps a token
 //! tokenhub has rotated away.
 
-use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
-
-use crate::fabric;
 use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
 use crate::time::now;
+use crate::tokens::deliveries::Delivery;
+use crate::tokens::fabric;
 
 /// How long to wait for a spawning server to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const READY_POLL: Duration = Duration::from_millis(500);
 /// Polls a server may be missing from the hub's list before we stop waiting.
 const ABSENT_POLLS: u32 = 10;
-
-/// When a server last got the file, and which lineage version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// Server name (`""` for the default server).
-    pub server: String,
-    /// Lineage version written.
-    pub version: i64,
-    /// When (unix seconds).
-    pub at: i64,
-}
-
-/// Book-keeping of deliveries and of servers being waited for.
-#[derive(Debug, Default)]
-pub struct Deliveries {
-    done: Mutex<HashMap<String, HashMap<String, Delivery>>>,
-    waiting: Mutex<HashSet<(String, String)>>,
-}
-
-impl Deliveries {
-    /// What each of the user's servers last got.
-    pub async fn of(&self, username: &str) -> Vec<Delivery> {
-        let done = self.done.lock().await;
-        let mut list: Vec<Delivery> = done.get(username).map(|m| m.values().cloned().collect()).unwrap_or_default();
-        list.sort_by(|a, b| a.server.cmp(&b.server));
-        list
-    }
-}
 
 /// Writes the user's current token file into one server.
 async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Result<Option<i64>, HubError> {
@@ -63,13 +33,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     app.metrics.token_file_write(written.is_ok());
     written?;
     let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
-    app.deliveries
-        .done
-        .lock()
-        .await
-        .entry(username.to_string())
-        .or_default()
-        .insert(server.name.clone(), delivery);
+    app.deliveries.record(username, delivery).await;
     tracing::info!(user = %username, server = %server.name, version = lineage.version, "token file written");
     Ok(Some(lineage.version))
 }
@@ -108,7 +72,7 @@ pub fn write_when_ready(app: AppState, username: String, server_name: String) {
     }
     tokio::spawn(async move {
         let key = (username.clone(), server_name.clone());
-        if !app.deliveries.waiting.lock().await.insert(key.clone()) {
+        if !app.deliveries.start_waiting(&key).await {
             return;
         }
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -136,6 +100,6 @@ pub fn write_when_ready(app: AppState, username: String, server_name: String) {
         if let Err(e) = outcome {
             tracing::warn!(user = %username, server = %server_name, error = %e, "token file not written");
         }
-        app.deliveries.waiting.lock().await.remove(&key);
+        app.deliveries.stop_waiting(&key).await;
     });
 }

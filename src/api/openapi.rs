@@ -1,8 +1,9 @@
 //! The JSON API as an OpenAPI 3 document, generated from the types below
 //! with `utoipa` and served at `/api/v1/openapi.json`. The handlers build
 //! their answers with `serde_json`, so the schemas here are what they send;
-//! `tests/integration/openapi.rs` checks real answers against them, and the
-//! end-to-end suite runs schemathesis against a running tokenhub.
+//! `tests/integration/security.rs` checks the document's shape, and the
+//! end-to-end suite runs schemathesis against a running tokenhub, which
+//! checks real answers against the schemas.
 //!
 //! The functions annotated with `#[utoipa::path]` are descriptions only
 //! (the routes live in `lib.rs`), so handlers stay free of documentation

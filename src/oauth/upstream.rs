@@ -475,7 +475,7 @@ impl Upstream {
             return Err(UpstreamError::BadIdToken("the refreshed ID token names another subject".into()));
         }
         if let (Some(got), Some(expected)) = (claims.get("nonce"), login_nonce)
-            && !got.as_str().is_some_and(|got| crate::crypto::constant_time_eq(got, expected))
+            && !got.as_str().is_some_and(|got| crate::vault::crypto::constant_time_eq(got, expected))
         {
             return Err(UpstreamError::BadIdToken("the refreshed ID token carries another nonce than the login's".into()));
         }
@@ -613,7 +613,7 @@ fn check_at_hash(
 fn nonce_check(expected: Option<&Nonce>) -> impl FnOnce(Option<&Nonce>) -> Result<(), String> + '_ {
     move |got: Option<&Nonce>| match (expected, got) {
         (None, _) => Ok(()),
-        (Some(e), Some(g)) if crate::crypto::constant_time_eq(e.secret(), g.secret()) => Ok(()),
+        (Some(e), Some(g)) if crate::vault::crypto::constant_time_eq(e.secret(), g.secret()) => Ok(()),
         _ => Err("nonce mismatch".into()),
     }
 }

@@ -11,33 +11,19 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
 use secrecy::ExposeSecret;
 
-use crate::no_store;
-use crate::delivery;
 use crate::errors::PageError;
-use crate::fabric::{self, timestamp};
-use crate::login::{Purpose, start_login};
-use crate::refresh::{RefreshError, Want};
-use crate::session::{self, Session};
+use crate::no_store;
+use crate::oauth::login::{Purpose, start_login};
 use crate::state::AppState;
-use crate::time::now;
+use crate::tokens::fabric::{self, timestamp};
+use crate::tokens::refresh::{RefreshError, Want};
 use crate::vault::Lineage;
-use crate::views::{self, DeliveryRow, InfoPage, RenewedPage, TokenPage};
+use crate::web::renewed::renewed;
+use crate::web::session::{self, Session};
+use crate::web::views::{self, DeliveryRow, InfoPage, TokenPage, relative};
 
 fn page(html: String) -> Response {
     no_store(Html(html).into_response())
-}
-
-/// "in 5 min", "3 h ago": how far `at` is from now.
-fn relative(at: i64) -> String {
-    let delta = at - now();
-    let span = delta.unsigned_abs();
-    let text = match span {
-        0..=59 => format!("{span} s"),
-        60..=5999 => format!("{} min", span / 60),
-        6000..=172_799 => format!("{} h", span / 3600),
-        _ => format!("{} days", span / 86_400),
-    };
-    if delta >= 0 { format!("in {text}") } else { format!("{text} ago") }
 }
 
 async fn lineage_of(app: &AppState, username: &str) -> Result<Option<Lineage>, PageError> {
@@ -116,28 +102,6 @@ pub async fn refresh(State(app): State<AppState>, jar: CookieJar) -> Result<Resp
         }
     }
     start_login(&app, jar, Purpose::Refresh).await
-}
-
-/// The page after a renewal: writes the token files, then says what was
-/// renewed, until when, and which servers got it.
-pub async fn renewed(app: &AppState, username: &str) -> Result<Response, PageError> {
-    let written = delivery::write_all(app, username).await;
-    let lineage = lineage_of(app, username).await?.ok_or_else(|| {
-        PageError::new(StatusCode::CONFLICT, "Tokens gone", "Your tokens were removed while renewing. Please sign in again.")
-    })?;
-    let view = RenewedPage {
-        username,
-        refreshed: lineage.refreshed_at.is_some_and(|t| now() - t < 60),
-        access_expires: lineage.tokens.access_expires_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
-        servers: written
-            .into_iter()
-            .map(|s| if s.is_empty() { "default server".to_string() } else { s })
-            .collect(),
-        id_token_pending: lineage.pending_id_token.is_some(),
-        token_page_url: app.url("/").to_string(),
-        hub_url: app.hub_home(),
-    };
-    Ok(page(views::render(&view)))
 }
 
 fn signed_in(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {

@@ -8,7 +8,7 @@
 //! end (from the IdP's `refresh_expires_in`, else from the operator's idle
 //! timeout) — or, when asked, whose access token nears its end — asks the hub
 //! whether the user runs a server, reads the lineage again from the
-//! database, and refreshes through [`crate::refresh::Refresher`], which rewrites
+//! database, and refreshes through [`super::refresher::Refresher`], which rewrites
 //! the token files and keeps single flight and the database lease.
 //!
 //! - Replicas agree on when a lineage is due (the same spread from its user
@@ -30,10 +30,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
-use crate::refresh::{RefreshError, Want};
-use crate::state::{App, AppState};
-use crate::store::LineageTimes;
+use crate::state::AppState;
 use crate::time::now;
+use crate::tokens::refresh::{RefreshError, Want};
+use crate::vault::store::LineageTimes;
 
 /// Lineages read from the database at a time.
 const PAGE: i64 = 500;
@@ -63,7 +63,7 @@ impl Why {
 /// A number from the user name, the same on every replica: where in the
 /// spread window the lineage is due.
 fn spread_of(username: &str) -> u64 {
-    let hex = crate::crypto::digest_hex(&format!("tokenhub keep-alive\0{username}"));
+    let hex = crate::vault::crypto::digest_hex(&format!("tokenhub keep-alive\0{username}"));
     u64::from_str_radix(&hex[..16], 16).unwrap_or(0)
 }
 
@@ -98,16 +98,6 @@ pub fn plan(config: &KeepaliveConfig, times: &LineageTimes, now: i64) -> Option<
         return Some(Why::AccessToken);
     }
     None
-}
-
-/// Stores when the refresh token of a lineage at `version` dies, from the
-/// IdP's `refresh_expires_in` (`None` clears it). A failure is logged only:
-/// keep-alive then goes by its setting.
-pub async fn record_refresh_expiry(app: &App, username: &str, issuer: &str, version: i64, refresh_expires_in: Option<i64>) {
-    let at = refresh_expires_in.map(|secs| now() + secs);
-    if let Err(e) = app.vault.store().set_refresh_expiry(username, issuer, version, at).await {
-        tracing::warn!(user = %username, error = %e, "the refresh token's lifetime was not stored");
-    }
 }
 
 /// The running keep-alive task of this replica.

@@ -2,6 +2,12 @@
 //! [`Store`] and opened after it leaves. Associated data binds every sealed
 //! value to its user, issuer and field, so a value copied to another row or
 //! column does not open.
+//!
+//! The folder holds what the vault is made of: [`crypto`] (the key list and
+//! the sealed envelope) and [`store`] (the rows in SQLite or PostgreSQL).
+
+pub mod crypto;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +15,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use crate::crypto::{CryptoError, KeyRing};
-use crate::store::{LineageRow, Store, StoreError};
 use crate::time::now;
+use crypto::{CryptoError, KeyRing};
+use store::{LineageRow, Store, StoreError};
 
 /// The tokens the upstream IdP issued at login or at the last refresh.
 #[derive(Debug, Clone)]
@@ -56,7 +62,7 @@ pub struct Lineage {
     /// When that rotation happened.
     pub rotated_at: Option<i64>,
     /// An ID token from a refresh that could not be verified yet: never
-    /// handed out until it is (see [`crate::refresh`]).
+    /// handed out until it is (see [`crate::tokens::refresh`]).
     pub pending_id_token: Option<SecretString>,
     /// The nonce of the login that began the lineage.
     pub login_nonce: Option<String>,
@@ -231,7 +237,7 @@ impl Vault {
             updated_at: now,
             refreshed_at: Some(now),
             previous_refresh_hash: if rotated {
-                old_refresh.as_deref().map(crate::crypto::digest_hex)
+                old_refresh.as_deref().map(crypto::digest_hex)
             } else {
                 lineage.previous_refresh_hash.clone()
             },
@@ -243,6 +249,17 @@ impl Vault {
         match self.store.store_refresh(&row).await? {
             Some(_) => self.load(username, issuer).await,
             None => Ok(None),
+        }
+    }
+
+    /// Stores when the refresh token of a lineage at `version` dies, from the
+    /// IdP's `refresh_expires_in` (`None` clears it). A failure is logged only:
+    /// keep-alive then goes by its setting. Login and refresh both record it,
+    /// so it lives here rather than in keep-alive, which only reads it.
+    pub async fn record_refresh_expiry(&self, username: &str, issuer: &str, version: i64, refresh_expires_in: Option<i64>) {
+        let at = refresh_expires_in.map(|secs| now() + secs);
+        if let Err(e) = self.store.set_refresh_expiry(username, issuer, version, at).await {
+            tracing::warn!(user = %username, error = %e, "the refresh token's lifetime was not stored");
         }
     }
 

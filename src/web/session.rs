@@ -6,9 +6,9 @@ use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::random_token;
 use crate::state::App;
 use crate::time::now;
+use crate::vault::crypto::random_token;
 
 const COOKIE: &str = "tokenhub_session";
 const AAD: &[u8] = b"tokenhub session";
@@ -67,7 +67,7 @@ impl Session {
         label: &str,
         page: String,
     ) -> Result<(), crate::errors::PageError> {
-        if form.get("csrf").is_some_and(|c| crate::crypto::constant_time_eq(c, &self.csrf)) {
+        if form.get("csrf").is_some_and(|c| crate::vault::crypto::constant_time_eq(c, &self.csrf)) {
             return Ok(());
         }
         Err(crate::errors::PageError::new(

@@ -12,11 +12,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::presented_token;
-use crate::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
 use crate::errors::ApiError;
 use crate::state::AppState;
-use crate::store::{HubTokenKind, HubTokenRow};
 use crate::time::now;
+use crate::vault::crypto::{constant_time_eq, digest_hex, pkce_s256, random_token};
+use crate::vault::store::{HubTokenKind, HubTokenRow};
 
 /// Lifetime of refresh tokens issued to the hub.
 const HUB_REFRESH_TTL_SECS: i64 = 30 * 24 * 3600;
@@ -64,7 +64,7 @@ pub async fn token(
 ) -> Result<Response, ApiError> {
     let result = async {
         let Form(form) = form.map_err(form_error)?;
-        crate::api::hub_client(&app, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
+        crate::auth::hub_client(&app, &headers, form.client_id.as_deref(), form.client_secret.as_deref())?;
         match form.grant_type.as_deref() {
             Some("authorization_code") => authorization_code_grant(&app, &form).await,
             Some("refresh_token") => refresh_token_grant(&app, &form).await,

@@ -1,4 +1,5 @@
-//! One refresher per lineage. Every refresh of a user's tokens goes through
+//! One refresher per lineage (what it keeps in memory is
+//! [`super::refresher`]). Every refresh of a user's tokens goes through
 //! [`Refresher::fresh`]:
 //!
 //! - callers whose tokens are fresh enough never wait (the hot path);
@@ -20,19 +21,15 @@
 //! checked again by later callers, and one that is invalid is dropped while
 //! the new refresh token stays.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
-use tokio::sync::Mutex;
-
-use crate::crypto::random_token;
 use crate::metrics::RefreshOutcome;
+use crate::oauth::upstream::UpstreamError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::upstream::UpstreamError;
+use crate::tokens::refresher::{Refresher, Unsaved};
 use crate::vault::{Lineage, TokenSet, VaultError};
 
 /// How long a replica may hold the refresh lease.
@@ -81,48 +78,9 @@ pub enum RefreshError {
     Vault(#[from] VaultError),
 }
 
-impl From<crate::store::StoreError> for RefreshError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::vault::store::StoreError> for RefreshError {
+    fn from(e: crate::vault::store::StoreError) -> Self {
         RefreshError::Vault(e.into())
-    }
-}
-
-/// A refresh answer the database did not take: it is stored by the next
-/// caller before anything else happens (the refresh token it replaced is
-/// spent at the IdP, so this is the only copy of the lineage's future).
-struct Unsaved {
-    base: Lineage,
-    tokens: TokenSet,
-    pending_id_token: Option<SecretString>,
-}
-
-/// What this process knows about one lineage, under its lock.
-#[derive(Default)]
-struct Slot {
-    /// When the last refresh attempt failed: callers that queued behind it
-    /// share the failure instead of asking the IdP again.
-    failed_at: Option<Instant>,
-    unsaved: Option<Unsaved>,
-}
-
-/// The per-lineage locks of this process and its lease-holder name.
-pub struct Refresher {
-    slots: std::sync::Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
-    /// How many slots hold an unsaved answer: while any do, no caller takes
-    /// the hot path past them (it would serve the spent refresh token).
-    unsaved: AtomicUsize,
-    holder: String,
-}
-
-impl std::fmt::Debug for Refresher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Refresher").field("holder", &self.holder).finish()
-    }
-}
-
-impl Default for Refresher {
-    fn default() -> Self {
-        Self { slots: Default::default(), unsaved: AtomicUsize::new(0), holder: format!("replica-{}", &random_token()[..12]) }
     }
 }
 
@@ -156,7 +114,7 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
 /// Whether `lineage` may be handed out: its ID token is verified, or, while
 /// a newer one waits to be verified, the last verified one is still valid.
 fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
-    if lineage.pending_id_token.is_some() && crate::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
+    if lineage.pending_id_token.is_some() && crate::tokens::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
         return Err(RefreshError::Unavailable(
             "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept".into(),
         ));
@@ -165,27 +123,6 @@ fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
 }
 
 impl Refresher {
-    fn slot_for(&self, key: &str) -> Arc<Mutex<Slot>> {
-        let mut slots = self.slots.lock().expect("slot map is never poisoned");
-        slots.entry(key.to_string()).or_default().clone()
-    }
-
-    /// Drops the slots nobody holds or waits for and that keep no unsaved
-    /// answer, so the map stays as small as the lineages in flight (it runs
-    /// every second). Under the map's lock nobody can take a new handle, so a
-    /// slot whose only handle is the map's is not in use: removing it never
-    /// gives two callers two locks for one lineage. Its `failed_at` only
-    /// matters to callers already waiting, and they hold handles.
-    pub fn sweep(&self) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |s| s.unsaved.is_some()));
-    }
-
-    /// How many lineage slots the map holds.
-    pub fn slot_count(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
         self.fresh_inner(app, username, want, None, &mut false).await
@@ -306,7 +243,7 @@ impl Refresher {
         tracing::info!(user = %username, version = stored.version, "tokens refreshed");
         app.audit.record("refresh", Some(username), Some(stored.version), None);
         *made = true;
-        crate::keepalive::record_refresh_expiry(app, username, issuer, stored.version, reply.refresh_expires_in).await;
+        app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
         let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
         // Every refresh reaches the running servers: the refresh token in
         // their files was just spent.
@@ -351,7 +288,7 @@ impl Refresher {
     fn deliver(&self, app: &AppState, username: &str) {
         let (app, user) = (app.clone(), username.to_string());
         tokio::spawn(async move {
-            crate::delivery::write_all(&app, &user).await;
+            crate::tokens::delivery::write_all(&app, &user).await;
         });
     }
 
@@ -392,7 +329,7 @@ impl Refresher {
 
     /// The refresh at the IdP, retried with backoff only while no attempt got
     /// a 2xx (a 2xx may have spent the refresh token).
-    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::upstream::TokenReply, UpstreamError> {
+    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
         let refresh_token = lineage
             .tokens
             .refresh_token
@@ -418,7 +355,7 @@ impl Refresher {
 }
 
 /// How an upstream refresh ended, for `/metrics`.
-fn outcome(result: &Result<crate::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
+fn outcome(result: &Result<crate::oauth::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
     match result {
         Ok(_) => RefreshOutcome::Ok,
         Err(UpstreamError::InvalidGrant(_)) => RefreshOutcome::InvalidGrant,
@@ -431,32 +368,4 @@ fn outcome(result: &Result<crate::upstream::TokenReply, UpstreamError>) -> Refre
 enum Lease {
     Ours,
     RefreshedElsewhere(Lineage),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The slot map is bounded by the lineages in flight, and a held slot
-    /// is never swept and handed out a second time.
-    #[tokio::test]
-    async fn a_held_slot_is_never_handed_out_twice() {
-        let refresher = Refresher::default();
-        let held = refresher.slot_for("alice\0issuer");
-        let guard = held.clone().lock_owned().await;
-        let waiting = refresher.slot_for("bob\0issuer"); // a caller queued, not yet locked
-        for i in 0..500 {
-            let _ = refresher.slot_for(&format!("user{i}\0issuer"));
-        }
-        assert_eq!(refresher.slot_count(), 502);
-        refresher.sweep();
-        assert_eq!(refresher.slot_count(), 2, "only the slots in use are kept");
-        let again = refresher.slot_for("alice\0issuer");
-        assert!(Arc::ptr_eq(&held, &again), "a second caller gets the same lock");
-        assert!(again.try_lock().is_err(), "and it is held");
-        assert!(Arc::ptr_eq(&waiting, &refresher.slot_for("bob\0issuer")));
-        drop((guard, held, again, waiting));
-        refresher.sweep();
-        assert_eq!(refresher.slot_count(), 0, "the map shrinks when nobody uses a slot");
-    }
 }

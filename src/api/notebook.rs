@@ -1,144 +1,27 @@
-//! The JSON API: tokens for code running in a notebook (`/api/v1/tokens`,
-//! authenticated with the server's own `JUPYTERHUB_API_TOKEN`) and the spawn
-//! call of the hub's pre-spawn hook (`/api/v1/hub/spawn`, authenticated with
-//! the hub's client credentials).
+//! Tokens for code running in a notebook: `GET /api/v1/tokens` and
+//! `POST /api/v1/tokens/refresh`, authenticated with the server's own
+//! `JUPYTERHUB_API_TOKEN` (see [`crate::auth::caller`]).
 
 use std::collections::HashMap;
 
-use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{authenticate_hub_client, presented_token};
-use crate::delivery;
+use super::no_store;
+use crate::auth::caller;
 use crate::errors::ApiError;
-use crate::fabric;
-use crate::hub::{HubError, Verdict};
 use crate::state::AppState;
 use crate::time::now;
-use crate::crypto::{constant_time_eq, digest_hex};
-use crate::refresh::{Fresh, RefreshError, Want};
+use crate::tokens::fabric;
+use crate::tokens::refresh::{Fresh, RefreshError, Want};
+use crate::vault::crypto::{constant_time_eq, digest_hex};
 
 /// How long a refresh token rotated away still gets the current set back.
 pub const ROTATION_GRACE_SECS: i64 = 120;
-
-fn no_store(body: Value) -> Response {
-    crate::no_store(Json(body).into_response())
-}
-
-impl From<HubError> for ApiError {
-    fn from(e: HubError) -> Self {
-        tracing::warn!(error = %e, "hub API call failed");
-        match e {
-            HubError::NotConfigured => ApiError::unavailable("tokenhub is not connected to the hub's API"),
-            _ => ApiError::unavailable("the hub could not confirm who is calling; try again"),
-        }
-    }
-}
-
-/// The spawn hook's request.
-#[derive(Debug, Deserialize)]
-pub struct SpawnRequest {
-    /// The user whose server is spawning.
-    user: String,
-    /// The server's name (`""` for the default server).
-    #[serde(default)]
-    server: String,
-}
-
-/// `POST /api/v1/hub/spawn`: the environment for a spawning server; the
-/// token file follows once the server is ready.
-pub async fn spawn(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Json<SpawnRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    hub_client(&app, &headers, None, None)?;
-    let Json(request) = body.map_err(|e| ApiError::new(e.status(), "invalid_request", e.body_text()))?;
-    let lineage = app
-        .vault
-        .load(&request.user, app.upstream.issuer())
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_user", "tokenhub holds no tokens for this user: they must sign in through tokenhub"))?;
-    delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
-    tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
-    app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
-    let mut env = serde_json::Map::new();
-    if let Some(refresh) = &lineage.tokens.refresh_token {
-        env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
-    }
-    env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
-    Ok(no_store(json!({
-        "env": env,
-        "token_file": app.hub.token_file(),
-        "version": lineage.version,
-        "active": lineage.active,
-    })))
-}
-
-/// Checks the hub's client credentials (spawn hook, token endpoint), after
-/// the failure limiter: a client that keeps failing gets 429 first.
-pub fn hub_client(
-    app: &AppState,
-    headers: &HeaderMap,
-    form_id: Option<&str>,
-    form_secret: Option<&str>,
-) -> Result<(), ApiError> {
-    let client = crate::audit::client();
-    app.limiter.check(client.as_deref())?;
-    authenticate_hub_client(&app.config.hub, headers, form_id, form_secret).inspect_err(|e| {
-        if e.error == "invalid_client" {
-            app.limiter.failed(client.as_deref());
-            app.audit.record("refused", None, None, Some("bad hub client credentials"));
-        }
-    })
-}
-
-/// Identifies the caller of a notebook endpoint through the hub. A token
-/// the hub vouched for in the last minute passes without the limiter (a
-/// server known to be good is not slowed down by others failing behind the
-/// same address); anything else meets the limiter first, then the hub (or
-/// the cache of refused tokens). Every refusal counts as a failure of the
-/// client and is audited with its reason.
-pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let client = crate::audit::client();
-    let Some(token) = presented_token(headers) else {
-        app.limiter.check(client.as_deref())?;
-        app.limiter.failed(client.as_deref());
-        app.audit.record("refused", None, None, Some("no token"));
-        return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
-    };
-    let verdict = match app.hub.cached(token) {
-        Some(Verdict::User(identity)) => return Ok(identity.username),
-        _ => {
-            app.limiter.check(client.as_deref())?;
-            app.hub.identify(token).await?
-        }
-    };
-    let (error, reason) = match verdict {
-        Verdict::User(identity) => return Ok(identity.username),
-        Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
-        Verdict::NotAUser => (
-            ApiError::invalid_token("this token belongs to a service, not to a user"),
-            "token of a service",
-        ),
-        Verdict::MissingScope(scope) => (
-            ApiError::insufficient_scope(format!(
-                "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \
-                 a personal token must be created with it)"
-            )),
-            "token lacks the access:services scope",
-        ),
-    };
-    app.limiter.failed(client.as_deref());
-    app.audit.record("refused", None, None, Some(reason));
-    Err(error)
-}
 
 fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
     let lineage = &fresh.lineage;

@@ -18,12 +18,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::crypto::{digest_hex, random_token};
 use crate::errors::PageError;
-use crate::session;
 use crate::state::AppState;
-use crate::store::HubCodeRow;
 use crate::time::now;
+use crate::vault::crypto::{digest_hex, random_token};
+use crate::vault::store::HubCodeRow;
+use crate::web::session;
 
 /// How long a started login may take at the IdP.
 const LOGIN_TTL_SECS: i64 = 600;
@@ -282,13 +282,13 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         .await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, refresh_token = login.tokens.refresh_token.is_some(), "login stored");
     app.audit.record("login", Some(&username), Some(version), Some("upstream login stored"));
-    crate::keepalive::record_refresh_expiry(app, &username, &login.issuer, version, login.refresh_expires_in).await;
+    app.vault.record_refresh_expiry(&username, &login.issuer, version, login.refresh_expires_in).await;
     let jar = jar.clone().remove(login_cookie(app, state));
     let jar = session::start(app, jar, &username);
 
     let hub = match pending.purpose {
         Purpose::Hub(hub) => hub,
-        Purpose::Refresh => return Ok((jar, crate::pages::renewed(app, &username).await?).into_response()),
+        Purpose::Refresh => return Ok((jar, crate::web::renewed::renewed(app, &username).await?).into_response()),
         Purpose::Page => return Ok((jar, Redirect::to(app.url("/").as_str())).into_response()),
     };
     let code = random_token();

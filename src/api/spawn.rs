@@ -1,0 +1,58 @@
+//! The spawn call of the hub's pre-spawn hook (`POST /api/v1/hub/spawn`,
+//! authenticated with the hub's client credentials): the environment for a
+//! spawning server, and the token file once it is ready.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::no_store;
+use crate::auth::hub_client;
+use crate::errors::ApiError;
+use crate::state::AppState;
+use crate::tokens::delivery;
+
+/// The spawn hook's request.
+#[derive(Debug, Deserialize)]
+pub struct SpawnRequest {
+    /// The user whose server is spawning.
+    user: String,
+    /// The server's name (`""` for the default server).
+    #[serde(default)]
+    server: String,
+}
+
+/// `POST /api/v1/hub/spawn`: the environment for a spawning server; the
+/// token file follows once the server is ready.
+pub async fn spawn(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<SpawnRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    hub_client(&app, &headers, None, None)?;
+    let Json(request) = body.map_err(|e| ApiError::new(e.status(), "invalid_request", e.body_text()))?;
+    let lineage = app
+        .vault
+        .load(&request.user, app.upstream.issuer())
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_user", "tokenhub holds no tokens for this user: they must sign in through tokenhub"))?;
+    delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
+    tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
+    app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
+    let mut env = serde_json::Map::new();
+    if let Some(refresh) = &lineage.tokens.refresh_token {
+        env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
+    }
+    env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
+    Ok(no_store(json!({
+        "env": env,
+        "token_file": app.hub.token_file(),
+        "version": lineage.version,
+        "active": lineage.active,
+    })))
+}

@@ -1,0 +1,14 @@
+//! The user's tokens after login: kept fresh and handed on. [`refresh`]
+//! refreshes a lineage once for all callers (single flight, the database
+//! lease across replicas), with what it remembers in this process in
+//! [`refresher`]; [`keepalive`] refreshes lineages of running servers before
+//! their refresh tokens die unused; [`delivery`] writes the token file into
+//! running servers, with its book-keeping in [`deliveries`]; [`fabric`] is
+//! that file's format.
+
+pub mod deliveries;
+pub mod delivery;
+pub mod fabric;
+pub mod keepalive;
+pub mod refresh;
+pub mod refresher;
