@@ -106,7 +106,7 @@ def test_the_build_context_has_what_cargo_reads():
     cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
     # Sources, the SQL migrations and the page templates are compiled in;
     # Cargo reads every target the manifest names, tests and benches too.
-    needed = ["Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs", "migrations/sqlite", "migrations/postgres", "templates/base.html"]
+    needed = ["Cargo.toml", "Cargo.lock", "build.rs", "src/main.rs", "src/lib.rs", "migrations/sqlite", "migrations/postgres", "templates/base.html"]
     needed += [t["path"] for kind in ("test", "bench", "bin") for t in cargo.get(kind, []) if "path" in t]
     needed += [f"benches/{b['name']}.rs" for b in cargo.get("bench", []) if "path" not in b]
     for path in needed:
