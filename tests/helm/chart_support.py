@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "helm" / "tokenhub"
 EXAMPLES = ROOT / "helm" / "examples"
 BLOCK = ROOT / "hub" / "tokenhub_config.py"
+ALERTS = CHART_DIR / "files" / "alerts.yaml"
 # Z2JH's values schema and defaults: shared/ lies beside the repository (CI
 # clones it there too).
 Z2JH_DIR = Path(os.environ.get("Z2JH_DIR", ROOT.parent / "shared" / "z2jh"))
@@ -65,6 +66,7 @@ VALUE_SETS = {
         {
             "publicUrl": "https://tokenhub.example.org",
             "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
             "ingress": {"enabled": True, "className": "nginx", "tls": {"secretName": "tokenhub-tls"}},
             "networkPolicy": {
                 "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
@@ -102,3 +104,8 @@ def kinds(objects):
 def secret_data(secret):
     """A Secret's data, decoded."""
     return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+def alert_rules(rule_file: dict) -> list[dict]:
+    """Every rule of a Prometheus rule file (`groups: [{rules: [...]}]`)."""
+    return [rule for group in rule_file["groups"] for rule in group["rules"]]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from chart_support import REQUIRED, ROOT, VALUE_SETS, find, merged, render, secret_data
+from chart_support import REQUIRED, ROOT, VALUE_SETS, alert_rules, find, merged, render, secret_data
 
 BINARY = Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub"))
 HUB_SECRET = {"hub": {"hub.services.tokenhub.apiToken": "z2jh-generated-test-token"}}
@@ -72,6 +72,7 @@ def local_values(**override):
                 "oidc": {"issuer": f"{nothing}/idp"},
                 "jupyterhub": {"apiUrl": f"{nothing}/hub/api", "proxyUrl": nothing},
                 "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
             },
             override,
         ),
@@ -181,6 +182,10 @@ def test_the_rendered_chart_boots_with_sqlite(binary, chart, tmp_path):
         monitor = find(objects, "ServiceMonitor")["spec"]["endpoints"][0]
         status, kind, body = tokenhub.get(monitor["path"])
         assert status == 200 and kind.startswith("application/openmetrics-text")
+        # Every metric the alert rules name is one tokenhub serves.
+        served = set(re.findall(r"^(tokenhub_\w+?)(?:\{| )", body, re.M))
+        for rule in alert_rules(find(objects, "PrometheusRule")["spec"]):
+            assert set(re.findall(r"tokenhub_\w+", rule["expr"])) <= served, rule["alert"]
         # Routes live under publicUrl's path only.
         assert tokenhub.get("/healthz")[0] == 404
         # The vault is the SQLite file on the chart's volume.

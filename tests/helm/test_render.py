@@ -24,7 +24,7 @@ def claimed_versions():
 
 
 # Kinds whose schemas are not Kubernetes' own (CRDs): checked by hand below.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("version", claimed_versions())
