@@ -214,7 +214,7 @@ pub async fn revoke(
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));
     }
-    let Some(outcome) = crate::web::pages::revoke_lineage(&app, user).await? else {
+    let Some((outcome, version)) = crate::web::pages::revoke_lineage(&app, user).await? else {
         return Err(PageError::new(StatusCode::NOT_FOUND, "No tokens", format!("tokenhub holds no tokens for {user}."))
             .with_action("Operator's page", app.url("/admin").to_string()));
     };
@@ -226,7 +226,7 @@ pub async fn revoke(
     };
     tracing::info!(user = %user, admin = %session.username, "lineage revoked and deleted by an admin");
     let detail = format!("revoked by admin {}; {idp}", session.username);
-    app.audit.record("admin_revoke", Some(user), None, Some(&detail));
+    app.audit.record("admin_revoke", Some(user), Some(version), Some(&detail));
     let message = format!("tokenhub deleted the tokens of {user}; {idp}. Their notebooks get invalid_grant until they sign in again.");
     let info = InfoPage {
         title: "Tokens revoked",

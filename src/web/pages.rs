@@ -147,15 +147,21 @@ pub async fn revoke(
         .inspect_err(|_| app.audit.record("refused", None, None, Some("revoke form from another origin")))?;
     let session = signed_in(&app, &jar)?;
     session.check_csrf(&form, "Token page", app.url("/").to_string())?;
-    let idp_note = match revoke_lineage(&app, &session.username).await? {
+    let revoked = revoke_lineage(&app, &session.username).await?;
+    let idp_note = match revoked.map(|(idp, _)| idp) {
         Some(IdpRevocation::Revoked) => "Your identity provider revoked the refresh token.",
         Some(IdpRevocation::Unreachable) => {
             "Your identity provider could not be reached to revoke the refresh token; it stays valid there until it expires."
         }
-        _ => "Your identity provider does not offer revocation; the refresh token stays valid there until it expires.",
+        Some(IdpRevocation::NotOffered) => {
+            "Your identity provider does not offer revocation; the refresh token stays valid there until it expires."
+        }
+        Some(IdpRevocation::NoRefreshToken) => "tokenhub held no refresh token, so there was none to revoke.",
+        None => "tokenhub held no tokens for you.",
     };
     tracing::info!(user = %session.username, "lineage revoked and deleted");
-    app.audit.record("revoke", Some(&session.username), None, Some("lineage revoked and deleted"));
+    let version = revoked.map(|(_, version)| version);
+    app.audit.record("revoke", Some(&session.username), version, Some("lineage revoked and deleted"));
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
     Ok((session::end(&app, jar), page(views::render(&info))).into_response())
@@ -175,9 +181,10 @@ pub enum IdpRevocation {
 }
 
 /// Revokes the user's refresh token at the IdP where it offers revocation,
-/// then deletes the lineage from the vault; `None` when there was none. The
+/// then deletes the lineage from the vault; returns what the IdP did and the
+/// version deleted (for the audit line), `None` when there was none. The
 /// user's own revoke and an admin's share it.
-pub async fn revoke_lineage(app: &AppState, username: &str) -> Result<Option<IdpRevocation>, crate::vault::VaultError> {
+pub async fn revoke_lineage(app: &AppState, username: &str) -> Result<Option<(IdpRevocation, i64)>, crate::vault::VaultError> {
     let issuer = app.upstream.issuer();
     let Some(lineage) = app.vault.load(username, issuer).await? else {
         return Ok(None);
@@ -194,7 +201,7 @@ pub async fn revoke_lineage(app: &AppState, username: &str) -> Result<Option<Idp
         },
     };
     app.vault.delete(username, issuer).await?;
-    Ok(Some(outcome))
+    Ok(Some((outcome, lineage.version)))
 }
 
 /// `GET /logout`: ends tokenhub's own session (the hub's is separate).

@@ -228,6 +228,9 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     revokes = [line for line in audit if line["event"] == "admin_revoke"]
     assert [line["user"] for line in revokes] == ["alice"], revokes
     assert "admin-kim" in revokes[0]["detail"]
+    # It names the version deleted: the one alice's last refresh made.
+    refreshed = [line["version"] for line in audit if line["user"] == "alice" and line["event"] in ("refresh", "keepalive_refresh")]
+    assert revokes[0]["version"] == max(refreshed), (revokes, refreshed)
     assert any(line["event"] == "keepalive_refresh" and line["user"] == "alice" for line in audit)
 
 
