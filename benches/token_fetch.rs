@@ -63,7 +63,9 @@ async fn run(url: &str, auth: Option<&str>, concurrency: usize, duration: Durati
         errors += e;
     }
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0
+    };
     Result { rps: all.len() as f64 / duration.as_secs_f64(), p50_ms: pct(0.50), p99_ms: pct(0.99), errors }
 }
 
@@ -80,7 +82,8 @@ fn serve_ceiling(bytes: usize) {
         let body: &'static str = Box::leak("x".repeat(bytes).into_boxed_str());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap().port());
-        let app = axum::Router::new().route("/tokens", get(move || async move { ([("content-type", "application/json")], body) }));
+        let app =
+            axum::Router::new().route("/tokens", get(move || async move { ([("content-type", "application/json")], body) }));
         axum::serve(listener, app).await.unwrap();
     });
 }

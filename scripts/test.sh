@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: installs what they need, then
-#   1. the Rust unit and integration tests (they start oidc-provider and a
+#   1. the Rust style check (cargo fmt), the unit and integration tests (they start oidc-provider and a
 #      PostgreSQL server on 127.0.0.1 themselves);
 #   2. the hub block (hub/tokenhub_config.py) loaded the three ways operators
 #      load it, with JupyterHub 5 and 6;
@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh --jupyterhub6
+# One style (rustfmt.toml); skipped where the toolchain has no rustfmt.
+if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; else echo "rustfmt is not installed: style not checked"; fi
 cargo test --no-fail-fast
 cargo build --bin tokenhub
 echo "== hub block, JupyterHub 5 and 6"

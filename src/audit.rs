@@ -48,11 +48,7 @@ pub fn client() -> Option<String> {
 /// Middleware: runs the rest of the request with its [`Context`].
 pub async fn with_context(request: Request, next: Next) -> Response {
     let context = Context {
-        request_id: request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(64).collect()),
+        request_id: request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(|v| v.chars().take(64).collect()),
         client: crate::security::client_of_request(&request),
     };
     CONTEXT.scope(context, next.run(request)).await
@@ -107,9 +103,8 @@ impl Audit {
                 "audit"
             ),
             Sink::Writer(writer) => {
-                let at = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
+                let at =
+                    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
                 let line = json!({
                     "ts": at,
                     "event": event,

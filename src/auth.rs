@@ -25,7 +25,9 @@ pub fn authenticate_hub_client(
     form_secret: Option<&str>,
 ) -> Result<(), ApiError> {
     let (id, secret) = match headers.get(header::AUTHORIZATION) {
-        Some(value) => basic_credentials(value).ok_or_else(|| ApiError::invalid_client("malformed Basic authorization header"))?,
+        Some(value) => {
+            basic_credentials(value).ok_or_else(|| ApiError::invalid_client("malformed Basic authorization header"))?
+        }
         None => match (form_id, form_secret) {
             (Some(id), Some(secret)) => (id.to_string(), secret.to_string()),
             _ => return Err(ApiError::invalid_client("client authentication is required")),
@@ -48,11 +50,7 @@ fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
     let encoded = value.to_str().ok()?.strip_prefix("Basic ")?;
     let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
     let (id, secret) = decoded.split_once(':')?;
-    let unescape = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-    };
+    let unescape = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
     Some((unescape(id)?, unescape(secret)?))
 }
 
@@ -66,12 +64,7 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
 
 /// Checks the hub's client credentials (spawn hook, token endpoint), after
 /// the failure limiter: a client that keeps failing gets 429 first.
-pub fn hub_client(
-    app: &AppState,
-    headers: &HeaderMap,
-    form_id: Option<&str>,
-    form_secret: Option<&str>,
-) -> Result<(), ApiError> {
+pub fn hub_client(app: &AppState, headers: &HeaderMap, form_id: Option<&str>, form_secret: Option<&str>) -> Result<(), ApiError> {
     let client = crate::audit::client();
     app.limiter.check(client.as_deref())?;
     authenticate_hub_client(&app.config.hub, headers, form_id, form_secret).inspect_err(|e| {
@@ -106,10 +99,7 @@ pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiEr
     let (error, reason) = match verdict {
         Verdict::User(identity) => return Ok(identity.username),
         Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
-        Verdict::NotAUser => (
-            ApiError::invalid_token("this token belongs to a service, not to a user"),
-            "token of a service",
-        ),
+        Verdict::NotAUser => (ApiError::invalid_token("this token belongs to a service, not to a user"), "token of a service"),
         Verdict::MissingScope(scope) => (
             ApiError::insufficient_scope(format!(
                 "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \

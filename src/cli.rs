@@ -63,10 +63,8 @@ pub fn main() -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -98,9 +96,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());
     // With the peer address, for counting failed authentications per client.
     let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {
         keepalive.stop().await;
     }

@@ -370,12 +370,39 @@ impl Settings {
             ($($f:ident),*) => { Settings { config: self.config, $($f: self.$f.or(file.$f)),* } };
         }
         pick!(
-            bind, public_url, service_prefix, oidc_issuer, oidc_client_id, oidc_client_secret,
-            oidc_scopes, oidc_redirect_uri, oidc_client_auth_method, oidc_auth_params, username_claim, groups_claim, hub_client_id,
-            hub_client_secret, hub_redirect_uri, hub_token_ttl, hub_api_url, hub_api_token, hub_url,
-            token_file, service_url, database_url, crypt_key, keepalive_interval, keepalive_idle_timeout,
-            keepalive_margin, keepalive_grace, keepalive_fresh_access, log, log_format,
-            service_name, hub_service_name, audit_log
+            bind,
+            public_url,
+            service_prefix,
+            oidc_issuer,
+            oidc_client_id,
+            oidc_client_secret,
+            oidc_scopes,
+            oidc_redirect_uri,
+            oidc_client_auth_method,
+            oidc_auth_params,
+            username_claim,
+            groups_claim,
+            hub_client_id,
+            hub_client_secret,
+            hub_redirect_uri,
+            hub_token_ttl,
+            hub_api_url,
+            hub_api_token,
+            hub_url,
+            token_file,
+            service_url,
+            database_url,
+            crypt_key,
+            keepalive_interval,
+            keepalive_idle_timeout,
+            keepalive_margin,
+            keepalive_grace,
+            keepalive_fresh_access,
+            log,
+            log_format,
+            service_name,
+            hub_service_name,
+            audit_log
         )
     }
 
@@ -384,14 +411,9 @@ impl Settings {
         let Some(path) = self.config.clone() else {
             return Ok(self);
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let file: Settings = toml::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File { path: path.clone(), reason: e.to_string() })?;
+        let file: Settings =
+            toml::from_str(&text).map_err(|e| ConfigError::File { path: path.clone(), reason: e.to_string() })?;
         Ok(self.or(file))
     }
 
@@ -402,25 +424,17 @@ impl Settings {
             let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
             Some(SocketAddr::new(host.parse().ok()?, u.port_or_known_default()?))
         });
-        let bind = self
-            .bind
-            .or(from_service_url)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+        let bind = self.bind.or(from_service_url).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         let public_url = match self.public_url {
             Some(url) => url,
             None => {
                 let prefix = self.service_prefix.as_deref().unwrap_or("/");
-                Url::parse(&format!("http://{bind}{prefix}")).map_err(|e| ConfigError::Invalid {
-                    name: "TOKENHUB_PUBLIC_URL",
-                    reason: e.to_string(),
-                })?
+                Url::parse(&format!("http://{bind}{prefix}"))
+                    .map_err(|e| ConfigError::Invalid { name: "TOKENHUB_PUBLIC_URL", reason: e.to_string() })?
             }
         };
         if !matches!(public_url.scheme(), "http" | "https") {
-            return Err(ConfigError::Invalid {
-                name: "TOKENHUB_PUBLIC_URL",
-                reason: "must be an http or https URL".into(),
-            });
+            return Err(ConfigError::Invalid { name: "TOKENHUB_PUBLIC_URL", reason: "must be an http or https URL".into() });
         }
         let base_path = public_url.path().trim_end_matches('/').to_string();
         let public_url = trim_slash(public_url);
@@ -428,13 +442,8 @@ impl Settings {
             Some(url) => url,
             None => join(&public_url, "/callback"),
         };
-        let mut scopes: Vec<String> = self
-            .oidc_scopes
-            .as_deref()
-            .unwrap_or(DEFAULT_SCOPES)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
+        let mut scopes: Vec<String> =
+            self.oidc_scopes.as_deref().unwrap_or(DEFAULT_SCOPES).split_whitespace().map(str::to_string).collect();
         if !scopes.iter().any(|s| s == "openid") {
             scopes.insert(0, "openid".into());
         }
@@ -443,18 +452,11 @@ impl Settings {
             .or(jupyterhub_crypt_key)
             .ok_or(ConfigError::Missing("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY)"))?;
         Ok(Config {
-            http: HttpConfig {
-                bind,
-                secure_cookies: public_url.scheme() == "https",
-                public_url,
-                base_path,
-            },
+            http: HttpConfig { bind, secure_cookies: public_url.scheme() == "https", public_url, base_path },
             upstream: UpstreamConfig {
                 issuer: check_issuer(self.oidc_issuer.ok_or(ConfigError::Missing("TOKENHUB_OIDC_ISSUER"))?)?,
                 client_id: self.oidc_client_id.ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_ID"))?,
-                client_secret: self
-                    .oidc_client_secret
-                    .ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_SECRET"))?,
+                client_secret: self.oidc_client_secret.ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_SECRET"))?,
                 scopes,
                 redirect_uri,
                 client_auth: self.oidc_client_auth_method,
@@ -465,9 +467,10 @@ impl Settings {
             hub: HubClientConfig {
                 proxy_url: match (self.hub_url, &self.hub_redirect_uri) {
                     (Some(url), _) => trim_slash(url),
-                    (None, Some(redirect)) => trim_slash(Url::parse(&redirect.origin().ascii_serialization()).map_err(|e| {
-                        ConfigError::Invalid { name: "TOKENHUB_HUB_REDIRECT_URI", reason: e.to_string() }
-                    })?),
+                    (None, Some(redirect)) => trim_slash(
+                        Url::parse(&redirect.origin().ascii_serialization())
+                            .map_err(|e| ConfigError::Invalid { name: "TOKENHUB_HUB_REDIRECT_URI", reason: e.to_string() })?,
+                    ),
                     (None, None) => return Err(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI")),
                 },
                 api_url: self.hub_api_url,
@@ -479,18 +482,12 @@ impl Settings {
                     .filter(|n| !n.is_empty())
                     .unwrap_or_else(|| "tokenhub".into()),
                 client_id: self.hub_client_id.ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_ID"))?,
-                client_secret: self
-                    .hub_client_secret
-                    .ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_SECRET"))?,
-                redirect_uri: self
-                    .hub_redirect_uri
-                    .ok_or(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI"))?,
+                client_secret: self.hub_client_secret.ok_or(ConfigError::Missing("TOKENHUB_HUB_CLIENT_SECRET"))?,
+                redirect_uri: self.hub_redirect_uri.ok_or(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI"))?,
                 token_ttl: self.hub_token_ttl.unwrap_or(3600),
             },
             vault: VaultConfig {
-                database_url: self
-                    .database_url
-                    .unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
+                database_url: self.database_url.unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
                 crypt_key,
             },
             keepalive: KeepaliveConfig {
@@ -588,18 +585,10 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_service_prefix() {
-        let config = Settings {
-            service_prefix: Some("/services/tokenhub/".into()),
-            ..minimal()
-        }
-        .into_config(None)
-        .unwrap();
+        let config = Settings { service_prefix: Some("/services/tokenhub/".into()), ..minimal() }.into_config(None).unwrap();
         assert_eq!(config.http.base_path, "/services/tokenhub");
         assert_eq!(config.http.public_url.as_str(), "http://127.0.0.1:8000/services/tokenhub");
-        assert_eq!(
-            config.upstream.redirect_uri.as_str(),
-            "http://127.0.0.1:8000/services/tokenhub/callback"
-        );
+        assert_eq!(config.upstream.redirect_uri.as_str(), "http://127.0.0.1:8000/services/tokenhub/callback");
         assert_eq!(config.upstream.scopes, ["openid", "email", "profile", "offline_access"]);
         assert!(!config.http.secure_cookies);
         assert_eq!(config.hub.proxy_url.as_str(), "http://127.0.0.1:8081/");
@@ -685,11 +674,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenhub.toml");
         std::fs::write(&path, "oidc_client_id = \"from-file\"\nusername_claim = \"email\"\nbind = \"127.0.0.1:9999\"\n").unwrap();
-        let s = Settings {
-            config: Some(path.clone()),
-            username_claim: Some("sub".into()),
-            ..minimal()
-        };
+        let s = Settings { config: Some(path.clone()), username_claim: Some("sub".into()), ..minimal() };
         let config = s.with_file().unwrap().into_config(None).unwrap();
         assert_eq!(config.upstream.client_id, "c", "environment wins over the file");
         assert_eq!(config.upstream.username_claim, "sub");

@@ -17,8 +17,8 @@ use serde_json::json;
 
 use crate::hub::HubError;
 use crate::oauth::upstream::UpstreamError;
-use crate::vault::store::StoreError;
 use crate::vault::VaultError;
+use crate::vault::store::StoreError;
 use crate::web::views;
 
 /// An error answered as OAuth-style JSON.
@@ -217,7 +217,9 @@ impl From<UpstreamError> for PageError {
             UpstreamError::KeysUnavailable(d) => Self::new(
                 StatusCode::UNAUTHORIZED,
                 "Sign-in could not be verified",
-                format!("tokenhub could not check the identity token against your identity provider's keys yet ({d}). Please sign in again in a moment; if it keeps happening, tell the operators."),
+                format!(
+                    "tokenhub could not check the identity token against your identity provider's keys yet ({d}). Please sign in again in a moment; if it keeps happening, tell the operators."
+                ),
             ),
             UpstreamError::Unreachable(_) => Self::new(
                 StatusCode::BAD_GATEWAY,
@@ -227,17 +229,23 @@ impl From<UpstreamError> for PageError {
             UpstreamError::InvalidGrant(d) => Self::new(
                 StatusCode::BAD_REQUEST,
                 "Sign-in expired",
-                format!("The identity provider did not accept this sign-in ({d}). Sign-in links work once and only for a short time: please sign in again."),
+                format!(
+                    "The identity provider did not accept this sign-in ({d}). Sign-in links work once and only for a short time: please sign in again."
+                ),
             ),
             UpstreamError::BadIdToken(d) => Self::new(
                 StatusCode::UNAUTHORIZED,
                 "Sign-in could not be verified",
-                format!("The identity token from your identity provider failed verification ({d}). Please sign in again; if it keeps happening, tell the operators."),
+                format!(
+                    "The identity token from your identity provider failed verification ({d}). Please sign in again; if it keeps happening, tell the operators."
+                ),
             ),
             UpstreamError::Refused(d) | UpstreamError::BadResponse(d) | UpstreamError::AnswerLost(d) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "Identity provider error",
-                format!("The identity provider's answer could not be used ({d}). Please try again; if it keeps happening, tell the operators."),
+                format!(
+                    "The identity provider's answer could not be used ({d}). Please try again; if it keeps happening, tell the operators."
+                ),
             ),
         }
     }

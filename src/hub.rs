@@ -191,19 +191,10 @@ impl HubApi {
         let key = digest_hex(token);
         let (url, _) = self.api("/user")?;
         let _timer = self.timings.start(HubCall::Identify);
-        let response = self
-            .http
-            .get(url)
-            .header("authorization", format!("token {token}"))
-            .send()
-            .await
-            .map_err(unreachable)?;
+        let response = self.http.get(url).header("authorization", format!("token {token}")).send().await.map_err(unreachable)?;
         let verdict = match response.status().as_u16() {
             200 => {
-                let user: UserModel = response
-                    .json()
-                    .await
-                    .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+                let user: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
                 self.judge(user)
             }
             401 | 403 | 404 => Verdict::Unknown,
@@ -253,10 +244,7 @@ impl HubApi {
             404 => return Ok(None),
             status => return Err(HubError::Status { what: "the hub's /users", status }),
         }
-        let user = response
-            .json()
-            .await
-            .map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        let user = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
         Ok(Some(user))
     }
 
@@ -287,11 +275,7 @@ impl HubApi {
     /// server's Contents API behind the proxy.
     pub async fn write_token_file(&self, server: &ServerInfo, content: &str) -> Result<(), HubError> {
         let (_, token) = self.api("/")?;
-        let path = format!(
-            "{}api/contents/{}",
-            ensure_slash(&server.url),
-            self.token_file.trim_start_matches('/')
-        );
+        let path = format!("{}api/contents/{}", ensure_slash(&server.url), self.token_file.trim_start_matches('/'));
         let url = join(&self.proxy_url, &path);
         let body = json!({ "type": "file", "format": "text", "content": content });
         let _timer = self.timings.start(HubCall::WriteTokenFile);

@@ -94,9 +94,7 @@ impl MakeRequestId for RandomRequestId {
 /// Marks a response as not to be stored by any cache: every answer that
 /// carries tokens or belongs to a login.
 pub fn no_store(mut response: axum::response::Response) -> axum::response::Response {
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
     response
 }
 

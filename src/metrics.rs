@@ -169,11 +169,8 @@ impl Metrics {
         let login_failures = counter(&mut registry, "login_failures", "Logins that failed at the callback.");
         let hub_tokens_issued = counter(&mut registry, "hub_tokens_issued", "Token responses sent to JupyterHub.");
         let hub_token_errors = counter(&mut registry, "hub_token_errors", "Token requests from JupyterHub refused.");
-        let keepalive_refreshes = counter(
-            &mut registry,
-            "keepalive_refreshes",
-            "Refreshes made by keep-alive for users with running servers.",
-        );
+        let keepalive_refreshes =
+            counter(&mut registry, "keepalive_refreshes", "Refreshes made by keep-alive for users with running servers.");
         let keepalive_failures = counter(
             &mut registry,
             "keepalive_failures",
@@ -202,7 +199,11 @@ impl Metrics {
             let _ = refresh_outcomes.get_or_create(&[("outcome", outcome.as_str())]);
         }
         let token_file_writes = Family::<Label, Counter>::default();
-        registry.register("token_file_writes", "Token files written to servers, by outcome (ok, failed).", token_file_writes.clone());
+        registry.register(
+            "token_file_writes",
+            "Token files written to servers, by outcome (ok, failed).",
+            token_file_writes.clone(),
+        );
         for outcome in ["ok", "failed"] {
             let _ = token_file_writes.get_or_create(&[("outcome", outcome)]);
         }
@@ -217,7 +218,11 @@ impl Metrics {
             let _ = hub_calls.0.get_or_create(&[("call", call.as_str())]);
         }
         let lineages = Family::<Label, Gauge>::default();
-        registry.register("lineages", "Token lineages in the vault by state (active, dead), counted at scrape time.", lineages.clone());
+        registry.register(
+            "lineages",
+            "Token lineages in the vault by state (active, dead), counted at scrape time.",
+            lineages.clone(),
+        );
         for state in ["active", "dead"] {
             let _ = lineages.get_or_create(&[("state", state)]);
         }

@@ -83,10 +83,7 @@ impl Default for FailureLimiter {
         let quota = Quota::with_period(FAILURE_REFILL).map_or_else(|| Quota::per_second(burst), |q| q.allow_burst(burst));
         Self {
             failures: RateLimiter::keyed(quota),
-            blocked: moka::sync::Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                .time_to_live(FAILURE_REFILL * FAILURE_BURST)
-                .build(),
+            blocked: moka::sync::Cache::builder().max_capacity(MAX_CLIENTS).time_to_live(FAILURE_REFILL * FAILURE_BURST).build(),
         }
     }
 }
@@ -158,10 +155,7 @@ pub async fn security_headers(mut response: Response) -> Response {
 pub const FORM_REFERRER_POLICY: &str = "same-origin";
 
 fn header_is(headers: &HeaderMap, name: &str, allowed: &[&str]) -> bool {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| allowed.iter().any(|a| v.eq_ignore_ascii_case(a)))
+    headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| allowed.iter().any(|a| v.eq_ignore_ascii_case(a)))
 }
 
 /// Passes only a top-level navigation in the user's browser: the address
@@ -265,7 +259,11 @@ mod tests {
         assert!(nav("navigate", "document", "cross-site").is_ok(), "the end of a sign-in through the IdP");
         assert!(nav("navigate", "document", "bogus").is_err());
         let own = |site: &str| {
-            own_top_level_navigation(&headers(&[("sec-fetch-mode", "navigate"), ("sec-fetch-dest", "document"), ("sec-fetch-site", site)]))
+            own_top_level_navigation(&headers(&[
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document"),
+                ("sec-fetch-site", site),
+            ]))
         };
         assert!(own("same-origin").is_ok() && own("none").is_ok());
         assert!(own("cross-site").is_err() && own("same-site").is_err());

@@ -12,9 +12,9 @@ use crate::metrics::Metrics;
 use crate::oauth::upstream::Upstream;
 use crate::tokens::deliveries::Deliveries;
 use crate::tokens::refresher::Refresher;
+use crate::vault::Vault;
 use crate::vault::crypto::KeyRing;
 use crate::vault::store::Store;
-use crate::vault::Vault;
 
 /// Shared application state.
 #[derive(Debug)]

@@ -181,11 +181,8 @@ pub struct Page {
 /// Reads one page of the listing from the vault's plain columns.
 pub async fn list(app: &AppState, listing: &Listing) -> Result<Page, crate::vault::store::StoreError> {
     let filter = LineageFilter { status: listing.state.clone(), user_prefix: listing.user.clone() };
-    let (summaries, total) = app
-        .vault
-        .store()
-        .list_lineages(&filter, listing.sort, listing.descending, listing.limit, listing.offset)
-        .await?;
+    let (summaries, total) =
+        app.vault.store().list_lineages(&filter, listing.sort, listing.descending, listing.limit, listing.offset).await?;
     let mut lineages = Vec::with_capacity(summaries.len());
     for s in summaries {
         lineages.push(row(app, s).await);
@@ -265,9 +262,27 @@ mod tests {
     fn listing_defaults_and_limits() {
         let l = Listing::parse(&params(&[])).unwrap();
         assert_eq!((l.limit, l.offset, l.sort, l.descending, l.state), (DEFAULT_LIMIT, 0, LineageSort::User, false, None));
-        let l = Listing::parse(&params(&[("state", "dead"), ("sort", "last_refresh"), ("order", "desc"), ("limit", "500"), ("offset", "20")])).unwrap();
-        assert_eq!((l.limit, l.offset, l.sort, l.descending, l.state.as_deref()), (500, 20, LineageSort::LastRefresh, true, Some("dead")));
-        for bad in [("limit", "0"), ("limit", "501"), ("limit", "x"), ("offset", "-1"), ("state", "zombie"), ("sort", "subject"), ("order", "up")] {
+        let l = Listing::parse(&params(&[
+            ("state", "dead"),
+            ("sort", "last_refresh"),
+            ("order", "desc"),
+            ("limit", "500"),
+            ("offset", "20"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (l.limit, l.offset, l.sort, l.descending, l.state.as_deref()),
+            (500, 20, LineageSort::LastRefresh, true, Some("dead"))
+        );
+        for bad in [
+            ("limit", "0"),
+            ("limit", "501"),
+            ("limit", "x"),
+            ("offset", "-1"),
+            ("state", "zombie"),
+            ("sort", "subject"),
+            ("order", "up"),
+        ] {
             assert!(Listing::parse(&params(&[bad])).is_err(), "{bad:?}");
         }
         // The query string reads back to the same listing.

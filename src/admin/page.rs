@@ -95,8 +95,12 @@ fn when(at: Option<i64>, none: &str) -> String {
 /// The signed-in session's user, if the hub says they are an admin.
 async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
     let session = session::current(app, jar).ok_or_else(|| {
-        PageError::new(StatusCode::UNAUTHORIZED, "Not signed in", "Sign in to tokenhub first; the operator's view is for hub admins.")
-            .with_action("Sign in", app.url("/login").to_string())
+        PageError::new(
+            StatusCode::UNAUTHORIZED,
+            "Not signed in",
+            "Sign in to tokenhub first; the operator's view is for hub admins.",
+        )
+        .with_action("Sign in", app.url("/login").to_string())
     })?;
     match app.hub.is_admin(&session.username).await {
         Ok(true) => Ok(session),
@@ -136,24 +140,28 @@ pub async fn admin_page(
     let listed = super::list(&app, &listing).await?;
     let admin_url = app.url("/admin").to_string();
     let link = |l: &Listing| format!("{admin_url}?{}", l.query());
-    let sorts = [("User", LineageSort::User), ("Last refresh", LineageSort::LastRefresh), ("Access token expires", LineageSort::AccessExpires)]
-        .into_iter()
-        .map(|(label, sort)| {
-            let current = listing.sort == sort;
-            let descending = current && !listing.descending;
-            SortLink {
-                label,
-                href: link(&Listing { sort, descending, offset: 0, ..listing.clone() }),
-                mark: match (current, listing.descending) {
-                    (false, _) => "",
-                    (true, false) => " ▲",
-                    (true, true) => " ▼",
-                },
-            }
-        })
-        .collect();
-    let previous = (listing.offset > 0)
-        .then(|| link(&Listing { offset: (listing.offset - listing.limit).max(0), ..listing.clone() }));
+    let sorts = [
+        ("User", LineageSort::User),
+        ("Last refresh", LineageSort::LastRefresh),
+        ("Access token expires", LineageSort::AccessExpires),
+    ]
+    .into_iter()
+    .map(|(label, sort)| {
+        let current = listing.sort == sort;
+        let descending = current && !listing.descending;
+        SortLink {
+            label,
+            href: link(&Listing { sort, descending, offset: 0, ..listing.clone() }),
+            mark: match (current, listing.descending) {
+                (false, _) => "",
+                (true, false) => " ▲",
+                (true, true) => " ▼",
+            },
+        }
+    })
+    .collect();
+    let previous =
+        (listing.offset > 0).then(|| link(&Listing { offset: (listing.offset - listing.limit).max(0), ..listing.clone() }));
     let next = listed.next_offset.map(|offset| link(&Listing { offset, ..listing.clone() }));
     let rows: Vec<RowView> = listed
         .lineages
@@ -227,7 +235,8 @@ pub async fn revoke(
     tracing::info!(user = %user, admin = %session.username, "lineage revoked and deleted by an admin");
     let detail = format!("revoked by admin {}; {idp}", session.username);
     app.audit.record("admin_revoke", Some(user), Some(version), Some(&detail));
-    let message = format!("tokenhub deleted the tokens of {user}; {idp}. Their notebooks get invalid_grant until they sign in again.");
+    let message =
+        format!("tokenhub deleted the tokens of {user}; {idp}. Their notebooks get invalid_grant until they sign in again.");
     let info = InfoPage {
         title: "Tokens revoked",
         message: &message,

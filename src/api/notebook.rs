@@ -49,8 +49,10 @@ fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
 fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
     let reauth = app.reauth_url.clone();
     match e {
-        RefreshError::NoLineage => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_grant", "tokenhub holds no tokens for you: sign in again")
-            .with_reauth(reauth),
+        RefreshError::NoLineage => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_grant", "tokenhub holds no tokens for you: sign in again")
+                .with_reauth(reauth)
+        }
         RefreshError::Dead(reason) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_grant",
@@ -82,21 +84,17 @@ pub async fn tokens(
 ) -> Result<Response, ApiError> {
     let min_valid = match params.get("min_valid") {
         None => None,
-        Some(v) => Some(
-            v.parse::<u32>()
-                .map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))? as i64,
-        ),
+        Some(v) => {
+            Some(v.parse::<u32>().map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))? as i64)
+        }
     };
     let format = params.get("format").map(String::as_str);
     if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
         return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
     let username = caller(&app, &headers).await?;
-    let fresh = app
-        .refresher
-        .fresh(&app, &username, Want { min_valid, force: false })
-        .await
-        .map_err(|e| refresh_error(&app, e))?;
+    let fresh =
+        app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
 }
@@ -126,7 +124,8 @@ pub async fn force_refresh(
     {
         serde_urlencoded::from_bytes(&body).map_err(|_| ApiError::invalid_request("malformed form body"))?
     } else {
-        serde_json::from_slice(&body).map_err(|_| ApiError::invalid_request("the body must be JSON like {\"refresh_token\": \"…\"}"))?
+        serde_json::from_slice(&body)
+            .map_err(|_| ApiError::invalid_request("the body must be JSON like {\"refresh_token\": \"…\"}"))?
     };
     let username = caller(&app, &headers).await?;
     if let Some(held) = &request.refresh_token {
@@ -138,28 +137,27 @@ pub async fn force_refresh(
         let current = lineage.tokens.refresh_token.as_ref().map(|t| t.expose_secret().to_string());
         if current.as_deref() != Some(held.as_str()) {
             let rotated_recently = lineage.rotated_at.is_some_and(|at| now() - at <= ROTATION_GRACE_SECS)
-                && lineage
-                    .previous_refresh_hash
-                    .as_deref()
-                    .is_some_and(|h| constant_time_eq(h, &digest_hex(held)));
+                && lineage.previous_refresh_hash.as_deref().is_some_and(|h| constant_time_eq(h, &digest_hex(held)));
             if rotated_recently && lineage.active {
                 // A retry or a late kernel: it gets what replaced its token.
                 app.audit.record("rotation_grace", Some(&username), Some(lineage.version), None);
                 let fresh = Fresh { lineage: std::sync::Arc::new(lineage), refreshed: true, capped_min_valid: None };
                 return Ok(answer(&app, &fresh, None));
             }
-            app.audit.record("invalid_grant", Some(&username), Some(lineage.version), Some("presented refresh token is not the current one"));
+            app.audit.record(
+                "invalid_grant",
+                Some(&username),
+                Some(lineage.version),
+                Some("presented refresh token is not the current one"),
+            );
             return Err(ApiError::invalid_grant(
                 "this refresh token is not the current one (it was rotated away or never issued); GET /api/v1/tokens gives the current set",
             )
             .with_reauth(app.url("/refresh").to_string()));
         }
     }
-    let fresh = app
-        .refresher
-        .fresh(&app, &username, Want { min_valid: None, force: true })
-        .await
-        .map_err(|e| refresh_error(&app, e))?;
+    let fresh =
+        app.refresher.fresh(&app, &username, Want { min_valid: None, force: true }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_refresh", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, None))
 }

@@ -339,7 +339,8 @@ impl Modify for Security {
                 "`token <JUPYTERHUB_API_TOKEN>` (or `Bearer …`); needs the scope access:services!service=<tokenhub's name>",
             ))),
         );
-        components.add_security_scheme("hub_client", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Basic).build()));
+        components
+            .add_security_scheme("hub_client", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Basic).build()));
         components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
     }
 }

@@ -36,11 +36,13 @@ pub async fn spawn(
 ) -> Result<Response, ApiError> {
     hub_client(&app, &headers, None, None)?;
     let Json(request) = body.map_err(|e| ApiError::new(e.status(), "invalid_request", e.body_text()))?;
-    let lineage = app
-        .vault
-        .load(&request.user, app.upstream.issuer())
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_user", "tokenhub holds no tokens for this user: they must sign in through tokenhub"))?;
+    let lineage = app.vault.load(&request.user, app.upstream.issuer()).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            "tokenhub holds no tokens for this user: they must sign in through tokenhub",
+        )
+    })?;
     delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
     tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
     app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));

@@ -72,9 +72,7 @@ struct PendingLogin {
 
 /// The login cookie for `state`, with its path (value and attributes added by the caller).
 fn login_cookie(app: &AppState, state: &str) -> Cookie<'static> {
-    Cookie::build(format!("{COOKIE_PREFIX}{state}"))
-        .path(format!("{}/callback", app.config.http.base_path))
-        .build()
+    Cookie::build(format!("{COOKIE_PREFIX}{state}")).path(format!("{}/callback", app.config.http.base_path)).build()
 }
 
 fn cookie_aad(state: &str) -> Vec<u8> {
@@ -128,7 +126,12 @@ pub async fn authorize(
             return Ok(redirect_error(redirect_uri, state, "invalid_request", "code_challenge_method without code_challenge"));
         }
         (Some(_), _) => {
-            return Ok(redirect_error(redirect_uri, state, "invalid_request", "only the S256 code challenge method is supported"));
+            return Ok(redirect_error(
+                redirect_uri,
+                state,
+                "invalid_request",
+                "only the S256 code challenge method is supported",
+            ));
         }
     }
     if let Some(c) = code_challenge
@@ -152,7 +155,12 @@ pub async fn start_login(app: &AppState, jar: CookieJar, purpose: Purpose) -> Re
     start_upstream_login(app, jar, purpose, false).await
 }
 
-async fn start_upstream_login(app: &AppState, jar: CookieJar, purpose: Purpose, ask_consent: bool) -> Result<Response, PageError> {
+async fn start_upstream_login(
+    app: &AppState,
+    jar: CookieJar,
+    purpose: Purpose,
+    ask_consent: bool,
+) -> Result<Response, PageError> {
     let upstream = app.upstream.authorization_request(ask_consent).await?;
     let pending = PendingLogin {
         purpose,
@@ -161,10 +169,8 @@ async fn start_upstream_login(app: &AppState, jar: CookieJar, purpose: Purpose, 
         pkce_verifier: upstream.pkce_verifier.expose_secret().to_string(),
         expires_at: now() + LOGIN_TTL_SECS,
     };
-    let sealed = app.keys.seal_text(
-        &serde_json::to_string(&pending).expect("pending login serializes"),
-        &cookie_aad(&upstream.state),
-    );
+    let sealed =
+        app.keys.seal_text(&serde_json::to_string(&pending).expect("pending login serializes"), &cookie_aad(&upstream.state));
     let mut cookie = login_cookie(app, &upstream.state);
     cookie.set_value(sealed);
     cookie.set_http_only(true);
@@ -175,11 +181,7 @@ async fn start_upstream_login(app: &AppState, jar: CookieJar, purpose: Purpose, 
 }
 
 /// `GET /callback`: the IdP sends the browser back here.
-pub async fn callback(
-    State(app): State<AppState>,
-    jar: CookieJar,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
+pub async fn callback(State(app): State<AppState>, jar: CookieJar, Query(params): Query<HashMap<String, String>>) -> Response {
     match finish(&app, &jar, &params).await {
         Ok(response) => {
             app.metrics.logins.inc();
@@ -209,7 +211,11 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         )
     };
     let state = param(params, "state").ok_or_else(|| {
-        start_again(StatusCode::BAD_REQUEST, "Invalid sign-in response", "The identity provider's response has no state parameter.")
+        start_again(
+            StatusCode::BAD_REQUEST,
+            "Invalid sign-in response",
+            "The identity provider's response has no state parameter.",
+        )
     })?;
     let cookie = jar.get(&format!("{COOKIE_PREFIX}{state}")).ok_or_else(expired)?;
     let pending: PendingLogin = app
@@ -235,7 +241,11 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
     if let Some(iss) = param(params, "iss")
         && iss.trim_end_matches('/') != app.upstream.issuer().trim_end_matches('/')
     {
-        return Err(start_again(StatusCode::BAD_REQUEST, "Invalid sign-in response", "The response names another identity provider (iss)."));
+        return Err(start_again(
+            StatusCode::BAD_REQUEST,
+            "Invalid sign-in response",
+            "The response names another identity provider (iss).",
+        ));
     }
     let code = param(params, "code").ok_or_else(|| {
         start_again(StatusCode::BAD_REQUEST, "Invalid sign-in response", "The identity provider's response has no code.")
@@ -272,14 +282,14 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
             return Err(start_again(
                 StatusCode::FORBIDDEN,
                 "Missing user name",
-                &format!("Your identity provider did not release the claim “{claim}” that names your account here. Ask the operators which account to use."),
+                &format!(
+                    "Your identity provider did not release the claim “{claim}” that names your account here. Ask the operators which account to use."
+                ),
             ));
         }
     };
-    let version = app
-        .vault
-        .save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims, &pending.nonce)
-        .await?;
+    let version =
+        app.vault.save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims, &pending.nonce).await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, refresh_token = login.tokens.refresh_token.is_some(), "login stored");
     app.audit.record("login", Some(&username), Some(version), Some("upstream login stored"));
     app.vault.record_refresh_expiry(&username, &login.issuer, version, login.refresh_expires_in).await;

@@ -94,10 +94,7 @@ pub async fn token(
 
 async fn authorization_code_grant(app: &AppState, form: &TokenForm) -> Result<Response, ApiError> {
     let code = form.code.as_deref().ok_or_else(|| ApiError::invalid_request("code is missing"))?;
-    let redirect_uri = form
-        .redirect_uri
-        .as_deref()
-        .ok_or_else(|| ApiError::invalid_request("redirect_uri is missing"))?;
+    let redirect_uri = form.redirect_uri.as_deref().ok_or_else(|| ApiError::invalid_request("redirect_uri is missing"))?;
     // Taking the code deletes it: a replayed code finds nothing, and a
     // failed attempt (wrong verifier) burns it.
     let row = app
@@ -122,7 +119,9 @@ async fn authorization_code_grant(app: &AppState, form: &TokenForm) -> Result<Re
             }
         }
         (Some(_), None) => return Err(ApiError::invalid_grant("code_verifier is required (PKCE)")),
-        (None, Some(_)) => return Err(ApiError::invalid_grant("code_verifier sent, but the authorization request had no code_challenge")),
+        (None, Some(_)) => {
+            return Err(ApiError::invalid_grant("code_verifier sent, but the authorization request had no code_challenge"));
+        }
         (None, None) => {}
     }
     let response = issue_tokens(app, &row.username, &row.issuer, &row.scope).await?;
@@ -131,10 +130,7 @@ async fn authorization_code_grant(app: &AppState, form: &TokenForm) -> Result<Re
 }
 
 async fn refresh_token_grant(app: &AppState, form: &TokenForm) -> Result<Response, ApiError> {
-    let token = form
-        .refresh_token
-        .as_deref()
-        .ok_or_else(|| ApiError::invalid_request("refresh_token is missing"))?;
+    let token = form.refresh_token.as_deref().ok_or_else(|| ApiError::invalid_request("refresh_token is missing"))?;
     let row = app
         .vault
         .store()
@@ -162,10 +158,9 @@ async fn issue_tokens(app: &AppState, username: &str, issuer: &str, scope: &str)
     let access = random_token();
     let refresh = random_token();
     let store = app.vault.store();
-    for (token, kind, expires_at) in [
-        (&access, HubTokenKind::Access, now + ttl),
-        (&refresh, HubTokenKind::Refresh, now + HUB_REFRESH_TTL_SECS),
-    ] {
+    for (token, kind, expires_at) in
+        [(&access, HubTokenKind::Access, now + ttl), (&refresh, HubTokenKind::Refresh, now + HUB_REFRESH_TTL_SECS)]
+    {
         store
             .insert_hub_token(&HubTokenRow {
                 token_hash: digest_hex(token),
@@ -201,11 +196,8 @@ pub async fn userinfo(State(app): State<AppState>, headers: HeaderMap) -> Result
     if row.expires_at < now() {
         return Err(ApiError::invalid_token("the access token has expired"));
     }
-    let lineage = app
-        .vault
-        .load(&row.username, &row.issuer)
-        .await?
-        .ok_or_else(|| ApiError::invalid_token("the user's login is gone"))?;
+    let lineage =
+        app.vault.load(&row.username, &row.issuer).await?.ok_or_else(|| ApiError::invalid_token("the user's login is gone"))?;
     Ok(Json(Value::Object(user_claims(&app, &row.username, &lineage.claims, &lineage.issuer, &lineage.subject))))
 }
 

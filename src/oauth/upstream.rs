@@ -8,13 +8,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use openidconnect::core::{
-    CoreClient, CoreJsonWebKeySet, CoreProviderMetadata, CoreResponseType,
-};
+use openidconnect::core::{CoreClient, CoreJsonWebKeySet, CoreProviderMetadata, CoreResponseType};
 use openidconnect::{
-    AccessTokenHash, AuthenticationFlow, ClaimsVerificationError, ClientId,
-    ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
-    PkceCodeChallenge, RedirectUrl, Scope, SignatureVerificationError,
+    AccessTokenHash, AuthenticationFlow, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet,
+    EndpointNotSet, EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge, RedirectUrl, Scope, SignatureVerificationError,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -25,14 +22,7 @@ use crate::config::{ClientAuthMethod, UpstreamConfig};
 use crate::time::now;
 use crate::vault::TokenSet;
 
-type Client = CoreClient<
-    EndpointSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointMaybeSet,
-    EndpointMaybeSet,
->;
+type Client = CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointMaybeSet, EndpointMaybeSet>;
 
 /// How soon after one JWKS re-fetch another may happen.
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
@@ -168,13 +158,7 @@ fn unreachable(e: impl std::fmt::Display) -> UpstreamError {
 impl Upstream {
     /// A relying party for `config`, using `http` (which must not follow redirects).
     pub fn new(config: UpstreamConfig, http: reqwest::Client) -> Self {
-        Self {
-            config,
-            http,
-            discovered: RwLock::new(None),
-            last_failure: Mutex::new(None),
-            refetch_lock: Mutex::new(()),
-        }
+        Self { config, http, discovered: RwLock::new(None), last_failure: Mutex::new(None), refetch_lock: Mutex::new(()) }
     }
 
     /// The configured issuer.
@@ -240,7 +224,12 @@ impl Upstream {
     }
 
     /// A POST to one of the IdP's endpoints, authenticated as our client.
-    fn client_post(&self, metadata: &CoreProviderMetadata, url: &str, mut form: Vec<(&'static str, String)>) -> reqwest::RequestBuilder {
+    fn client_post(
+        &self,
+        metadata: &CoreProviderMetadata,
+        url: &str,
+        mut form: Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
         let mut request = self.http.post(url).header("accept", "application/json");
         match self.client_auth(metadata) {
             ClientAuthMethod::ClientSecretBasic => {
@@ -275,9 +264,7 @@ impl Upstream {
             let body = response.bytes().await.unwrap_or_default();
             let error: Option<OAuthErrorReply> = serde_json::from_slice(&body).ok();
             return Err(match error {
-                Some(e) if e.error == "invalid_grant" => {
-                    UpstreamError::InvalidGrant(describe_oauth_error(&e))
-                }
+                Some(e) if e.error == "invalid_grant" => UpstreamError::InvalidGrant(describe_oauth_error(&e)),
                 _ if status.is_server_error() || status.as_u16() == 429 => {
                     UpstreamError::Unreachable(format!("the token endpoint answered {status}"))
                 }
@@ -327,11 +314,7 @@ impl Upstream {
         let client = self.client(&discovered.metadata)?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut request = client
-            .authorize_url(
-                AuthenticationFlow::<CoreResponseType>::AuthorizationCode,
-                CsrfToken::new_random,
-                Nonce::new_random,
-            )
+            .authorize_url(AuthenticationFlow::<CoreResponseType>::AuthorizationCode, CsrfToken::new_random, Nonce::new_random)
             .set_pkce_challenge(challenge);
         for scope in self.config.scopes.iter().filter(|s| *s != "openid") {
             request = request.add_scope(Scope::new(scope.clone()));
@@ -370,10 +353,8 @@ impl Upstream {
                 ],
             )
             .await?;
-        let id_token_text = reply
-            .id_token
-            .as_ref()
-            .ok_or_else(|| UpstreamError::BadResponse("no id_token in the token response".into()))?;
+        let id_token_text =
+            reply.id_token.as_ref().ok_or_else(|| UpstreamError::BadResponse("no id_token in the token response".into()))?;
         let id_token = parse_id_token(id_token_text.expose_secret())?;
         let nonce = Nonce::new(nonce.to_string());
         let access = openidconnect::AccessToken::new(reply.access_token.expose_secret().to_string());
@@ -381,10 +362,8 @@ impl Upstream {
 
         let access_token = reply.access_token.expose_secret().to_string();
         let mut all_claims = claims;
-        let subject = string_claim(&all_claims, "sub")
-            .ok_or_else(|| UpstreamError::BadIdToken("no sub claim".into()))?;
-        let issuer = string_claim(&all_claims, "iss")
-            .ok_or_else(|| UpstreamError::BadIdToken("no iss claim".into()))?;
+        let subject = string_claim(&all_claims, "sub").ok_or_else(|| UpstreamError::BadIdToken("no sub claim".into()))?;
+        let issuer = string_claim(&all_claims, "iss").ok_or_else(|| UpstreamError::BadIdToken("no iss claim".into()))?;
         if let Some(userinfo) = self.userinfo(&discovered, &access_token).await? {
             if userinfo.get("sub").and_then(Value::as_str) != Some(subject.as_str()) {
                 return Err(UpstreamError::BadResponse("userinfo sub differs from the ID token's".into()));
@@ -441,10 +420,7 @@ impl Upstream {
         let discovered = self.discovered().await?;
         self.token_call(
             &discovered,
-            vec![
-                ("grant_type", "refresh_token".into()),
-                ("refresh_token", refresh_token.expose_secret().to_string()),
-            ],
+            vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())],
         )
         .await
     }
@@ -501,11 +477,8 @@ impl Upstream {
         };
         let discovered = self.discovered().await?;
         let form = vec![("token", refresh_token.to_string()), ("token_type_hint", "refresh_token".to_string())];
-        let response = self
-            .client_post(&discovered.metadata, endpoint, form)
-            .send()
-            .await
-            .map_err(|e| unreachable(e.without_url()))?;
+        let response =
+            self.client_post(&discovered.metadata, endpoint, form).send().await.map_err(|e| unreachable(e.without_url()))?;
         if response.status().is_success() {
             Ok(true)
         } else {
@@ -543,19 +516,12 @@ impl Upstream {
         let jwks = CoreJsonWebKeySet::fetch_async(latest.metadata.jwks_uri(), &self.http)
             .await
             .map_err(|e| UpstreamError::KeysUnavailable(format!("the key set could not be fetched: {e}")))?;
-        let fresh = Arc::new(Discovered {
-            metadata: latest.metadata.clone().set_jwks(jwks),
-            last_refetch: Some(Instant::now()),
-        });
+        let fresh = Arc::new(Discovered { metadata: latest.metadata.clone().set_jwks(jwks), last_refetch: Some(Instant::now()) });
         *self.discovered.write().await = Some(fresh.clone());
         Ok(fresh)
     }
 
-    async fn userinfo(
-        &self,
-        discovered: &Discovered,
-        access_token: &str,
-    ) -> Result<Option<Map<String, Value>>, UpstreamError> {
+    async fn userinfo(&self, discovered: &Discovered, access_token: &str) -> Result<Option<Map<String, Value>>, UpstreamError> {
         let Some(endpoint) = discovered.metadata.userinfo_endpoint() else {
             return Ok(None);
         };
@@ -579,9 +545,7 @@ impl Upstream {
             return Ok(None); // a signed or encrypted userinfo JWT: the ID token's claims suffice
         }
         let body = response.bytes().await.map_err(|e| unreachable(e.without_url()))?;
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|_| UpstreamError::BadResponse("userinfo is not a JSON object".into()))
+        serde_json::from_slice(&body).map(Some).map_err(|_| UpstreamError::BadResponse("userinfo is not a JSON object".into()))
     }
 }
 

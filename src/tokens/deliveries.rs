@@ -36,12 +36,7 @@ impl Deliveries {
 
     /// Notes that one of the user's servers got the file.
     pub async fn record(&self, username: &str, delivery: Delivery) {
-        self.done
-            .lock()
-            .await
-            .entry(username.to_string())
-            .or_default()
-            .insert(delivery.server.clone(), delivery);
+        self.done.lock().await.entry(username.to_string()).or_default().insert(delivery.server.clone(), delivery);
     }
 
     /// Claims the wait for a (user, server) pair; `false` when someone

@@ -6,14 +6,12 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::vault::crypto::digest_hex;
 use crate::vault::Lineage;
+use crate::vault::crypto::digest_hex;
 
 /// FABRIC's timestamp format, `%Y-%m-%d %H:%M:%S %z` (`2026-06-04 13:09:25 +0000`).
 pub fn timestamp(unix: i64) -> String {
-    let format = format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second] [offset_hour sign:mandatory][offset_minute]"
-    );
+    let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second] [offset_hour sign:mandatory][offset_minute]");
     OffsetDateTime::from_unix_timestamp(unix)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
         .format(&format)

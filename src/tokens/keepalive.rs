@@ -212,10 +212,7 @@ impl Runner {
         let store = self.app.vault.store().clone();
         let mut after = String::new();
         loop {
-            let page = store
-                .active_lineages(&issuer, &after, PAGE)
-                .await
-                .map_err(|e| Pause::Vault(e.to_string()))?;
+            let page = store.active_lineages(&issuer, &after, PAGE).await.map_err(|e| Pause::Vault(e.to_string()))?;
             for times in &page {
                 if self.stopping() {
                     return Ok(());
@@ -242,10 +239,7 @@ impl Runner {
                 self.last_seen.insert(username.to_string(), now);
                 true
             }
-            Ok(_) => self
-                .last_seen
-                .get(username)
-                .is_some_and(|seen| now - seen <= self.app.config.keepalive.grace),
+            Ok(_) => self.last_seen.get(username).is_some_and(|seen| now - seen <= self.app.config.keepalive.grace),
             // One refresh too many costs little; a lineage let die costs the
             // user's job: while the hub does not answer, keep it alive.
             Err(e) => {

@@ -116,7 +116,8 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
 fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
     if lineage.pending_id_token.is_some() && crate::tokens::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
         return Err(RefreshError::Unavailable(
-            "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept".into(),
+            "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept"
+                .into(),
         ));
     }
     Ok(())
@@ -133,7 +134,13 @@ impl Refresher {
     /// is skipped when the lineage moved past that version meanwhile (another
     /// replica refreshed it), so replicas never refresh it twice. Also says
     /// whether this call made the upstream refresh (rather than shared one).
-    pub async fn fresh_since(&self, app: &AppState, username: &str, want: Want, seen_version: i64) -> Result<(Fresh, bool), RefreshError> {
+    pub async fn fresh_since(
+        &self,
+        app: &AppState,
+        username: &str,
+        want: Want,
+        seen_version: i64,
+    ) -> Result<(Fresh, bool), RefreshError> {
         let mut made = false;
         let fresh = self.fresh_inner(app, username, want, Some(seen_version), &mut made).await?;
         Ok((fresh, made))
@@ -293,7 +300,12 @@ impl Refresher {
     }
 
     /// The answer for a lineage this call (or another) settled.
-    fn settled(&self, lineage: Lineage, refreshed: bool, capped: impl Fn(&Lineage) -> Option<i64>) -> Result<Fresh, RefreshError> {
+    fn settled(
+        &self,
+        lineage: Lineage,
+        refreshed: bool,
+        capped: impl Fn(&Lineage) -> Option<i64>,
+    ) -> Result<Fresh, RefreshError> {
         if !lineage.active {
             return Err(RefreshError::Dead("the identity provider refused the last refresh".into()));
         }
@@ -313,11 +325,7 @@ impl Refresher {
                 return Ok(Lease::Ours);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let current = app
-                .vault
-                .load(&lineage.username, &lineage.issuer)
-                .await?
-                .ok_or(RefreshError::NoLineage)?;
+            let current = app.vault.load(&lineage.username, &lineage.issuer).await?.ok_or(RefreshError::NoLineage)?;
             if current.version != lineage.version {
                 return Ok(Lease::RefreshedElsewhere(current));
             }
@@ -329,7 +337,11 @@ impl Refresher {
 
     /// The refresh at the IdP, retried with backoff only while no attempt got
     /// a 2xx (a 2xx may have spent the refresh token).
-    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
+    async fn refresh_upstream(
+        &self,
+        app: &AppState,
+        lineage: &Lineage,
+    ) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
         let refresh_token = lineage
             .tokens
             .refresh_token

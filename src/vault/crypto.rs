@@ -64,18 +64,13 @@ fn decode_key(text: &str) -> Option<[u8; 32]> {
     let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         hex::decode(text).ok()?
     } else {
-        [&STANDARD, &URL_SAFE, &URL_SAFE_NO_PAD]
-            .iter()
-            .find_map(|engine| engine.decode(text).ok())?
+        [&STANDARD, &URL_SAFE, &URL_SAFE_NO_PAD].iter().find_map(|engine| engine.decode(text).ok())?
     };
     bytes.try_into().ok()
 }
 
 fn key_id(key: &[u8; 32]) -> [u8; KEY_ID_LEN] {
-    let digest = Sha256::new()
-        .chain_update(b"tokenhub key id\0")
-        .chain_update(key)
-        .finalize();
+    let digest = Sha256::new().chain_update(b"tokenhub key id\0").chain_update(key).finalize();
     let mut id = [0u8; KEY_ID_LEN];
     id.copy_from_slice(&digest[..KEY_ID_LEN]);
     id
@@ -91,10 +86,7 @@ impl KeyRing {
             .enumerate()
             .map(|(i, text)| {
                 let key = decode_key(text).ok_or(CryptoError::BadKey(i + 1))?;
-                Ok(Key {
-                    id: key_id(&key),
-                    cipher: XChaCha20Poly1305::new(&key.into()),
-                })
+                Ok(Key { id: key_id(&key), cipher: XChaCha20Poly1305::new(&key.into()) })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if keys.is_empty() {
@@ -133,15 +125,9 @@ impl KeyRing {
             return Err(CryptoError::Malformed);
         }
         let id = &envelope[1..1 + KEY_ID_LEN];
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .ok_or(CryptoError::UnknownKey)?;
+        let key = self.keys.iter().find(|k| k.id == id).ok_or(CryptoError::UnknownKey)?;
         let nonce = XNonce::from_slice(&envelope[1 + KEY_ID_LEN..HEADER_LEN]);
-        key.cipher
-            .decrypt(nonce, Payload { msg: &envelope[HEADER_LEN..], aad })
-            .map_err(|_| CryptoError::Tampered)
+        key.cipher.decrypt(nonce, Payload { msg: &envelope[HEADER_LEN..], aad }).map_err(|_| CryptoError::Tampered)
     }
 
     /// Seals a string and encodes it for a cookie or URL (base64url).
@@ -151,9 +137,7 @@ impl KeyRing {
 
     /// Opens what [`KeyRing::seal_text`] produced.
     pub fn open_text(&self, sealed: &str, aad: &[u8]) -> Result<String, CryptoError> {
-        let envelope = URL_SAFE_NO_PAD
-            .decode(sealed)
-            .map_err(|_| CryptoError::Malformed)?;
+        let envelope = URL_SAFE_NO_PAD.decode(sealed).map_err(|_| CryptoError::Malformed)?;
         let plain = self.open(&envelope, aad)?;
         String::from_utf8(plain).map_err(|_| CryptoError::Malformed)
     }
@@ -206,10 +190,7 @@ mod tests {
         assert_eq!(KeyRing::parse(" ; ").unwrap_err(), CryptoError::NoKey);
         assert_eq!(KeyRing::parse("abcd").unwrap_err(), CryptoError::BadKey(1));
         let short = STANDARD.encode([1u8; 16]);
-        assert_eq!(
-            KeyRing::parse(&format!("{HEX_A};{short}")).unwrap_err(),
-            CryptoError::BadKey(2)
-        );
+        assert_eq!(KeyRing::parse(&format!("{HEX_A};{short}")).unwrap_err(), CryptoError::BadKey(2));
         assert_eq!(KeyRing::parse(&"zz".repeat(32)).unwrap_err(), CryptoError::BadKey(1));
     }
 
@@ -276,10 +257,7 @@ mod tests {
     #[test]
     fn pkce_s256_matches_rfc7636_example() {
         // RFC 7636 appendix B.
-        assert_eq!(
-            pkce_s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
-        );
+        assert_eq!(pkce_s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));
         assert!(!constant_time_eq("abc", "ab"));

@@ -184,10 +184,7 @@ impl Vault {
             subject: subject.into(),
             access_token: seal("access_token", tokens.access_token.expose_secret().as_bytes()),
             id_token: seal("id_token", tokens.id_token.expose_secret().as_bytes()),
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| seal("refresh_token", t.expose_secret().as_bytes())),
+            refresh_token: tokens.refresh_token.as_ref().map(|t| seal("refresh_token", t.expose_secret().as_bytes())),
             claims: seal("claims", &serde_json::to_vec(claims).expect("a JSON map serializes")),
             scope: tokens.scope.clone(),
             access_expires_at: tokens.access_expires_at,
@@ -289,14 +286,11 @@ impl Vault {
     fn open_row(&self, row: LineageRow) -> Result<Lineage, VaultError> {
         let crypto = |source| VaultError::Crypto { username: row.username.clone(), source };
         let open = |field: &str, sealed: &[u8]| -> Result<String, VaultError> {
-            let plain = self
-                .keys
-                .open(sealed, &aad(&row.username, &row.issuer, field))
-                .map_err(crypto)?;
+            let plain = self.keys.open(sealed, &aad(&row.username, &row.issuer, field)).map_err(crypto)?;
             String::from_utf8(plain).map_err(|_| crypto(CryptoError::Malformed))
         };
-        let claims: Map<String, Value> = serde_json::from_str(&open("claims", &row.claims)?)
-            .map_err(|_| crypto(CryptoError::Malformed))?;
+        let claims: Map<String, Value> =
+            serde_json::from_str(&open("claims", &row.claims)?).map_err(|_| crypto(CryptoError::Malformed))?;
         Ok(Lineage {
             tokens: TokenSet {
                 access_token: open("access_token", &row.access_token)?.into(),

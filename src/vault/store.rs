@@ -283,11 +283,7 @@ impl Store {
     /// The user's lineage for `issuer`, if there is one.
     pub async fn lineage(&self, username: &str, issuer: &str) -> Result<Option<LineageRow>, StoreError> {
         let sql = format!("SELECT {LINEAGE_COLUMNS} FROM lineages WHERE username = $1 AND issuer = $2");
-        let row = sqlx::query(&sql)
-            .bind(username)
-            .bind(issuer)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(username).bind(issuer).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(lineage_from_row).transpose()?)
     }
 
@@ -476,33 +472,18 @@ impl Store {
     }
 
     /// Looks a hub token up (`take` removes it: refresh tokens are single use).
-    pub async fn hub_token(
-        &self,
-        token_hash: &str,
-        kind: HubTokenKind,
-        take: bool,
-    ) -> Result<Option<HubTokenRow>, StoreError> {
+    pub async fn hub_token(&self, token_hash: &str, kind: HubTokenKind, take: bool) -> Result<Option<HubTokenRow>, StoreError> {
         let verb = if take { "DELETE FROM hub_tokens" } else { "SELECT * FROM hub_tokens" };
         let returning = if take { " RETURNING *" } else { "" };
         let sql = format!("{verb} WHERE token_hash = $1 AND kind = $2{returning}");
-        let row = sqlx::query(&sql)
-            .bind(token_hash)
-            .bind(kind.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(token_hash).bind(kind.as_str()).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(|r| hub_token_from_row(r, kind)).transpose()?)
     }
 
     /// Deletes codes and hub tokens that expired before `now`.
     pub async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
-        let codes = sqlx::query("DELETE FROM hub_codes WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        let tokens = sqlx::query("DELETE FROM hub_tokens WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        let codes = sqlx::query("DELETE FROM hub_codes WHERE expires_at < $1").bind(now).execute(&self.pool).await?;
+        let tokens = sqlx::query("DELETE FROM hub_tokens WHERE expires_at < $1").bind(now).execute(&self.pool).await?;
         Ok(codes.rows_affected() + tokens.rows_affected())
     }
 
@@ -528,18 +509,19 @@ impl Store {
     /// How many lineages each status (`active`, `dead`) holds, over all
     /// issuers: one grouped count for `/metrics`, no token values.
     pub async fn count_lineages_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM lineages GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
-            .collect::<Result<_, sqlx::Error>>()?)
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM lineages GROUP BY status").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|row| Ok((row.try_get("status")?, row.try_get("n")?))).collect::<Result<_, sqlx::Error>>()?)
     }
 
     /// Records when the refresh token of the lineage at `version` dies
     /// (`None`: the IdP did not say). Leaves the version alone.
-    pub async fn set_refresh_expiry(&self, username: &str, issuer: &str, version: i64, at: Option<i64>) -> Result<(), StoreError> {
+    pub async fn set_refresh_expiry(
+        &self,
+        username: &str,
+        issuer: &str,
+        version: i64,
+        at: Option<i64>,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE lineages SET refresh_expires_at = $4 WHERE username = $1 AND issuer = $2 AND version = $3")
             .bind(username)
             .bind(issuer)
@@ -702,17 +684,8 @@ impl Store {
             }
         };
         let (status, prefix) = filter.values();
-        let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM lineages {} ORDER BY {order} LIMIT $3 OFFSET $4",
-            LineageFilter::WHERE
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&status)
-            .bind(&prefix)
-            .bind(limit)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
+        let sql = format!("SELECT {SUMMARY_COLUMNS} FROM lineages {} ORDER BY {order} LIMIT $3 OFFSET $4", LineageFilter::WHERE);
+        let rows = sqlx::query(&sql).bind(&status).bind(&prefix).bind(limit).bind(offset).fetch_all(&self.pool).await?;
         let count_sql = format!("SELECT COUNT(*) AS n FROM lineages {}", LineageFilter::WHERE);
         let total: i64 = sqlx::query_scalar(&count_sql).bind(&status).bind(&prefix).fetch_one(&self.pool).await?;
         Ok((rows.iter().map(summary_from_row).collect::<Result<_, _>>()?, total))

@@ -125,10 +125,7 @@ pub async fn download(State(app): State<AppState>, headers: HeaderMap, jar: Cook
     app.audit.record("download", Some(&session.username), Some(lineage.version), Some("token file downloaded"));
     Ok(no_store(
         (
-            [
-                (header::CONTENT_TYPE, "application/json"),
-                (header::CONTENT_DISPOSITION, "attachment; filename=\".tokens.json\""),
-            ],
+            [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_DISPOSITION, "attachment; filename=\".tokens.json\"")],
             body,
         )
             .into_response(),

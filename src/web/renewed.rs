@@ -24,10 +24,7 @@ pub async fn renewed(app: &AppState, username: &str) -> Result<Response, PageErr
         username,
         refreshed: lineage.refreshed_at.is_some_and(|t| now() - t < 60),
         access_expires: lineage.tokens.access_expires_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
-        servers: written
-            .into_iter()
-            .map(|s| if s.is_empty() { "default server".to_string() } else { s })
-            .collect(),
+        servers: written.into_iter().map(|s| if s.is_empty() { "default server".to_string() } else { s }).collect(),
         id_token_pending: lineage.pending_id_token.is_some(),
         token_page_url: app.url("/").to_string(),
         hub_url: app.hub_home(),

@@ -181,12 +181,8 @@ async fn admin_page_lists_users_and_revokes_one() {
     let user_browser = Browser::new();
     Hub::login(&app, &user_browser, user).await;
     let server_token = hub.server_token(user).await;
-    let fetch = || {
-        reqwest::Client::new()
-            .get(app.url("/api/v1/tokens"))
-            .header("authorization", format!("token {server_token}"))
-            .send()
-    };
+    let fetch =
+        || reqwest::Client::new().get(app.url("/api/v1/tokens")).header("authorization", format!("token {server_token}")).send();
     assert_eq!(fetch().await.unwrap().status(), StatusCode::OK);
 
     // The non-admin gets 403 on the page and on the JSON.
@@ -194,7 +190,14 @@ async fn admin_page_lists_users_and_revokes_one() {
     assert_json_error(list(&app, &server_token, "").await, StatusCode::FORBIDDEN, "insufficient_scope").await;
     // No session: 401 page; not a top-level navigation: 403.
     assert_error_page(Browser::new().get(app.url("/admin")).await, StatusCode::UNAUTHORIZED).await;
-    let fetched = admin_browser.http.get(app.url("/admin")).header("sec-fetch-mode", "cors").header("sec-fetch-dest", "empty").send().await.unwrap();
+    let fetched = admin_browser
+        .http
+        .get(app.url("/admin"))
+        .header("sec-fetch-mode", "cors")
+        .header("sec-fetch-dest", "empty")
+        .send()
+        .await
+        .unwrap();
     assert_error_page(fetched, StatusCode::FORBIDDEN).await;
 
     let page = html(admin_browser.get(app.url("/admin")).await).await;
@@ -234,7 +237,14 @@ async fn admin_page_lists_users_and_revokes_one() {
     }
     let user_page = html(user_browser.get(app.url("/")).await).await;
     let user_csrf = user_page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
-    let by_user = user_browser.http.post(app.url("/admin/revoke")).header("origin", &origin).form(&[("csrf", user_csrf.as_str()), ("user", admin)]).send().await.unwrap();
+    let by_user = user_browser
+        .http
+        .post(app.url("/admin/revoke"))
+        .header("origin", &origin)
+        .form(&[("csrf", user_csrf.as_str()), ("user", admin)])
+        .send()
+        .await
+        .unwrap();
     assert_error_page(by_user, StatusCode::FORBIDDEN).await;
     assert!(app.state().vault.load(user, &issuer).await.unwrap().is_some());
     assert!(app.state().vault.load(admin, &issuer).await.unwrap().is_some());
@@ -272,7 +282,10 @@ async fn admin_listing_on_postgres() {
     assert_eq!(users(&list_ok(&app, &admin, "user=pg-&state=dead").await), ["pg-b"]);
     assert_eq!(users(&list_ok(&app, &admin, "state=active&order=desc&limit=2").await), ["pg-c", "pg-a"]);
     let page = list_ok(&app, &admin, "state=active&order=desc&limit=2&offset=2").await;
-    assert_eq!((users(&page), page["next_offset"].clone(), page["total"].clone()), (vec!["other".to_string()], Value::Null, Value::from(3)));
+    assert_eq!(
+        (users(&page), page["next_offset"].clone(), page["total"].clone()),
+        (vec!["other".to_string()], Value::Null, Value::from(3))
+    );
     // No lineage was refreshed: all sort by user after the (equal) unknown times.
     assert_eq!(users(&list_ok(&app, &admin, "sort=last_refresh&order=desc").await), ["other", "pg-a", "pg-b", "pg-c"]);
 }

@@ -17,11 +17,7 @@ fn help_documents_every_setting() {
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     let source = include_str!("../../src/config.rs");
-    let vars: Vec<&str> = source
-        .split("env = \"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap())
-        .collect();
+    let vars: Vec<&str> = source.split("env = \"").skip(1).map(|rest| rest.split('"').next().unwrap()).collect();
     assert!(vars.len() >= 18, "{vars:?}");
     for var in vars {
         assert!(help.contains(var), "{var} is not in `tokenhub serve --help`");
@@ -40,12 +36,7 @@ fn keygen_prints_a_usable_key() {
 
 #[test]
 fn missing_settings_are_named_and_exit_2() {
-    let out = Command::new(BIN)
-        .arg("serve")
-        .env_clear()
-        .env("TOKENHUB_CRYPT_KEY", CRYPT_KEY)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).arg("serve").env_clear().env("TOKENHUB_CRYPT_KEY", CRYPT_KEY).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("TOKENHUB_OIDC_ISSUER is required"), "{err}");

@@ -58,11 +58,7 @@ impl MockIdp {
             .mount(&server)
             .await;
         if jwks_fails_once {
-            Mock::given(path("/jwks"))
-                .respond_with(ResponseTemplate::new(503))
-                .up_to_n_times(1)
-                .mount(&server)
-                .await;
+            Mock::given(path("/jwks")).respond_with(ResponseTemplate::new(503)).up_to_n_times(1).mount(&server).await;
         }
         Mock::given(path("/jwks"))
             .respond_with(ResponseTemplate::new(200).set_body_json(jwks(&[JWK1, JWK2])))
@@ -123,12 +119,7 @@ pub async fn login_with(app: &TestApp, idp: &MockIdp, token: impl FnOnce(&str) -
     assert!(query(&to_idp, "scope").unwrap().contains("offline_access"));
     let state = query(&to_idp, "state").unwrap();
     let nonce = query(&to_idp, "nonce").unwrap();
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token(&nonce))
-        .up_to_n_times(1)
-        .mount(&idp.server)
-        .await;
+    Mock::given(method("POST")).and(path("/token")).respond_with(token(&nonce)).up_to_n_times(1).mount(&idp.server).await;
     browser.get(format!("{}?code=mock-code&state={state}", app.url("/callback"))).await
 }
 

@@ -6,8 +6,8 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokenhub::config::ClientAuthMethod;
-use wiremock::matchers::{method, path};
 use wiremock::Mock;
+use wiremock::matchers::{method, path};
 
 use crate::id_token::{KEY1, MockIdp, login_with, sign, token_response};
 use crate::refresh_safety::{Caller, refresh_reply, refreshed_claims};
@@ -128,11 +128,8 @@ fn strict_idp() -> Idp {
 async fn with_prompt_consent_set_a_strict_provider_issues_a_refresh_token() {
     let idp = strict_idp();
     let hub = HubMock::start().await;
-    let app = TestApp::builder(&idp.issuer)
-        .hub(&hub)
-        .settings(|s| s.oidc_auth_params = Some("prompt=consent".into()))
-        .spawn()
-        .await;
+    let app =
+        TestApp::builder(&idp.issuer).hub(&hub).settings(|s| s.oidc_auth_params = Some("prompt=consent".into())).spawn().await;
     let browser = Browser::new();
     let to_idp = location(&browser.get(Hub::authorize_url(&app).0).await);
     assert_eq!(query(&to_idp, "prompt").as_deref(), Some("consent"));

@@ -212,7 +212,8 @@ async fn replicas_deciding_at_the_same_moment_refresh_once() {
         .await
         .unwrap();
         // Both replicas run a round at once: both see the lineage due.
-        let (ra, rb) = tokio::join!(tokenhub::tokens::keepalive::round_once(a.state()), tokenhub::tokens::keepalive::round_once(b.state()));
+        let (ra, rb) =
+            tokio::join!(tokenhub::tokens::keepalive::round_once(a.state()), tokenhub::tokens::keepalive::round_once(b.state()));
         ra.unwrap();
         rb.unwrap();
         assert_eq!(idp.refreshes("fay").await, round, "one refresh per due point, not one per replica");

@@ -42,9 +42,7 @@ async fn hub_login_stores_upstream_tokens_and_serves_userinfo() {
     assert_eq!(lineage.claims["groups"], serde_json::json!(["users"]));
     // The upstream access token works at the IdP's userinfo endpoint.
     let upstream_info = json_of(
-        reqwest::Client::new()
-            .get(format!("{}/me", idp.issuer))
-            .bearer_auth(lineage.tokens.access_token.expose_secret()),
+        reqwest::Client::new().get(format!("{}/me", idp.issuer)).bearer_auth(lineage.tokens.access_token.expose_secret()),
     )
     .await;
     assert_eq!(upstream_info["sub"], "alice");
@@ -153,9 +151,6 @@ async fn no_token_value_reaches_the_database_file_or_the_logs() {
         assert!(secret.len() >= 16);
         assert!(!logs.contains(secret.as_str()), "a token value is in the logs");
         assert!(!debug.contains(secret.as_str()), "a token value is in Debug output");
-        assert!(
-            !database.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "a token value is in the database file"
-        );
+        assert!(!database.windows(secret.len()).any(|w| w == secret.as_bytes()), "a token value is in the database file");
     }
 }

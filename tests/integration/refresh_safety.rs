@@ -66,10 +66,7 @@ pub fn refreshed_claims(idp: &MockIdp) -> Value {
 
 async fn token_requests_with(idp: &MockIdp, needle: &str) -> usize {
     let requests = idp.server.received_requests().await.unwrap();
-    requests
-        .iter()
-        .filter(|r| r.url.path() == "/token" && String::from_utf8_lossy(&r.body).contains(needle))
-        .count()
+    requests.iter().filter(|r| r.url.path() == "/token" && String::from_utf8_lossy(&r.body).contains(needle)).count()
 }
 
 /// The real oidc-provider rolls its signing key; its key set answers 503
@@ -97,7 +94,11 @@ async fn a_key_rollover_with_the_key_set_down_keeps_the_new_tokens() {
     assert!(after_first.active, "the lineage survives");
     assert!(after_first.pending_id_token.is_some(), "the new ID token waits to be verified");
     let rt1 = after_first.tokens.refresh_token.as_ref().unwrap().expose_secret().to_string();
-    assert_ne!(Some(rt1.as_str()), before.tokens.refresh_token.as_ref().map(|t| t.expose_secret()), "the new refresh token is stored");
+    assert_ne!(
+        Some(rt1.as_str()),
+        before.tokens.refresh_token.as_ref().map(|t| t.expose_secret()),
+        "the new refresh token is stored"
+    );
     assert_eq!(body["refresh_token"], rt1.as_str());
     assert_eq!(body["id_token"], before.tokens.id_token.expose_secret(), "only a verified ID token is handed out");
 
@@ -159,7 +160,11 @@ async fn an_unverifiable_id_token_is_not_handed_out_and_nothing_is_lost() {
         .await;
     let body: Value = caller.force().await.json().await.unwrap();
     assert_eq!(body["refresh_token"], "refresh-3");
-    assert_eq!(token_requests_with(&idp, "refresh_token=mock-refresh-token").await, 1, "a spent refresh token is never sent again");
+    assert_eq!(
+        token_requests_with(&idp, "refresh_token=mock-refresh-token").await,
+        1,
+        "a spent refresh token is never sent again"
+    );
 }
 
 /// The key set changes twice within tokenhub's re-fetch limit: the ID token
@@ -234,7 +239,9 @@ async fn a_200_whose_body_times_out_is_not_sent_again() {
                         let _ = socket.write_all(answer.as_bytes()).await;
                     }
                     None => {
-                        let _ = socket.write_all(format!("{head}content-length: 400\r\n\r\n{{\"access_token\":\"acc").as_bytes()).await;
+                        let _ = socket
+                            .write_all(format!("{head}content-length: 400\r\n\r\n{{\"access_token\":\"acc").as_bytes())
+                            .await;
                         tokio::time::sleep(Duration::from_secs(40)).await;
                     }
                 }

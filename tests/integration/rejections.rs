@@ -44,14 +44,8 @@ async fn forged_missing_or_foreign_state_is_refused_at_the_callback() {
 async fn a_tampered_login_cookie_is_refused() {
     let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
     let (url, _) = Hub::authorize_url(&app);
-    let response = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(url)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap().get(url).send().await.unwrap();
     let state = query(&location(&response), "state").unwrap();
     let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"), "{set_cookie}");
@@ -77,10 +71,7 @@ async fn idp_error_at_the_callback_is_shown() {
     let to_idp = location(&browser.get(url).await);
     let state = query(&to_idp, "state").unwrap();
     let response = browser
-        .get(format!(
-            "{}?error=access_denied&error_description=%3Cscript%3Euser+said+no&state={state}",
-            app.url("/callback")
-        ))
+        .get(format!("{}?error=access_denied&error_description=%3Cscript%3Euser+said+no&state={state}", app.url("/callback")))
         .await;
     let page = assert_error_page(response, StatusCode::FORBIDDEN).await;
     assert!(page.contains("access_denied"));
@@ -107,7 +98,8 @@ async fn replayed_code_wrong_verifier_wrong_redirect_and_expired_code_are_invali
 
     // Missing verifier when a challenge was sent.
     let (code, _) = Hub::login(&app, &browser, "grace").await;
-    let response = Hub::exchange(&app, &[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", HUB_REDIRECT_URI)]).await;
+    let response =
+        Hub::exchange(&app, &[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", HUB_REDIRECT_URI)]).await;
     assert_json_error(response, StatusCode::BAD_REQUEST, "invalid_grant").await;
 
     // Wrong redirect URI.
@@ -146,7 +138,8 @@ async fn wrong_client_credentials_are_invalid_client() {
         ("code_verifier", login.verifier.as_str()),
     ];
     let client = reqwest::Client::new();
-    let wrong_basic = client.post(app.url("/oauth2/token")).basic_auth(HUB_CLIENT_ID, Some("wrong")).form(&form).send().await.unwrap();
+    let wrong_basic =
+        client.post(app.url("/oauth2/token")).basic_auth(HUB_CLIENT_ID, Some("wrong")).form(&form).send().await.unwrap();
     assert!(wrong_basic.headers().contains_key("www-authenticate"));
     assert_json_error(wrong_basic, StatusCode::UNAUTHORIZED, "invalid_client").await;
     let mut post = form.to_vec();
@@ -170,7 +163,8 @@ async fn malformed_token_requests_get_json_errors() {
     assert_json_error(missing, StatusCode::BAD_REQUEST, "invalid_request").await;
     let no_code = Hub::exchange(&app, &[("grant_type", "authorization_code")]).await;
     assert_json_error(no_code, StatusCode::BAD_REQUEST, "invalid_request").await;
-    let unknown = Hub::exchange(&app, &[("grant_type", "authorization_code"), ("code", "nope"), ("redirect_uri", HUB_REDIRECT_URI)]).await;
+    let unknown =
+        Hub::exchange(&app, &[("grant_type", "authorization_code"), ("code", "nope"), ("redirect_uri", HUB_REDIRECT_URI)]).await;
     assert_json_error(unknown, StatusCode::BAD_REQUEST, "invalid_grant").await;
     let client = reqwest::Client::new();
     let json_body = client
@@ -245,10 +239,7 @@ async fn unreachable_idp_gives_a_clear_page() {
 
 #[tokio::test]
 async fn a_missing_username_claim_is_refused() {
-    let app = TestApp::builder(&Idp::shared().issuer)
-        .settings(|s| s.username_claim = Some("eppn".into()))
-        .spawn()
-        .await;
+    let app = TestApp::builder(&Idp::shared().issuer).settings(|s| s.username_claim = Some("eppn".into())).spawn().await;
     let browser = Browser::new();
     let (back, _) = until_callback(&app, &browser, "ken").await;
     let page = assert_error_page(browser.deliver_callback(&app, &back).await, StatusCode::FORBIDDEN).await;

@@ -10,9 +10,7 @@ use serde_json::Value;
 use crate::support::*;
 
 async fn tokens(app: &TestApp, token: &str, forwarded_for: Option<&str>) -> reqwest::Response {
-    let mut request = reqwest::Client::new()
-        .get(app.url("/api/v1/tokens"))
-        .header("authorization", format!("token {token}"));
+    let mut request = reqwest::Client::new().get(app.url("/api/v1/tokens")).header("authorization", format!("token {token}"));
     if let Some(ip) = forwarded_for {
         request = request.header("x-forwarded-for", format!("203.0.113.99, {ip}"));
     }
@@ -77,11 +75,7 @@ async fn only_tokens_with_the_service_scope_read_tokens() {
 #[tokio::test]
 async fn the_service_name_setting_names_the_scope() {
     let hub = HubMock::start().await;
-    let app = TestApp::builder(&Idp::shared().issuer)
-        .hub(&hub)
-        .settings(|s| s.service_name = Some("vault".into()))
-        .spawn()
-        .await;
+    let app = TestApp::builder(&Idp::shared().issuer).hub(&hub).settings(|s| s.service_name = Some("vault".into())).spawn().await;
     let (code, login) = Hub::login(&app, &Browser::new(), "sid").await;
     assert_eq!(Hub::exchange_code(&app, &code, &login).await.status(), StatusCode::OK);
     let right = hub.token_with("sid", "user", &["access:services!service=vault"]).await;
@@ -222,7 +216,9 @@ async fn the_audit_log_records_events_without_token_values() {
     assert!(fetch["version"].as_i64().is_some());
     let refused = lines.iter().find(|l| l["event"] == "refused").unwrap();
     assert!(refused["detail"].as_str().unwrap().contains("scope"), "{refused}");
-    for secret in [&body["access_token"], &body["refresh_token"], &body["id_token"], &forced["refresh_token"], &forced["access_token"]] {
+    for secret in
+        [&body["access_token"], &body["refresh_token"], &body["id_token"], &forced["refresh_token"], &forced["access_token"]]
+    {
         assert!(!text.contains(secret.as_str().unwrap()), "a token value is in the audit log");
     }
     assert!(!text.contains(&good) && !text.contains(&narrow));
@@ -289,7 +285,10 @@ fn hostile_bodies_get_json_4xx() {
             );
             let response = response.unwrap();
             let status = response.status();
-            prop_assert!(status.is_client_error() || (status == StatusCode::SERVICE_UNAVAILABLE && path == "/api/v1/tokens/refresh"), "{path}: {status}");
+            prop_assert!(
+                status.is_client_error() || (status == StatusCode::SERVICE_UNAVAILABLE && path == "/api/v1/tokens/refresh"),
+                "{path}: {status}"
+            );
             let json_type = response.headers()["content-type"].to_str().unwrap().starts_with("application/json");
             prop_assert!(json_type, "{path}: {status} is not JSON");
             Ok(())

@@ -9,10 +9,8 @@ use tower::ServiceExt;
 use crate::support::*;
 
 async fn call(app: &TestApp, uri: &str) -> (StatusCode, String) {
-    let response = tokenhub::app(app.state().clone())
-        .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let response =
+        tokenhub::app(app.state().clone()).oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap()).await.unwrap();
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())

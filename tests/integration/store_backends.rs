@@ -5,18 +5,16 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
+use tokenhub::time::now;
 use tokenhub::vault::crypto::KeyRing;
 use tokenhub::vault::store::{HubCodeRow, HubTokenKind, HubTokenRow, Store};
-use tokenhub::time::now;
 use tokenhub::vault::{TokenSet, Vault, VaultError};
 
 use crate::support::*;
 
 async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = Store::connect(&format!("sqlite://{}?mode=rwc", dir.path().join("t.sqlite").display()))
-        .await
-        .unwrap();
+    let sqlite = Store::connect(&format!("sqlite://{}?mode=rwc", dir.path().join("t.sqlite").display())).await.unwrap();
     let postgres = Store::connect(&Postgres::shared().new_database().await).await.unwrap();
     vec![("sqlite", sqlite, Some(dir)), ("postgres", postgres, None)]
 }
@@ -44,7 +42,8 @@ async fn lineages_are_versioned_and_replaced() {
         let v1 = vault.save_login("alice", "https://idp", "sub-a", &tokens("1"), &claims("alice"), "nonce").await.unwrap();
         let v2 = vault.save_login("alice", "https://idp", "sub-a", &tokens("2"), &claims("alice"), "nonce").await.unwrap();
         assert_eq!((v1, v2), (1, 2), "{name}");
-        let other_issuer = vault.save_login("alice", "https://other", "sub-x", &tokens("x"), &claims("alice"), "nonce").await.unwrap();
+        let other_issuer =
+            vault.save_login("alice", "https://other", "sub-x", &tokens("x"), &claims("alice"), "nonce").await.unwrap();
         assert_eq!(other_issuer, 1, "{name}: lineages are per issuer");
         let loaded = vault.load("alice", "https://idp").await.unwrap().unwrap();
         assert_eq!(loaded.version, 2, "{name}");

@@ -231,10 +231,7 @@ impl Idp {
     /// Starts an oidc-provider of this test's own, with extra `IDP_*` settings.
     pub fn start(env: &[(&str, &str)]) -> Idp {
         let root = repo_root();
-        assert!(
-            root.join("idp/node_modules/oidc-provider").exists(),
-            "the test IdP is not installed: run `npm ci --prefix idp`"
-        );
+        assert!(root.join("idp/node_modules/oidc-provider").exists(), "the test IdP is not installed: run `npm ci --prefix idp`");
         let port = free_port();
         let idp = Idp {
             issuer: format!("http://127.0.0.1:{port}"),
@@ -340,13 +337,7 @@ impl HubMock {
 
     /// How many `/hub/api/user` calls the hub received.
     pub async fn user_calls(&self) -> usize {
-        self.server
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .filter(|r| r.url.path() == "/hub/api/user")
-            .count()
+        self.server.received_requests().await.unwrap_or_default().iter().filter(|r| r.url.path() == "/hub/api/user").count()
     }
 
     /// Tells the hub that `user` runs a ready default server at
@@ -412,12 +403,7 @@ fn postgres_bin(name: &str) -> PathBuf {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     versions.sort();
-    versions
-        .into_iter()
-        .rev()
-        .map(|bin| bin.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
+    versions.into_iter().rev().map(|bin| bin.join(name)).find(|p| p.exists()).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Runs a command as the `postgres` user when we are root (PostgreSQL
@@ -484,7 +470,10 @@ impl Postgres {
     /// A new, empty database; returns its URL.
     pub async fn new_database(&self) -> String {
         use sqlx::Connection;
-        let name = format!("tokenhub_test_{}", tokenhub::vault::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string());
+        let name = format!(
+            "tokenhub_test_{}",
+            tokenhub::vault::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string()
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = loop {
             match sqlx::PgConnection::connect(&format!("{}/postgres", self.url)).await {
@@ -560,13 +549,7 @@ impl Browser {
                 let page = response.text().await.unwrap();
                 assert!(page.contains("name=\"login\""), "expected the IdP login form, got: {page}");
                 let action = url.join(&format!("{}/login", url.path())).unwrap();
-                let response = self
-                    .http
-                    .post(action)
-                    .form(&[("login", user), ("password", "x")])
-                    .send()
-                    .await
-                    .unwrap();
+                let response = self.http.post(action).form(&[("login", user), ("password", "x")]).send().await.unwrap();
                 url = location(&response);
             } else {
                 url = location(&response);
@@ -652,12 +635,7 @@ impl Hub {
     }
 
     pub async fn userinfo(app: &TestApp, access_token: &str) -> reqwest::Response {
-        reqwest::Client::new()
-            .get(app.url("/oauth2/userinfo"))
-            .bearer_auth(access_token)
-            .send()
-            .await
-            .unwrap()
+        reqwest::Client::new().get(app.url("/oauth2/userinfo")).bearer_auth(access_token).send().await.unwrap()
     }
 }
 
