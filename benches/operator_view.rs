@@ -33,19 +33,19 @@ fn sealed(rng: &mut impl RngCore, len: usize) -> Vec<u8> {
 /// table as large as a real one).
 fn lineage(rng: &mut impl Rng, i: usize, now: i64) -> LineageRow {
     let created_at = now - rng.gen_range(0..30 * 86_400);
-    let refreshed_at = (i % 4 != 0).then(|| now - rng.gen_range(0..86_400));
+    let refreshed_at = (!i.is_multiple_of(4)).then(|| now - rng.gen_range(0..86_400));
     LineageRow {
         username: format!("user{i:05}"),
         issuer: ISSUER.into(),
         subject: format!("http://cilogon.org/serverA/users/{i}"),
         access_token: sealed(rng, 1_300),
         id_token: sealed(rng, 1_100),
-        refresh_token: (i % 50 != 0).then(|| sealed(rng, 160)),
+        refresh_token: (!i.is_multiple_of(50)).then(|| sealed(rng, 160)),
         claims: sealed(rng, 400),
         scope: "openid email profile org.cilogon.userinfo offline_access".into(),
         access_expires_at: Some(now + rng.gen_range(-3_600..3_600)),
         version: 1,
-        status: if i % 10 == 0 { "dead" } else { "active" }.into(),
+        status: if i.is_multiple_of(10) { "dead" } else { "active" }.into(),
         created_at,
         updated_at: refreshed_at.unwrap_or(created_at),
         refreshed_at,

@@ -41,8 +41,7 @@ pub fn client_of(headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<String
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .last()
+        .rfind(|v| !v.is_empty())
         .and_then(|v| v.parse::<IpAddr>().ok());
     forwarded.or(peer.map(|p| p.ip())).map(|ip| ip.to_string())
 }

@@ -15,8 +15,8 @@ use super::{Listing, Row, sort_name};
 use crate::errors::PageError;
 use crate::state::AppState;
 use crate::tokens::fabric::timestamp;
+use crate::tokens::revoke::{IdpRevocation, Revoked};
 use crate::vault::store::LineageSort;
-use crate::web::pages::IdpRevocation;
 use crate::web::session::{self, Session};
 use crate::web::views::{self, InfoPage};
 
@@ -222,7 +222,8 @@ pub async fn revoke(
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));
     }
-    let Some((outcome, version)) = crate::web::pages::revoke_lineage(&app, user).await? else {
+    let revoked = app.refresher.revoke(&app, user).await.map_err(crate::web::pages::revoke_failed)?;
+    let Some(Revoked { idp: outcome, version }) = revoked else {
         return Err(PageError::new(StatusCode::NOT_FOUND, "No tokens", format!("tokenhub holds no tokens for {user}."))
             .with_action("Operator's page", app.url("/admin").to_string()));
     };

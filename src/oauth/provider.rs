@@ -144,7 +144,7 @@ async fn refresh_token_grant(app: &AppState, form: &TokenForm) -> Result<Respons
         return Err(ApiError::invalid_grant("the refresh token was issued to another client"));
     }
     let lineage = app.vault.store().lineage(&row.username, &row.issuer).await?;
-    if !lineage.is_some_and(|l| l.status == "active") {
+    if lineage.is_none_or(|l| l.status != "active") {
         return Err(ApiError::invalid_grant("the user's upstream login is gone: sign in again"));
     }
     let response = issue_tokens(app, &row.username, &row.issuer, &row.scope).await?;

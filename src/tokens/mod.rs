@@ -4,7 +4,7 @@
 //! [`refresher`]; [`keepalive`] refreshes lineages of running servers before
 //! their refresh tokens die unused; [`delivery`] writes the token file into
 //! running servers, with its book-keeping in [`deliveries`]; [`fabric`] is
-//! that file's format.
+//! that file's format; [`revoke`] ends a lineage at the IdP and in the vault.
 
 pub mod deliveries;
 pub mod delivery;
@@ -12,3 +12,4 @@ pub mod fabric;
 pub mod keepalive;
 pub mod refresh;
 pub mod refresher;
+pub mod revoke;

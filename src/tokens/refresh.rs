@@ -29,7 +29,7 @@ use crate::metrics::RefreshOutcome;
 use crate::oauth::upstream::UpstreamError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::tokens::refresher::{Refresher, Unsaved};
+use crate::tokens::refresher::{Refresher, Slot, Unsaved};
 use crate::vault::{Lineage, TokenSet, VaultError};
 
 /// How long a replica may hold the refresh lease.
@@ -168,18 +168,9 @@ impl Refresher {
         let seen_version = seen_version.unwrap_or(lineage.version);
         let asked_at = Instant::now();
 
-        let slot = self.slot_for(&format!("{username}\0{issuer}"));
+        let slot = self.slot_for(&lineage_key(username, issuer));
         let mut slot = slot.lock().await;
-        if let Some(unsaved) = slot.unsaved.take() {
-            // A lost race (`None`) means a newer lineage stands: nothing to keep.
-            if let Err(e) = app.vault.save_refresh(&unsaved.base, &unsaved.tokens, unsaved.pending_id_token.as_ref()).await {
-                slot.unsaved = Some(unsaved);
-                return Err(e.into());
-            }
-            self.unsaved.fetch_sub(1, Ordering::AcqRel);
-            tracing::info!(user = %username, "a refresh answer held in memory is stored");
-            self.deliver(app, username);
-        }
+        self.store_unsaved(app, username, &mut slot).await?;
         // Whoever held the lock before us may have refreshed already (or our
         // cached copy was behind another replica's write).
         let mut lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
@@ -205,7 +196,7 @@ impl Refresher {
             Lease::Ours => lineage,
             Lease::RefreshedElsewhere(newer) => {
                 app.metrics.refresh_waits.inc();
-                return self.settled(newer, true, capped);
+                return self.settled(*newer, true, capped);
             }
         };
         let reply = match self.refresh_upstream(app, &lineage).await {
@@ -299,6 +290,22 @@ impl Refresher {
         });
     }
 
+    /// Stores the refresh answer the database did not take earlier, if the
+    /// slot holds one: it comes before anything else done under the lock.
+    pub(super) async fn store_unsaved(&self, app: &AppState, username: &str, slot: &mut Slot) -> Result<(), RefreshError> {
+        if let Some(unsaved) = slot.unsaved.take() {
+            // A lost race (`None`) means a newer lineage stands: nothing to keep.
+            if let Err(e) = app.vault.save_refresh(&unsaved.base, &unsaved.tokens, unsaved.pending_id_token.as_ref()).await {
+                slot.unsaved = Some(unsaved);
+                return Err(e.into());
+            }
+            self.unsaved.fetch_sub(1, Ordering::AcqRel);
+            tracing::info!(user = %username, "a refresh answer held in memory is stored");
+            self.deliver(app, username);
+        }
+        Ok(())
+    }
+
     /// The answer for a lineage this call (or another) settled.
     fn settled(
         &self,
@@ -316,7 +323,7 @@ impl Refresher {
 
     /// Takes the database lease, or waits for the replica holding it to
     /// store its result.
-    async fn take_lease(&self, app: &AppState, lineage: &Lineage) -> Result<Lease, RefreshError> {
+    pub(super) async fn take_lease(&self, app: &AppState, lineage: &Lineage) -> Result<Lease, RefreshError> {
         let store = app.vault.store();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS as u64 + 5);
         loop {
@@ -327,7 +334,7 @@ impl Refresher {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let current = app.vault.load(&lineage.username, &lineage.issuer).await?.ok_or(RefreshError::NoLineage)?;
             if current.version != lineage.version {
-                return Ok(Lease::RefreshedElsewhere(current));
+                return Ok(Lease::RefreshedElsewhere(Box::new(current)));
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(RefreshError::Unavailable("another replica holds the refresh lease".into()));
@@ -377,7 +384,15 @@ fn outcome(result: &Result<crate::oauth::upstream::TokenReply, UpstreamError>) -
     }
 }
 
-enum Lease {
+/// The outcome of asking for the database's refresh lease.
+pub(super) enum Lease {
+    /// This replica holds it, at the version asked for.
     Ours,
-    RefreshedElsewhere(Lineage),
+    /// Another replica refreshed meanwhile: the newer lineage.
+    RefreshedElsewhere(Box<Lineage>),
+}
+
+/// The key of a lineage's slot in this process.
+pub(super) fn lineage_key(username: &str, issuer: &str) -> String {
+    format!("{username}\0{issuer}")
 }

@@ -9,7 +9,6 @@ use axum::extract::{Form, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::CookieJar;
-use secrecy::ExposeSecret;
 
 use crate::errors::PageError;
 use crate::no_store;
@@ -17,6 +16,7 @@ use crate::oauth::login::{Purpose, start_login};
 use crate::state::AppState;
 use crate::tokens::fabric::{self, timestamp};
 use crate::tokens::refresh::{RefreshError, Want};
+use crate::tokens::revoke::IdpRevocation;
 use crate::vault::Lineage;
 use crate::web::renewed::renewed;
 use crate::web::session::{self, Session};
@@ -144,8 +144,8 @@ pub async fn revoke(
         .inspect_err(|_| app.audit.record("refused", None, None, Some("revoke form from another origin")))?;
     let session = signed_in(&app, &jar)?;
     session.check_csrf(&form, "Token page", app.url("/").to_string())?;
-    let revoked = revoke_lineage(&app, &session.username).await?;
-    let idp_note = match revoked.map(|(idp, _)| idp) {
+    let revoked = app.refresher.revoke(&app, &session.username).await.map_err(revoke_failed)?;
+    let idp_note = match revoked.map(|r| r.idp) {
         Some(IdpRevocation::Revoked) => "Your identity provider revoked the refresh token.",
         Some(IdpRevocation::Unreachable) => {
             "Your identity provider could not be reached to revoke the refresh token; it stays valid there until it expires."
@@ -157,48 +157,27 @@ pub async fn revoke(
         None => "tokenhub held no tokens for you.",
     };
     tracing::info!(user = %session.username, "lineage revoked and deleted");
-    let version = revoked.map(|(_, version)| version);
+    let version = revoked.map(|r| r.version);
     app.audit.record("revoke", Some(&session.username), version, Some("lineage revoked and deleted"));
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
     Ok((session::end(&app, jar), page(views::render(&info))).into_response())
 }
 
-/// What the IdP did when a lineage was revoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdpRevocation {
-    /// It revoked the refresh token (RFC 7009).
-    Revoked,
-    /// It offers no revocation endpoint.
-    NotOffered,
-    /// It could not be reached, or refused: the token stays valid there.
-    Unreachable,
-    /// The lineage held no refresh token.
-    NoRefreshToken,
-}
-
-/// Revokes the user's refresh token at the IdP where it offers revocation,
-/// then deletes the lineage from the vault; returns what the IdP did and the
-/// version deleted (for the audit line), `None` when there was none. The
-/// user's own revoke and an admin's share it.
-pub async fn revoke_lineage(app: &AppState, username: &str) -> Result<Option<(IdpRevocation, i64)>, crate::vault::VaultError> {
-    let issuer = app.upstream.issuer();
-    let Some(lineage) = app.vault.load(username, issuer).await? else {
-        return Ok(None);
-    };
-    let outcome = match lineage.tokens.refresh_token.as_ref() {
-        None => IdpRevocation::NoRefreshToken,
-        Some(token) => match app.upstream.revoke(token.expose_secret()).await {
-            Ok(true) => IdpRevocation::Revoked,
-            Ok(false) => IdpRevocation::NotOffered,
-            Err(e) => {
-                tracing::warn!(user = %username, error = %e, "revocation at the IdP failed");
-                IdpRevocation::Unreachable
-            }
-        },
-    };
-    app.vault.delete(username, issuer).await?;
-    Ok(Some((outcome, lineage.version)))
+/// The page for a revoke that could not run: the vault failed, or another
+/// replica's refresh of the lineage did not finish in time.
+pub fn revoke_failed(e: RefreshError) -> PageError {
+    match e {
+        RefreshError::Vault(e) => e.into(),
+        e => {
+            tracing::warn!(error = %e, "revoke could not run");
+            PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Please try again",
+                "A refresh of these tokens was still running. Please try again in a minute.",
+            )
+        }
+    }
 }
 
 /// `GET /logout`: ends tokenhub's own session (the hub's is separate).

@@ -315,3 +315,39 @@ async fn a_database_failure_after_the_idp_answered_keeps_the_new_tokens() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(Idp::shared().refreshes("dora").await - refreshes, 2);
 }
+
+/// A revoke while a refresh is at the IdP waits for it, then revokes the
+/// refresh token that refresh brought: an IdP that revokes single tokens
+/// (not the whole grant) would otherwise keep the newest one valid, with
+/// nothing left in tokenhub to revoke it by.
+#[tokio::test]
+async fn a_revoke_during_a_refresh_revokes_the_token_that_refresh_brought() {
+    let idp =
+        MockIdp::start_with(|d| d["revocation_endpoint"] = json!(format!("{}/revoke", d["issuer"].as_str().unwrap())), false)
+            .await;
+    let hub = HubMock::start().await;
+    let app = TestApp::builder(&idp.issuer()).hub(&hub).spawn().await;
+    login_with(&app, &idp, |nonce| token_response(&sign(&idp.claims(nonce), "k1", KEY1))).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(refresh_reply("access-after-refresh", "refresh-after-refresh", None).set_delay(Duration::from_secs(2)))
+        .mount(&idp.server)
+        .await;
+    Mock::given(method("POST")).and(path("/revoke")).respond_with(ResponseTemplate::new(200)).mount(&idp.server).await;
+
+    let caller = Caller::new(&app, &hub, "mockuser").await;
+    let refresh = tokio::spawn(async move { caller.force().await.status() });
+    tokio::time::sleep(Duration::from_millis(500)).await; // the refresh is waiting for the IdP
+    let revoked = app.state().refresher.revoke(app.state(), "mockuser").await.unwrap().expect("a lineage was revoked");
+    assert_eq!(refresh.await.unwrap(), StatusCode::OK, "the refresh finished first");
+    assert_eq!(revoked.idp, tokenhub::tokens::revoke::IdpRevocation::Revoked);
+    assert_eq!(revoked.version, 2, "the version the refresh stored");
+
+    let requests = idp.server.received_requests().await.unwrap();
+    let revocations: Vec<String> =
+        requests.iter().filter(|r| r.url.path() == "/revoke").map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    assert_eq!(revocations.len(), 1);
+    assert!(revocations[0].contains("token=refresh-after-refresh"), "the newest refresh token is revoked");
+    assert!(app.state().vault.load("mockuser", &idp.issuer()).await.unwrap().is_none(), "nothing stored after the revoke");
+}

@@ -470,10 +470,8 @@ impl Postgres {
     /// A new, empty database; returns its URL.
     pub async fn new_database(&self) -> String {
         use sqlx::Connection;
-        let name = format!(
-            "tokenhub_test_{}",
-            tokenhub::vault::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16].to_string()
-        );
+        let name =
+            format!("tokenhub_test_{}", &tokenhub::vault::crypto::random_token().to_lowercase().replace(['-', '_'], "")[..16]);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = loop {
             match sqlx::PgConnection::connect(&format!("{}/postgres", self.url)).await {
