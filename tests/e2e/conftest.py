@@ -225,3 +225,19 @@ SEEN_TOKENS: set[str] = set()
 
 def remember(*values) -> None:
     SEEN_TOKENS.update(v for v in values if isinstance(v, str) and len(v) >= 16)
+
+
+def leaked(tokens, where: str | bytes) -> list[str]:
+    """The tokens (their first characters only) that stand in `where`."""
+    return [t[:6] + "…" for t in tokens if (t if isinstance(where, str) else t.encode()) in where]
+
+
+def stack_logs(stack: Stack, *more: Path) -> str:
+    """The hub's log (tokenhub's, the proxy's and the servers' output too),
+    the IdP's, and `more` files."""
+    return "".join(path.read_text() for path in (stack.hub_log, stack.idp_log, *more))
+
+
+def vault_bytes(stack: Stack) -> bytes:
+    """tokenhub's SQLite database with its write-ahead log, as stored."""
+    return b"".join(path.read_bytes() for path in sorted(stack.state_dir.glob("tokenhub.sqlite*")))

@@ -98,12 +98,15 @@ pub fn sign(claims: &Value, kid: &str, pem: &str) -> String {
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()).unwrap()
 }
 
+/// The refresh token the mock's login answer carries.
+pub const LOGIN_REFRESH_TOKEN: &str = "mock-refresh-token-0123456789abcdef";
+
 pub fn token_response(id_token: &str) -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_json(json!({
         "access_token": ACCESS_TOKEN,
         "token_type": "Bearer",
         "expires_in": 300,
-        "refresh_token": "mock-refresh-token-0123456789abcdef",
+        "refresh_token": LOGIN_REFRESH_TOKEN,
         "id_token": id_token,
     }))
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::id_token::{KEY1, KEY2, MockIdp, login_with, sign, token_response};
+use crate::id_token::{KEY1, KEY2, LOGIN_REFRESH_TOKEN, MockIdp, login_with, sign, token_response};
 use crate::support::*;
 
 /// A notebook's calls to tokenhub with its server token.
@@ -62,6 +62,12 @@ pub fn refreshed_claims(idp: &MockIdp) -> Value {
     let mut claims = idp.claims("unused");
     claims.as_object_mut().unwrap().remove("nonce");
     claims
+}
+
+/// The token endpoint's answer to a refresh with `refresh_token` (the
+/// caller says what it answers, and how often).
+fn refresh_of(refresh_token: &str) -> wiremock::MockBuilder {
+    Mock::given(method("POST")).and(path("/token")).and(body_string_contains(format!("refresh_token={refresh_token}")))
 }
 
 async fn token_requests_with(idp: &MockIdp, needle: &str) -> usize {
@@ -132,9 +138,7 @@ async fn an_unverifiable_id_token_is_not_handed_out_and_nothing_is_lost() {
     let caller = Caller::new(&app, &hub, "mockuser").await;
     tokio::time::sleep(Duration::from_secs(3)).await; // the login's ID token expires
     let new_id_token = sign(&refreshed_claims(&idp), "k2", KEY2);
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("refresh_token=mock-refresh-token-0123456789abcdef"))
+    refresh_of(LOGIN_REFRESH_TOKEN)
         .respond_with(refresh_reply("access-2", "refresh-2", Some(new_id_token.clone())))
         .up_to_n_times(1)
         .mount(&idp.server)
@@ -152,12 +156,7 @@ async fn an_unverifiable_id_token_is_not_handed_out_and_nothing_is_lost() {
     assert_eq!(body["id_token"], new_id_token.as_str());
     assert_eq!(body["access_token"], "access-2");
 
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("refresh_token=refresh-2"))
-        .respond_with(refresh_reply("access-3", "refresh-3", None))
-        .mount(&idp.server)
-        .await;
+    refresh_of("refresh-2").respond_with(refresh_reply("access-3", "refresh-3", None)).mount(&idp.server).await;
     let body: Value = caller.force().await.json().await.unwrap();
     assert_eq!(body["refresh_token"], "refresh-3");
     assert_eq!(
@@ -178,9 +177,7 @@ async fn two_key_rollovers_in_a_row_keep_the_refresh_token() {
     let caller = Caller::new(&app, &hub, "mockuser").await;
     // First rollover: k2, fetched again and verified.
     let id_k2 = sign(&refreshed_claims(&idp), "k2", KEY2);
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("refresh_token=mock-refresh-token-0123456789abcdef"))
+    refresh_of(LOGIN_REFRESH_TOKEN)
         .respond_with(refresh_reply("access-2", "refresh-2", Some(id_k2.clone())))
         .up_to_n_times(1)
         .mount(&idp.server)
@@ -188,9 +185,7 @@ async fn two_key_rollovers_in_a_row_keep_the_refresh_token() {
     let body: Value = caller.force().await.json().await.unwrap();
     assert_eq!(body["id_token"], id_k2.as_str());
     // Second, moments later: a key id the key set cannot have yet.
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("refresh_token=refresh-2"))
+    refresh_of("refresh-2")
         .respond_with(refresh_reply("access-3", "refresh-3", Some(sign(&refreshed_claims(&idp), "k3", KEY2))))
         .up_to_n_times(1)
         .mount(&idp.server)
@@ -201,12 +196,7 @@ async fn two_key_rollovers_in_a_row_keep_the_refresh_token() {
     assert_eq!(body["refresh_token"], "refresh-3");
     assert_eq!(body["id_token"], id_k2.as_str());
     assert_eq!(idp.jwks_fetches().await, 2, "the re-fetch stays rate-limited");
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("refresh_token=refresh-3"))
-        .respond_with(refresh_reply("access-4", "refresh-4", None))
-        .mount(&idp.server)
-        .await;
+    refresh_of("refresh-3").respond_with(refresh_reply("access-4", "refresh-4", None)).mount(&idp.server).await;
     let body: Value = caller.force().await.json().await.unwrap();
     assert_eq!(body["refresh_token"], "refresh-4");
     assert_eq!(token_requests_with(&idp, "refresh_token=refresh-2").await, 1);
@@ -328,9 +318,7 @@ async fn a_revoke_during_a_refresh_revokes_the_token_that_refresh_brought() {
     let hub = HubMock::start().await;
     let app = TestApp::builder(&idp.issuer()).hub(&hub).spawn().await;
     login_with(&app, &idp, |nonce| token_response(&sign(&idp.claims(nonce), "k1", KEY1))).await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("grant_type=refresh_token"))
+    refresh_of(LOGIN_REFRESH_TOKEN)
         .respond_with(refresh_reply("access-after-refresh", "refresh-after-refresh", None).set_delay(Duration::from_secs(2)))
         .mount(&idp.server)
         .await;
