@@ -187,11 +187,16 @@ if "command" not in _th_service and not _th_service.get("api_token"):
         )
     _th_service["api_token"] = _th_env["TOKENHUB_SERVICE_API_TOKEN"]
 
-# --- Roles. tokenhub's own: find users' servers and reach them to write the
-# token file; merged into a role of that name the operator defined.
+# --- Roles. tokenhub's own, merged into a role of that name the operator
+# defined: read:users:name (a user's name and admin flag, for the operator's
+# view), read:servers (which servers run, and where: tokenhub writes token
+# files into ready ones). No access:servers: tokenhub writes a server's token
+# file with that server's own token, which the spawn hook hands over, so no
+# credential reaching other servers is ever shown to a server (its owner
+# sees every header that reaches it).
 _th_role = _th_named("load_roles", _th_name)
-_th_role.setdefault("description", "tokenhub: find users' servers and write their token files")
-_th_add_scopes(_th_role, ["read:users:name", "read:servers", "access:servers"])
+_th_role.setdefault("description", "tokenhub: find users' servers (token files are written with each server's own token)")
+_th_add_scopes(_th_role, ["read:users:name", "read:servers"])
 _th_role["services"] = sorted({*_th_role.get("services", []), _th_name})
 # Users hold the scope that lets their tokens reach tokenhub…
 _th_add_scopes(_th_named("load_roles", "user"), [_th_scope])
@@ -204,17 +209,22 @@ c.JupyterHub.custom_scopes.update(
 
 
 # …and the servers' own JUPYTERHUB_API_TOKEN asks for it (JupyterHub narrows
-# the request to what the user holds). Where the operator chose the scopes,
-# ours is added to theirs; otherwise the request is the `server` role's scopes
-# (JupyterHub's default request, or the operator's `server` role) plus ours.
+# the request to what the user holds), with access:servers!server: tokenhub
+# writes the token file with that token, so it must reach its own server.
+# Where the operator chose the scopes, ours are added to theirs; otherwise
+# the request is the `server` role's scopes (JupyterHub's default request, or
+# the operator's `server` role) plus ours.
+_th_server_scopes = [_th_scope, "access:servers!server"]
+
+
 def _th_with_scope(requested):
     if callable(requested):
 
         async def server_token_scopes(spawner):
-            return [*(await _th_maybe_future(requested(spawner))), _th_scope]
+            return _th_with_scope(await _th_maybe_future(requested(spawner)))
 
         return server_token_scopes
-    return [*requested, *([_th_scope] if _th_scope not in requested else [])]
+    return [*requested, *(s for s in _th_server_scopes if s not in requested)]
 
 
 _th_sections = {
@@ -231,7 +241,7 @@ if "Spawner" not in _th_sections:
     for _th_entry in _th_entries("JupyterHub", "load_roles"):
         if _th_entry.get("name") == "server":
             _th_server_role = dict(_th_entry)
-    _th_add_scopes(_th_server_role, [_th_scope])
+    _th_add_scopes(_th_server_role, _th_server_scopes)
     c.Spawner.server_token_scopes = _th_server_role["scopes"]
 
 
@@ -327,7 +337,9 @@ async def _tokenhub_pre_spawn_hook(spawner):
         f"{_th_internal}/api/v1/hub/spawn",
         method="POST",
         headers={"Content-Type": "application/json"},
-        body=_th_json.dumps({"user": user, "server": spawner.name or ""}),
+        # The server's own token: tokenhub writes the token file with it, so
+        # nothing but what the server already holds is ever presented to it.
+        body=_th_json.dumps({"user": user, "server": spawner.name or "", "server_token": spawner.api_token}),
         auth_username=_th_client_id,
         auth_password=_th_client_secret,
         request_timeout=20,

@@ -170,17 +170,23 @@ const configuration = {
     await grant.save();
     return grant;
   },
-  findAccount: async (_ctx, id) => ({
-    accountId: id,
-    claims: async () => ({
-      sub: id,
-      preferred_username: id,
-      name: id,
-      email: `${id}@example.org`,
-      email_verified: true,
-      groups: groupsFor(id),
-    }),
-  }),
+  // `account~Name` is the account `account~Name` (its own subject) whose
+  // user-chosen preferred_username is `Name` (percent-decoded), as IdPs that
+  // let users edit that claim allow: the tests name other people with it.
+  findAccount: async (_ctx, id) => {
+    const [account, chosen] = id.includes('~') ? [id.slice(0, id.indexOf('~')), decodeURIComponent(id.slice(id.indexOf('~') + 1))] : [id, id];
+    return {
+      accountId: id,
+      claims: async () => ({
+        sub: id,
+        preferred_username: chosen,
+        name: chosen,
+        email: `${account}@example.org`,
+        email_verified: true,
+        groups: groupsFor(account),
+      }),
+    };
+  },
   interactions: { url: (_ctx, interaction) => `/interaction/${interaction.uid}` },
   renderError: async (ctx, out) => {
     ctx.type = 'html';
@@ -266,9 +272,9 @@ provider.use(async (ctx, next) => {
   if (ctx.method === 'POST' && m[2]) {
     const form = await readForm(ctx.req);
     const login = (form.get('login') || '').trim();
-    if (!/^[a-z0-9][a-z0-9._-]{0,63}$/.test(login)) {
+    if (!/^[a-z0-9][a-z0-9._-]{0,63}(~[A-Za-z0-9%._+-]{1,200})?$/.test(login)) {
       ctx.status = 400;
-      ctx.body = 'user name must be lower-case letters, digits, ".", "_" or "-"';
+      ctx.body = 'user name must be lower-case letters, digits, ".", "_" or "-", optionally followed by ~ and a chosen preferred_username (percent-encoded)';
       return undefined;
     }
     await provider.interactionFinished(ctx.req, ctx.res, { login: { accountId: login } }, { mergeWithLastSubmission: false });

@@ -1,6 +1,7 @@
 //! Talking to JupyterHub as a service: who owns an API token
 //! (`GET /hub/api/user`, cached briefly), which servers a user runs, and
-//! writing a file into a running server through its Contents API.
+//! writing a file into a running server through its Contents API with that
+//! server's own hub token.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -100,6 +101,9 @@ struct UserModel {
     /// The scopes of the token the request was made with (JupyterHub ≥ 2).
     #[serde(default)]
     scopes: Vec<String>,
+    /// The id of the token the request was made with (JupyterHub ≥ 5).
+    #[serde(default)]
+    token_id: Option<String>,
 }
 
 /// A client of the hub's API and of users' servers.
@@ -115,6 +119,9 @@ pub struct HubApi {
     identities: moka::sync::Cache<String, Identity>,
     /// Tokens refused recently, by digest.
     refused: moka::sync::Cache<String, Verdict>,
+    /// Servers' own tokens checked recently (digest, user, server): the
+    /// token's id, or why it may not be presented.
+    server_credentials: moka::sync::Cache<String, Result<String, String>>,
     /// How long calls take (for `/metrics`).
     timings: HubTimings,
 }
@@ -144,6 +151,7 @@ impl HubApi {
             required_scope: format!("access:services!service={}", config.service_name),
             identities: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
             refused: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(REFUSED_TTL).build(),
+            server_credentials: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
             timings,
         }
     }
@@ -225,12 +233,13 @@ impl HubApi {
     pub fn sweep(&self) {
         self.identities.run_pending_tasks();
         self.refused.run_pending_tasks();
+        self.server_credentials.run_pending_tasks();
     }
 
     /// The hub's model of `username` (`GET /users/{name}` with tokenhub's
     /// own token); `None` when the hub does not know the user.
     async fn user_model(&self, username: &str, call: HubCall) -> Result<Option<UserModel>, HubError> {
-        let (url, token) = self.api(&format!("/users/{}", urlencode(username)))?;
+        let (url, token) = self.api(&format!("/users/{}", path_segment(username)))?;
         let _timer = self.timings.start(call);
         let response = self
             .http
@@ -244,7 +253,10 @@ impl HubApi {
             404 => return Ok(None),
             status => return Err(HubError::Status { what: "the hub's /users", status }),
         }
-        let user = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        let user: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        if user.name != username {
+            return Err(HubError::BadResponse("the hub answered about another user".into()));
+        }
         Ok(Some(user))
     }
 
@@ -271,10 +283,53 @@ impl HubApi {
         Ok(user.is_some_and(|user| user.admin && user.name == username))
     }
 
+    /// Checks a server's own hub API token before tokenhub presents it to
+    /// that server: the hub must say it belongs to `username` and reaches
+    /// that server. Returns the token's id (for the audit log), or why it
+    /// is refused. Answers are remembered for [`IDENTITY_TTL`].
+    pub async fn check_server_credential(
+        &self,
+        credential: &SecretString,
+        username: &str,
+        server: &str,
+    ) -> Result<Result<String, String>, HubError> {
+        let key = format!("{}\0{username}\0{server}", digest_hex(credential.expose_secret()));
+        if let Some(verdict) = self.server_credentials.get(&key) {
+            return Ok(verdict);
+        }
+        let (url, _) = self.api("/user")?;
+        let _timer = self.timings.start(HubCall::ServerToken);
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", format!("token {}", credential.expose_secret()))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let verdict = match response.status().as_u16() {
+            200 => {
+                let model: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+                let reaches = [format!("access:servers!server={username}/{server}"), format!("access:servers!user={username}")];
+                if model.kind.as_deref().is_some_and(|k| k != "user") || model.name != username {
+                    Err("the hub says the token belongs to someone else".to_string())
+                } else if !model.scopes.iter().any(|s| s == "access:servers" || reaches.contains(s)) {
+                    Err("the token does not reach the server".to_string())
+                } else {
+                    Ok(model.token_id.unwrap_or_else(|| "(unknown)".into()))
+                }
+            }
+            401 | 403 | 404 => Err("the hub does not know the token (the server stopped?)".to_string()),
+            status => return Err(HubError::Status { what: "the hub's /user", status }),
+        };
+        self.server_credentials.insert(key, verdict.clone());
+        Ok(verdict)
+    }
+
     /// Writes `content` as the token file of a running server, through the
-    /// server's Contents API behind the proxy.
-    pub async fn write_token_file(&self, server: &ServerInfo, content: &str) -> Result<(), HubError> {
-        let (_, token) = self.api("/")?;
+    /// server's Contents API behind the proxy, presenting the server's own
+    /// hub API token (`credential`): never tokenhub's, which would reach
+    /// every server, and the server's owner sees all that reaches it.
+    pub async fn write_token_file(&self, server: &ServerInfo, content: &str, credential: &SecretString) -> Result<(), HubError> {
         let path = format!("{}api/contents/{}", ensure_slash(&server.url), self.token_file.trim_start_matches('/'));
         let url = join(&self.proxy_url, &path);
         let body = json!({ "type": "file", "format": "text", "content": content });
@@ -282,7 +337,7 @@ impl HubApi {
         let response = self
             .http
             .put(url)
-            .header("authorization", format!("token {}", token.expose_secret()))
+            .header("authorization", format!("token {}", credential.expose_secret()))
             .json(&body)
             .send()
             .await
@@ -298,6 +353,13 @@ fn ensure_slash(path: &str) -> String {
     if path.ends_with('/') { path.to_string() } else { format!("{path}/") }
 }
 
-fn urlencode(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+/// Everything but RFC 3986's unreserved characters is escaped: the hub
+/// (Tornado) percent-decodes path segments and takes `+` as itself, so a
+/// form-encoded `a b` (`a+b`) would name another user.
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// One path segment of a hub API URL, percent-encoded.
+pub fn path_segment(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }

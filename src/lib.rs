@@ -11,6 +11,7 @@ pub mod config;
 pub mod errors;
 pub mod hub;
 pub mod metrics;
+pub mod names;
 pub mod oauth;
 pub mod security;
 pub mod state;
@@ -49,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/admin"), get(admin::page::admin_page))
         .route(&at("/admin/revoke"), post(admin::page::revoke))
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
+        .route(&at("/api/v1/admin/names/{name}"), post(admin::names::move_name))
         .route(&at("/healthz"), get(healthz))
         .route(&at("/metrics"), get(metrics))
         .route(&at("/.well-known/openid-configuration"), get(oauth::provider::discovery))

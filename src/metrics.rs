@@ -66,10 +66,16 @@ pub enum HubCall {
     /// Whether a user is a hub admin (`GET /hub/api/users/<name>`, for the
     /// operator's view).
     IsAdmin,
+    /// Whose a server's own token is (`GET /hub/api/user` with that token,
+    /// before it is presented to the server; on a cache miss).
+    ServerToken,
+    /// A server's shares (`GET /hub/api/shares/<name>/<server>`).
+    Shares,
 }
 
 impl HubCall {
-    const ALL: [HubCall; 4] = [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin];
+    const ALL: [HubCall; 6] =
+        [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin, Self::ServerToken, Self::Shares];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -77,6 +83,8 @@ impl HubCall {
             Self::Servers => "servers",
             Self::WriteTokenFile => "write_token_file",
             Self::IsAdmin => "is_admin",
+            Self::ServerToken => "server_token",
+            Self::Shares => "shares",
         }
     }
 }

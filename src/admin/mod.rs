@@ -14,6 +14,7 @@
 //! neither the JSON nor the page can hold one.
 
 pub mod api;
+pub mod names;
 pub mod page;
 
 use std::collections::HashMap;

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -25,6 +25,11 @@ pub struct SpawnRequest {
     /// The server's name (`""` for the default server).
     #[serde(default)]
     server: String,
+    /// The server's own hub API token (its `JUPYTERHUB_API_TOKEN`): the
+    /// one credential tokenhub presents to that server, to write its token
+    /// file. Without it the server gets no token file.
+    #[serde(default)]
+    server_token: Option<SecretString>,
 }
 
 /// `POST /api/v1/hub/spawn`: the environment for a spawning server; the
@@ -43,7 +48,16 @@ pub async fn spawn(
             "tokenhub holds no tokens for this user: they must sign in through tokenhub",
         )
     })?;
-    delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
+    match &request.server_token {
+        Some(token) => {
+            app.vault.save_server_credential(&request.user, &request.server, token).await?;
+            delivery::write_when_ready(app.clone(), request.user.clone(), request.server.clone());
+        }
+        None => tracing::warn!(
+            user = %request.user, server = %request.server,
+            "the spawn hook sent no server token: this server gets no token file (update the hub's tokenhub block)"
+        ),
+    }
     tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
     app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
     let mut env = serde_json::Map::new();

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::errors::PageError;
+use crate::names;
 use crate::state::AppState;
 use crate::time::now;
 use crate::vault::crypto::{digest_hex, random_token};
@@ -276,7 +277,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
         );
     }
     let claim = &upstream.username_claim;
-    let username = match login.claims.get(claim) {
+    let name_claim = match login.claims.get(claim) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => {
             return Err(start_again(
@@ -288,6 +289,28 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
             ));
         }
     };
+    // The name the hub will make of the claim, and only if it is this
+    // subject's: checked before anything of the login is stored.
+    let username = names::canonical(&name_claim).map_err(|why| {
+        start_again(
+            StatusCode::FORBIDDEN,
+            "This user name cannot be used",
+            &format!("Your identity provider names your account “{name_claim}”, which cannot be a user name here: {why}. Ask the operators which account to use."),
+        )
+    })?;
+    if let Err(_taken) = names::claim(app, &username, &login.issuer, &login.subject).await? {
+        return Err(PageError::new(
+            StatusCode::FORBIDDEN,
+            "This user name belongs to someone else",
+            format!(
+                "The user name “{username}” belongs to another account at your identity provider, so you cannot sign in as it. \
+                 If the name should now be yours, ask the operators to move it to your account: give them this name and your \
+                 account's subject “{}” (the other account's subject is not shown).",
+                login.subject
+            ),
+        )
+        .with_action("Back to JupyterHub", app.hub_home()));
+    }
     let version =
         app.vault.save_login(&username, &login.issuer, &login.subject, &login.tokens, &login.claims, &pending.nonce).await?;
     tracing::info!(user = %username, issuer = %login.issuer, version, refresh_token = login.tokens.refresh_token.is_some(), "login stored");

@@ -1,16 +1,19 @@
 //! Putting the user's tokens where the notebook reads them: the token file
 //! (`~/.tokens.json`) in each running server, written through the server's
-//! Contents API. Written once a new server is ready, and again in every
+//! Contents API with the server's own hub token. Written once a new server is ready, and again in every
 //! running server whenever the lineage changes, so a file never keeps a token
 //! tokenhub has rotated away.
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
+
 use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
 use crate::time::now;
-use crate::tokens::deliveries::Delivery;
+use crate::tokens::deliveries::{Delivery, FileState};
 use crate::tokens::fabric;
+use crate::vault::crypto::digest_hex;
 
 /// How long to wait for a spawning server to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -18,24 +21,68 @@ const READY_POLL: Duration = Duration::from_millis(500);
 /// Polls a server may be missing from the hub's list before we stop waiting.
 const ABSENT_POLLS: u32 = 10;
 
-/// Writes the user's current token file into one server.
+/// Writes the user's current token file into one server, with that
+/// server's own hub API token (handed over by the spawn hook); a server
+/// tokenhub holds no token of does not get the file. Writes into one server
+/// are serialized and only move forward: under the server's lock the
+/// current lineage is read, written if it is newer than what the file
+/// holds, and read again after, until the file holds the newest version.
+/// So concurrent refreshes coalesce, and the last write is the newest.
 async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Result<Option<i64>, HubError> {
-    let lineage = match app.vault.load(username, app.upstream.issuer()).await {
-        Ok(Some(lineage)) => lineage,
-        Ok(None) => return Ok(None),
+    let credential = match app.vault.server_credential(username, &server.name).await {
+        Ok(Some(credential)) => credential,
+        Ok(None) => {
+            tracing::warn!(
+                user = %username, server = %server.name,
+                "no hub token of this server: it was started before tokenhub took servers' own tokens, or its spawn hook did not run; the token file is written at its next start"
+            );
+            return Ok(None);
+        }
         Err(e) => {
-            tracing::error!(user = %username, error = %e, "cannot read the lineage to write the token file");
+            tracing::error!(user = %username, error = %e, "cannot read the server's hub token");
             return Ok(None);
         }
     };
-    let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
-    let written = app.hub.write_token_file(server, &document).await;
-    app.metrics.token_file_write(written.is_ok());
-    written?;
-    let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
-    app.deliveries.record(username, delivery).await;
-    tracing::info!(user = %username, server = %server.name, version = lineage.version, "token file written");
-    Ok(Some(lineage.version))
+    let token_id = match app.hub.check_server_credential(&credential, username, &server.name).await? {
+        Ok(token_id) => token_id,
+        Err(why) => {
+            tracing::warn!(user = %username, server = %server.name, reason = %why, "the server's hub token is not presented; token file not written");
+            if let Err(e) = app.vault.forget_server_credential(username, &server.name).await {
+                tracing::warn!(error = %e, "the refused server token was not forgotten");
+            }
+            return Ok(None);
+        }
+    };
+    let slot = app.deliveries.file(username, &server.name);
+    let mut file = slot.lock().await;
+    let digest = digest_hex(credential.expose_secret());
+    if file.credential != digest {
+        // A new start of the server: its file is new.
+        *file = FileState { credential: digest, version: None };
+    }
+    loop {
+        let lineage = match app.vault.load(username, app.upstream.issuer()).await {
+            Ok(Some(lineage)) => lineage,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::error!(user = %username, error = %e, "cannot read the lineage to write the token file");
+                return Ok(None);
+            }
+        };
+        if file.version.is_some_and(|written| written >= lineage.version) {
+            return Ok(file.version);
+        }
+        let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
+        let written = app.hub.write_token_file(server, &document, &credential).await;
+        app.metrics.token_file_write(written.is_ok());
+        written?;
+        file.version = Some(lineage.version);
+        let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
+        app.deliveries.record(username, delivery).await;
+        tracing::info!(user = %username, server = %server.name, version = lineage.version, token_id = %token_id, "token file written");
+        let detail = format!("token file written into server {:?} with that server's own hub token {token_id}", server.name);
+        app.audit.record("token_file", Some(username), Some(lineage.version), Some(&detail));
+    }
 }
 
 /// Rewrites the token file in every ready server of the user; returns the

@@ -107,6 +107,10 @@ fn aad(username: &str, issuer: &str, field: &str) -> Vec<u8> {
     format!("tokenhub lineage\0{username}\0{issuer}\0{field}").into_bytes()
 }
 
+fn server_aad(username: &str, server: &str) -> Vec<u8> {
+    format!("tokenhub server credential\0{username}\0{server}").into_bytes()
+}
+
 impl Vault {
     /// A vault over `store`, sealing with `keys`.
     pub fn new(store: Store, keys: Arc<KeyRing>) -> Self {
@@ -273,6 +277,29 @@ impl Vault {
             Some(_) => self.load(username, issuer).await,
             None => Ok(None),
         }
+    }
+
+    /// Keeps a server's own hub API token (sealed, bound to the user and the
+    /// server), handed over by the spawn hook.
+    pub async fn save_server_credential(&self, username: &str, server: &str, token: &SecretString) -> Result<(), VaultError> {
+        let sealed = self.keys.seal(token.expose_secret().as_bytes(), &server_aad(username, server));
+        Ok(self.store.put_server_credential(username, server, &sealed, now()).await?)
+    }
+
+    /// The hub API token of one of the user's servers, if the spawn hook
+    /// handed one over.
+    pub async fn server_credential(&self, username: &str, server: &str) -> Result<Option<SecretString>, VaultError> {
+        let Some(sealed) = self.store.server_credential(username, server).await? else {
+            return Ok(None);
+        };
+        let crypto = |source| VaultError::Crypto { username: username.to_string(), source };
+        let plain = self.keys.open(&sealed, &server_aad(username, server)).map_err(crypto)?;
+        Ok(Some(String::from_utf8(plain).map_err(|_| crypto(CryptoError::Malformed))?.into()))
+    }
+
+    /// Forgets a server's hub API token.
+    pub async fn forget_server_credential(&self, username: &str, server: &str) -> Result<(), VaultError> {
+        Ok(self.store.delete_server_credential(username, server).await?)
     }
 
     /// The user's current lineage for `issuer`, opened.

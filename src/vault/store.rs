@@ -95,6 +95,17 @@ pub struct HubCodeRow {
     pub expires_at: i64,
 }
 
+/// The upstream identity a hub name belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameBinding {
+    /// The upstream subject (`sub`).
+    pub subject: String,
+    /// When the name was bound (first login, or the last move).
+    pub created_at: i64,
+    /// The operator who moved the name here, if one did.
+    pub moved_by: Option<String>,
+}
+
 /// Whether a hub token is an access or a refresh token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubTokenKind {
@@ -418,6 +429,107 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores a server's sealed hub API token, replacing the one of an
+    /// earlier start of that server.
+    pub async fn put_server_credential(&self, username: &str, server: &str, sealed: &[u8], now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO server_credentials (username, server_name, token, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (username, server_name) DO UPDATE SET token = excluded.token, created_at = excluded.created_at",
+        )
+        .bind(username)
+        .bind(server)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The sealed hub API token of one of the user's servers, if the spawn
+    /// hook handed one over.
+    pub async fn server_credential(&self, username: &str, server: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT token FROM server_credentials WHERE username = $1 AND server_name = $2")
+            .bind(username)
+            .bind(server)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Forgets a server's token (the hub no longer knows it).
+    pub async fn delete_server_credential(&self, username: &str, server: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM server_credentials WHERE username = $1 AND server_name = $2")
+            .bind(username)
+            .bind(server)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The subject a hub name is bound to at `issuer`, if any.
+    pub async fn name_binding(&self, username: &str, issuer: &str) -> Result<Option<NameBinding>, StoreError> {
+        let row = sqlx::query("SELECT subject, created_at, moved_by FROM name_bindings WHERE username = $1 AND issuer = $2")
+            .bind(username)
+            .bind(issuer)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|row| -> Result<NameBinding, sqlx::Error> {
+                Ok(NameBinding {
+                    subject: row.try_get("subject")?,
+                    created_at: row.try_get("created_at")?,
+                    moved_by: row.try_get("moved_by")?,
+                })
+            })
+            .transpose()?)
+    }
+
+    /// Binds a hub name to `subject` unless it is bound already (the first
+    /// login wins, on every replica); returns the binding in force.
+    pub async fn bind_name(&self, username: &str, issuer: &str, subject: &str, now: i64) -> Result<NameBinding, StoreError> {
+        sqlx::query(
+            "INSERT INTO name_bindings (username, issuer, subject, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (username, issuer) DO NOTHING",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(subject)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.name_binding(username, issuer).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    /// Moves a hub name to another subject (an operator's decision, named
+    /// in `by`), dropping the lineage of the subject it leaves.
+    pub async fn move_name(&self, username: &str, issuer: &str, subject: &str, by: &str, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO name_bindings (username, issuer, subject, created_at, moved_by) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (username, issuer) DO UPDATE SET subject = excluded.subject, \
+               created_at = excluded.created_at, moved_by = excluded.moved_by",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(subject)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM hub_tokens WHERE username = $1 AND issuer = $2")
+            .bind(username)
+            .bind(issuer)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM lineages WHERE username = $1 AND issuer = $2 AND subject <> $3")
+            .bind(username)
+            .bind(issuer)
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Stores a new authorization code.

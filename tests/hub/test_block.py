@@ -94,7 +94,11 @@ def check_common(app: JupyterHub, token: str, url: str) -> None:
     assert orm.APIToken.find(app.db, token).service.name == "tokenhub"
     assert orm.Service.find(app.db, "tokenhub").url == url
     role = named(app.load_roles, "tokenhub")
-    assert {"read:users:name", "read:servers", "access:servers"} <= set(role["scopes"])
+    assert {"read:users:name", "read:servers"} <= set(role["scopes"])
+    # tokenhub reaches no server with its own token: it writes each token
+    # file with that server's own token.
+    assert not any(s.startswith("access:servers") for s in role["scopes"])
+    assert not any(s.startswith("access:servers") for s in orm.Role.find(app.db, "tokenhub").scopes)
     assert role["services"] == ["tokenhub"]
     assert SCOPE in orm.Role.find(app.db, "user").scopes
     assert "self" in orm.Role.find(app.db, "user").scopes
@@ -403,8 +407,9 @@ def test_operator_server_token_scopes_are_extended(monkeypatch):
     c.Spawner.server_token_scopes = ["inherit"]
     c.KubeSpawner.server_token_scopes = lambda spawner: ["users:activity!user"]
     run_block(c)
-    assert c.Spawner.server_token_scopes == ["inherit", SCOPE]
-    assert asyncio.run(c.KubeSpawner.server_token_scopes(None)) == ["users:activity!user", SCOPE]
+    assert c.Spawner.server_token_scopes == ["inherit", SCOPE, "access:servers!server"]
+    # The server's token must reach its own server: tokenhub writes the token file with it.
+    assert asyncio.run(c.KubeSpawner.server_token_scopes(None)) == ["users:activity!user", SCOPE, "access:servers!server"]
 
 
 def test_missing_service_token_is_named(monkeypatch):
@@ -429,9 +434,10 @@ class SpawnAnswer(BaseHTTPRequestHandler):
     """tokenhub's spawn endpoint, answering what the test puts in `answer`."""
 
     answer: dict = {}
+    received: list = []
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         body = json.dumps(self.answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -464,6 +470,7 @@ class SimpleLocalProcessSpawner:
         self.home_dir = str(home)
         self.environment = {"KEEP": "1"}
         self.args = ["--allow-root"]
+        self.api_token = "server-own-token-" + "s" * 16
         self.log = logging.getLogger("test-spawner")
 
 
@@ -489,6 +496,9 @@ def test_hook_is_quiet_with_a_refresh_token(spawn_endpoint, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="test-spawner"):
         asyncio.run(hook(spawner))
     assert spawner.environment["CILOGON_REFRESH_TOKEN"] == "r" * 20
+    # The server's own token goes to tokenhub, which writes the token file
+    # with it (and with no credential of its own).
+    assert spawn_endpoint.received[-1] == {"user": "alice", "server": "", "server_token": spawner.api_token}
     assert not caplog.records
     assert not (tmp_path / ".tokens.json").exists(), "no file for a server that runs as the hub's user"
 

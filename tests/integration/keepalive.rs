@@ -2,7 +2,7 @@
 //! few seconds unused (each refresh issues a new one, so the lifetime acts as
 //! an idle timeout); the hub mocked, saying who runs a server.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tokenhub::tokens::keepalive::KeepAlive;
@@ -43,15 +43,6 @@ fn keepalive_failures(app: &TestApp) -> u64 {
     app.state().metrics.keepalive_failures.get()
 }
 
-/// Waits until `check` holds, at most `limit`.
-async fn wait_until(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A forced refresh through tokenhub: the IdP takes the stored refresh token.
 async fn refresh_now(app: &TestApp, user: &str) -> Result<tokenhub::tokens::refresh::Fresh, RefreshError> {
     app.state().refresher.fresh(app.state(), user, Want { min_valid: None, force: true }).await
@@ -64,7 +55,7 @@ async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
     let app = app(&idp, &hub, Some(10), None).await;
     login(&app, &idp, "alice").await;
     login(&app, &idp, "bob").await;
-    hub.running("alice").await;
+    hub.running(&app, "alice").await;
     let first_file_at = lineage(&app, &idp, "alice").await.updated_at;
     let keepalive = KeepAlive::start(app.state().clone()).expect("keep-alive runs");
 
@@ -112,7 +103,7 @@ async fn the_idps_refresh_expires_in_is_stored_and_kept_to() {
     // No idle timeout is configured: only the IdP's word says when to refresh.
     let app = app(&idp, &hub, None, None).await;
     login(&app, &idp, "erin").await;
-    hub.running("erin").await;
+    hub.running(&app, "erin").await;
     let rows = app.sql("SELECT refresh_expires_at - updated_at AS ttl FROM lineages WHERE username = 'erin'").await;
     let ttl: i64 = sqlx::Row::get(&rows[0], "ttl");
     assert!((9..=11).contains(&ttl), "refresh_expires_at stored from refresh_expires_in: {ttl}");
@@ -137,7 +128,7 @@ async fn two_replicas_refresh_each_lineage_once_per_period() {
     let b = app(&idp, &hub, Some(10), Some(database)).await;
     for user in ["carol", "chen"] {
         login(&a, &idp, user).await;
-        hub.running(user).await;
+        hub.running(&a, user).await;
     }
     let keepalive_a = KeepAlive::start(a.state().clone()).unwrap();
     let keepalive_b = KeepAlive::start(b.state().clone()).unwrap();
@@ -168,7 +159,7 @@ async fn an_idp_outage_during_a_round_kills_no_lineage_and_keep_alive_resumes() 
     let hub = HubMock::start().await;
     let app = app(&idp, &hub, Some(16), None).await;
     login(&app, &idp, "dana").await;
-    hub.running("dana").await;
+    hub.running(&app, "dana").await;
     let keepalive = KeepAlive::start(app.state().clone()).unwrap();
     wait_until(Duration::from_secs(12), "keep-alive refreshed once", async || keepalive_refreshes(&app) == 1).await;
 
@@ -200,7 +191,7 @@ async fn replicas_deciding_at_the_same_moment_refresh_once() {
     let a = app(&idp, &hub, Some(60), Some(database.clone())).await;
     let b = app(&idp, &hub, Some(60), Some(database.clone())).await;
     login(&a, &idp, "fay").await;
-    hub.running("fay").await;
+    hub.running(&a, "fay").await;
     let mut db = sqlx::PgConnection::connect(&database).await.unwrap();
     for round in 1..=3 {
         // The lineage was last refreshed 40 s ago: due on both replicas.
@@ -253,7 +244,7 @@ async fn fresh_access_keeps_the_access_token_in_the_file_valid() {
         .await;
     login(&app, &idp, "gus").await;
     login(&app, &idp, "hal").await;
-    hub.running("gus").await;
+    hub.running(&app, "gus").await;
     let keepalive = KeepAlive::start(app.state().clone()).unwrap();
     tokio::time::sleep(Duration::from_secs(15)).await;
     keepalive.stop().await;
@@ -283,8 +274,8 @@ async fn keep_alive_stops_with_the_server_unless_a_grace_period_is_set() {
         .await;
     login(&app, &idp, "ivy").await;
     login(&with_grace, &idp, "jon").await;
-    hub.running("ivy").await;
-    hub_with_grace.running("jon").await;
+    hub.running(&app, "ivy").await;
+    hub_with_grace.running(&with_grace, "jon").await;
     let keepalives = [KeepAlive::start(app.state().clone()).unwrap(), KeepAlive::start(with_grace.state().clone()).unwrap()];
     wait_until(Duration::from_secs(14), "both were kept alive once", async || {
         keepalive_refreshes(&app) >= 1 && keepalive_refreshes(&with_grace) >= 1

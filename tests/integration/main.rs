@@ -4,12 +4,14 @@ mod support;
 
 mod admin;
 mod binary;
+mod custody;
 mod faults;
 mod id_token;
 mod idp_variants;
 mod keepalive;
 mod login_flow;
 mod metrics;
+mod names;
 mod pages;
 mod refresh;
 mod refresh_safety;

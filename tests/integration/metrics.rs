@@ -50,7 +50,7 @@ async fn refreshes_waits_hub_calls_and_token_files_show_in_metrics() {
     let app = app(&hub).await;
     let user = "metra";
     login(&app, user).await;
-    hub.running(user).await;
+    hub.running(&app, user).await;
     let caller = Caller::new(&app, &hub, user).await;
     assert_eq!(caller.get("").await.status(), StatusCode::OK);
 

@@ -56,8 +56,9 @@ async fn spawn_hands_out_the_environment_then_writes_the_file_when_ready() {
         .expect(1)
         .mount(&hub.server)
         .await;
+    let server_token = hub.token_with("yara", "user", &["access:servers!server=yara/", "access:services!service=tokenhub"]).await;
 
-    let response = spawn_call(&app, HUB_CLIENT_SECRET, json!({"user": "yara", "server": ""})).await;
+    let response = spawn_call(&app, HUB_CLIENT_SECRET, json!({"user": "yara", "server": "", "server_token": server_token})).await;
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["env"]["CILOGON_REFRESH_TOKEN"], refresh.as_str());
@@ -74,7 +75,9 @@ async fn spawn_hands_out_the_environment_then_writes_the_file_when_ready() {
         assert!(std::time::Instant::now() < deadline, "no token file was written");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(put.headers["authorization"], "token tokenhub-service-token");
+    // Written with the server's own token, never tokenhub's (which reaches
+    // every server, and the server's owner sees every header).
+    assert_eq!(put.headers["authorization"], format!("token {server_token}").as_str());
     let sent: Value = serde_json::from_slice(&put.body).unwrap();
     assert_eq!(sent["type"], "file");
     let document: Value = serde_json::from_str(sent["content"].as_str().unwrap()).unwrap();

@@ -57,6 +57,15 @@ fn init_logs() {
     });
 }
 
+/// Waits until `check` holds, at most `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The captured logs so far.
 pub fn logs() -> String {
     init_logs();
@@ -328,7 +337,7 @@ impl HubMock {
             .and(path("/hub/api/user"))
             .and(header("authorization", format!("token {token}").as_str()))
             .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
-                "kind": kind, "name": user, "servers": {}, "scopes": scopes
+                "kind": kind, "name": user, "servers": {}, "scopes": scopes, "token_id": format!("a{}", &token[token.len() - 6..])
             })))
             .mount(&self.server)
             .await;
@@ -342,26 +351,41 @@ impl HubMock {
 
     /// Tells the hub that `user` runs a ready default server at
     /// `/user/<user>/`, whose Contents API (behind the mock as proxy) takes
-    /// the token file. Users never named here run nothing (the hub says 404).
-    pub async fn running(&self, user: &str) {
-        use wiremock::matchers::{method, path};
+    /// the token file only with the server's own hub token, and hands that
+    /// token to `app` as the spawn hook does. Returns the server's token.
+    /// Users never named here run nothing (the hub says 404).
+    pub async fn running(&self, app: &TestApp, user: &str) -> String {
+        use wiremock::matchers::{header, method, path};
+        let segment = tokenhub::hub::path_segment(user);
         wiremock::Mock::given(method("GET"))
-            .and(path(format!("/hub/api/users/{user}")))
+            .and(path(format!("/hub/api/users/{segment}")))
             .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
-                "kind": "user", "name": user, "servers": {"": {"ready": true, "url": format!("/user/{user}/")}}
+                "kind": "user", "name": user, "servers": {"": {"ready": true, "url": format!("/user/{segment}/")}}
             })))
             .mount(&self.server)
             .await;
+        let server_token =
+            self.token_with(user, "user", &[&format!("access:servers!server={user}/"), "access:services!service=tokenhub"]).await;
         wiremock::Mock::given(method("PUT"))
-            .and(path(format!("/user/{user}/api/contents/.tokens.json")))
+            .and(path(format!("/user/{segment}/api/contents/.tokens.json")))
+            .and(header("authorization", format!("token {server_token}").as_str()))
             .respond_with(wiremock::ResponseTemplate::new(201))
             .mount(&self.server)
             .await;
+        let response = reqwest::Client::new()
+            .post(app.url("/api/v1/hub/spawn"))
+            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+            .json(&serde_json::json!({"user": user, "server": "", "server_token": server_token}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "the spawn call for {user}");
+        server_token
     }
 
     /// The token files written into `user`'s server so far, oldest first.
     pub async fn token_files(&self, user: &str) -> Vec<Value> {
-        let wanted = format!("/user/{user}/api/contents/.tokens.json");
+        let wanted = format!("/user/{}/api/contents/.tokens.json", tokenhub::hub::path_segment(user));
         let requests = self.server.received_requests().await.unwrap_or_default();
         requests
             .iter()
