@@ -52,6 +52,8 @@ c.Spawner.http_timeout = 120
 if os.geteuid() == 0:
     c.Spawner.args = ["--allow-root"]
 c.JupyterHub.shutdown_on_logout = False
+# Several servers per user (tokenhub writes the token file into each).
+c.JupyterHub.allow_named_servers = True
 
 # The end-to-end tests inspect servers (their pids) through an admin service.
 if os.environ.get("HUB_TEST_ADMIN_TOKEN"):

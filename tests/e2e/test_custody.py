@@ -1,0 +1,254 @@
+"""Custody in the real stack, tried as an attacker on a shared hub would:
+a user's server records every credential that reaches it (a
+jupyter_server_config.py in that user's home, as anyone can write one) and
+none of them reaches another user's server or tokens; a second IdP subject
+naming an existing user is refused until an operator moves the name; names
+are what the hub makes of them (`Carol` signs in and spawns as `carol`,
+`a b` and `a+b` get their own files); 100 concurrent forced refreshes of a
+user with two servers leave both files current, each written forward only."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from conftest import log_in, remember, tokenhub_call, tokenhub_tokens, wait_for_file
+
+# What an attacker puts in their own home: every request's Authorization
+# header, and the token files written into the server, go to a file of theirs.
+RECORDER = '''
+import json, os
+from jupyter_server.log import log_request as _log_request
+
+def _record(handler):
+    record = {"server": os.environ.get("JUPYTERHUB_SERVER_NAME", ""),
+              "path": handler.request.path, "method": handler.request.method,
+              "authorization": handler.request.headers.get("Authorization", "")}
+    if handler.request.method == "PUT" and handler.request.path.endswith(".tokens.json"):
+        try:
+            record["refresh_token"] = json.loads(json.loads(handler.request.body)["content"]).get("refresh_token")
+        except Exception:
+            pass
+    with open(os.path.join(os.path.expanduser("~"), "recorded.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\\n")
+    _log_request(handler)
+
+c.ServerApp.tornado_settings = {"log_function": _record}
+'''
+
+
+def home(stack, user: str) -> Path:
+    return stack.state_dir / "hub" / "home" / user
+
+
+def plant_recorder(stack, user: str) -> Path:
+    config = home(stack, user) / ".jupyter"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "jupyter_server_config.py").write_text(RECORDER)
+    return home(stack, user) / "recorded.jsonl"
+
+
+def recorded(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def signed_in(browser, stack, account: str):
+    """A browser context signed in to the hub as IdP `account` (no server)."""
+    context = browser.new_context()
+    log_in(context.new_page(), stack, account)
+    return context
+
+
+def start_server(hub, user: str, name: str = "") -> dict:
+    """Starts a server through the hub's API (the spawn hook runs as for a
+    click) and waits until it is ready; returns its environment."""
+    quoted = urllib.parse.quote(user, safe="")
+    path = f"/users/{quoted}/servers/{urllib.parse.quote(name)}" if name else f"/users/{quoted}/server"
+    try:
+        hub.api("POST", path)
+    except urllib.error.HTTPError as e:
+        assert e.code in (201, 202), e.code
+    deadline = time.monotonic() + 120
+    while True:
+        server = hub.api("GET", f"/users/{quoted}")["servers"].get(name)
+        if server and server["ready"]:
+            break
+        assert time.monotonic() < deadline, f"{user}/{name} did not start"
+        time.sleep(0.5)
+    pid = server["state"]["pid"]
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    remember(env["JUPYTERHUB_API_TOKEN"], env.get("CILOGON_REFRESH_TOKEN"))
+    return env
+
+
+def as_credential(stack, authorization: str, method: str, url: str) -> int:
+    """The status a request with a recorded Authorization header gets."""
+    request = urllib.request.Request(url, method=method, headers={"Authorization": authorization})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_nothing_a_server_receives_reaches_another_users_server_or_tokens(stack, browser, hub):
+    recording = plant_recorder(stack, "mallory")
+    contexts = [signed_in(browser, stack, "mallory"), signed_in(browser, stack, "victor")]
+    mallory = start_server(hub, "mallory")
+    victor = start_server(hub, "victor")
+    token = mallory["JUPYTERHUB_API_TOKEN"]
+    wait_for_file(mallory["FABRIC_TOKEN_LOCATION"], lambda d: d["refresh_token"] == mallory["CILOGON_REFRESH_TOKEN"])
+    for _ in range(3):  # forced refreshes: each one rewrites the file
+        status, body, _ = tokenhub_call(stack, token, "POST", "/api/v1/tokens/refresh")
+        assert status == 200, body
+        remember(body["access_token"], body["refresh_token"])
+        wait_for_file(mallory["FABRIC_TOKEN_LOCATION"], lambda d, r=body["refresh_token"]: d["refresh_token"] == r)
+    puts = [r for r in recorded(recording) if r["method"] == "PUT" and r["path"].endswith(".tokens.json")]
+    assert len(puts) >= 4, "the spawn's file and one per forced refresh were recorded"
+    credentials = {r["authorization"] for r in recorded(recording) if r["authorization"]}
+    assert credentials, "the recorder saw credentials"
+    victor_file = f"{stack.hub_url}/user/victor/api/contents/.tokens.json"
+    for credential in credentials:
+        # Each is mallory's own server token: the hub says so…
+        request = urllib.request.Request(f"{stack.hub_url}/hub/api/user", headers={"Authorization": credential})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            owner = json.loads(r.read())
+        assert owner["name"] == "mallory", owner["name"]
+        assert not any(s.startswith("access:servers") and "mallory" not in s for s in owner["scopes"]), owner["scopes"]
+        # …it opens no other user's server, and tokenhub gives it only mallory's tokens.
+        assert as_credential(stack, credential, "GET", victor_file) in (302, 403, 404), "reached victor's server"
+        status, body, _ = tokenhub_call(stack, credential.split(" ", 1)[1], "GET", "/api/v1/tokens")
+        assert status != 200 or body["user"] == "mallory"
+    assert mallory["JUPYTERHUB_API_TOKEN"] in {c.split(" ", 1)[1] for c in credentials}
+    assert victor["JUPYTERHUB_API_TOKEN"] not in str(credentials)
+    for context in contexts:
+        context.close()
+
+
+def test_a_second_subject_is_refused_until_an_operator_moves_the_name(stack, browser, hub):
+    owner = signed_in(browser, stack, "wren")
+    wren = start_server(hub, "wren")
+    before = tokenhub_tokens(stack, wren["JUPYTERHUB_API_TOKEN"])
+    remember(before["access_token"], before["refresh_token"])
+    # Another IdP account that calls itself "wren": refused at the hub's login and at /login.
+    for start in (f"{stack.hub_url}/hub/login?next=%2Fhub%2Fhome", f"{stack.tokenhub_url}/login"):
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(start)
+        if "/hub/login" in start:
+            page.click("a:has-text('Sign in with')")
+        page.fill("#login", "imposter~wren")
+        page.fill("#password", "anything")
+        page.click("#submit")
+        page.wait_for_selector("text=belongs to someone else", timeout=30_000)
+        assert "imposter~wren" in page.content(), "the page tells the person their subject"
+        context.close()
+    after = tokenhub_tokens(stack, wren["JUPYTERHUB_API_TOKEN"])
+    assert after["refresh_token"] == before["refresh_token"], "wren's lineage untouched"
+    assert hub.api("GET", "/users/wren")["name"] == "wren"
+
+    # An admin moves the name; then the new subject signs in as wren.
+    admin = signed_in(browser, stack, "admin-amy")
+    admin_token = hub.personal_token("admin-amy", ["access:services!service=tokenhub"])
+    request = urllib.request.Request(
+        f"{stack.tokenhub_url}/api/v1/admin/names/wren",
+        method="POST",
+        data=json.dumps({"subject": "imposter~wren"}).encode(),
+        headers={"Authorization": f"token {admin_token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert json.loads(r.read())["previous_subject"] == "wren"
+    newcomer = signed_in(browser, stack, "imposter~wren")
+    status, body, _ = tokenhub_call(stack, wren["JUPYTERHUB_API_TOKEN"], "GET", "/api/v1/tokens")
+    assert status == 200 and body["refresh_token"] != before["refresh_token"], "the name's tokens are the new subject's"
+    for context in (owner, admin, newcomer):
+        context.close()
+    hub.stop_server("wren")
+
+
+def test_mixed_case_and_look_alike_names_are_the_hubs_names(stack, browser, hub):
+    alike = signed_in(browser, stack, "kate")
+    kate = tokenhub_tokens(stack, start_server(hub, "kate")["JUPYTERHUB_API_TOKEN"])
+    # `\u212aate` (Kelvin sign) is kate to the hub: refused, kate untouched.
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{stack.hub_url}/hub/login?next=%2Fhub%2Fhome")
+    page.click("a:has-text('Sign in with')")
+    page.fill("#login", "kelvin~%E2%84%AAate")
+    page.fill("#password", "anything")
+    page.click("#submit")
+    page.wait_for_selector("text=belongs to someone else", timeout=30_000)
+    context.close()
+    assert tokenhub_tokens(stack, hub.server_env("kate")["JUPYTERHUB_API_TOKEN"])["refresh_token"] == kate["refresh_token"]
+    # One person whose IdP name is `Carol` signs in and spawns as carol.
+    carol_browser = signed_in(browser, stack, "carol~Carol")
+    carol = start_server(hub, "carol")
+    assert tokenhub_tokens(stack, carol["JUPYTERHUB_API_TOKEN"])["user"] == "carol"
+    for c in (alike, carol_browser):
+        c.close()
+    hub.stop_server("kate")
+    hub.stop_server("carol")
+
+
+def test_users_a_b_and_a_plus_b_each_get_their_own_file(stack, browser, hub):
+    contexts = [signed_in(browser, stack, "ab1~a%20b"), signed_in(browser, stack, "ab2~a%2Bb")]
+    for user in ("a b", "a+b"):
+        env = start_server(hub, user)
+        own = tokenhub_tokens(stack, env["JUPYTERHUB_API_TOKEN"])
+        assert own["user"] == user
+        remember(own["refresh_token"])
+        document = wait_for_file(env["FABRIC_TOKEN_LOCATION"], lambda d, r=own["refresh_token"]: d["refresh_token"] == r)
+        assert Path(env["FABRIC_TOKEN_LOCATION"]).parent == home(stack, user)
+        assert document["refresh_token"] == own["refresh_token"]
+    a_b = json.loads((home(stack, "a b") / ".tokens.json").read_text())["refresh_token"]
+    a_plus_b = json.loads((home(stack, "a+b") / ".tokens.json").read_text())["refresh_token"]
+    assert a_b != a_plus_b
+    for context in contexts:
+        context.close()
+    for user in ("a b", "a+b"):
+        hub.stop_server(urllib.parse.quote(user, safe=""))
+
+
+def test_concurrent_forced_refreshes_leave_both_servers_files_current_and_forward_only(stack, browser, hub):
+    recordings = plant_recorder(stack, "tess")
+    context = signed_in(browser, stack, "tess")
+    default = start_server(hub, "tess")
+    other = start_server(hub, "tess", "second")
+    token = default["JUPYTERHUB_API_TOKEN"]
+
+    def force(_):
+        return tokenhub_call(stack, token, "POST", "/api/v1/tokens/refresh")[0]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(force, range(100)))
+    assert all(s == 200 for s in statuses), sorted(set(statuses))
+    current = tokenhub_tokens(stack, token)
+    remember(current["access_token"], current["refresh_token"])
+    for env in (default, other):
+        wait_for_file(env["FABRIC_TOKEN_LOCATION"], lambda d: d["refresh_token"] == current["refresh_token"], timeout=10)
+    # tokenhub's log: per server, the versions written only go up.
+    log = stack.hub_log.read_text()
+    for server in ("", "second"):
+        versions = [
+            int(m.group(1))
+            for m in re.finditer(rf'token file written user=tess server={re.escape(server)} version=(\d+)', log)
+        ]
+        assert versions and versions == sorted(set(versions)), f"server {server!r}: {versions}"
+    # And the server itself received each refresh token once, never an older one again.
+    for server in ("", "second"):
+        received = [r["refresh_token"] for r in recorded(recordings) if r.get("refresh_token") and r["server"] == server]
+        assert received and received[-1] == current["refresh_token"]
+        assert len(received) == len(set(received)), f"server {server!r} received a version it already had"
+    context.close()
+    try:
+        hub.api("DELETE", "/users/tess/servers/second")
+    except urllib.error.HTTPError as e:
+        assert e.code in (202, 204), e.code
+    hub.stop_server("tess")
