@@ -102,7 +102,7 @@ pub struct Settings {
     pub hub_api_url: Option<Url>,
 
     /// tokenhub's own API token at the hub (set by the hub for a managed
-    /// service); its role needs `read:users:name`, `read:servers`, `access:servers`.
+    /// service); its role needs `read:users:name` and `read:servers`.
     #[arg(long, env = "JUPYTERHUB_API_TOKEN", hide_env_values = true, help_heading = "JupyterHub as OAuth client")]
     pub hub_api_token: Option<SecretString>,
 

@@ -3,7 +3,7 @@ a user's server records every credential that reaches it (a
 jupyter_server_config.py in that user's home, as anyone can write one) and
 none of them reaches another user's server or tokens; a second IdP subject
 naming an existing user is refused until an operator moves the name; names
-are what the hub makes of them (`Carol` signs in and spawns as `carol`,
+are what the hub makes of them (`Corin` signs in and spawns as `corin`,
 `a b` and `a+b` get their own files); 100 concurrent forced refreshes of a
 user with two servers leave both files current, each written forward only."""
 
@@ -99,37 +99,39 @@ def as_credential(stack, authorization: str, method: str, url: str) -> int:
 
 
 def test_nothing_a_server_receives_reaches_another_users_server_or_tokens(stack, browser, hub):
-    recording = plant_recorder(stack, "mallory")
-    contexts = [signed_in(browser, stack, "mallory"), signed_in(browser, stack, "victor")]
-    mallory = start_server(hub, "mallory")
+    recording = plant_recorder(stack, "mallet")
+    contexts = [signed_in(browser, stack, "mallet"), signed_in(browser, stack, "victor")]
+    mallet = start_server(hub, "mallet")
     victor = start_server(hub, "victor")
-    token = mallory["JUPYTERHUB_API_TOKEN"]
-    wait_for_file(mallory["FABRIC_TOKEN_LOCATION"], lambda d: d["refresh_token"] == mallory["CILOGON_REFRESH_TOKEN"])
+    token = mallet["JUPYTERHUB_API_TOKEN"]
+    wait_for_file(mallet["FABRIC_TOKEN_LOCATION"], lambda d: d["refresh_token"] == mallet["CILOGON_REFRESH_TOKEN"])
     for _ in range(3):  # forced refreshes: each one rewrites the file
         status, body, _ = tokenhub_call(stack, token, "POST", "/api/v1/tokens/refresh")
         assert status == 200, body
         remember(body["access_token"], body["refresh_token"])
-        wait_for_file(mallory["FABRIC_TOKEN_LOCATION"], lambda d, r=body["refresh_token"]: d["refresh_token"] == r)
+        wait_for_file(mallet["FABRIC_TOKEN_LOCATION"], lambda d, r=body["refresh_token"]: d["refresh_token"] == r)
     puts = [r for r in recorded(recording) if r["method"] == "PUT" and r["path"].endswith(".tokens.json")]
     assert len(puts) >= 4, "the spawn's file and one per forced refresh were recorded"
     credentials = {r["authorization"] for r in recorded(recording) if r["authorization"]}
     assert credentials, "the recorder saw credentials"
     victor_file = f"{stack.hub_url}/user/victor/api/contents/.tokens.json"
     for credential in credentials:
-        # Each is mallory's own server token: the hub says so…
+        # Each is mallet's own server token: the hub says so…
         request = urllib.request.Request(f"{stack.hub_url}/hub/api/user", headers={"Authorization": credential})
         with urllib.request.urlopen(request, timeout=30) as r:
             owner = json.loads(r.read())
-        assert owner["name"] == "mallory", owner["name"]
-        assert not any(s.startswith("access:servers") and "mallory" not in s for s in owner["scopes"]), owner["scopes"]
-        # …it opens no other user's server, and tokenhub gives it only mallory's tokens.
+        assert owner["name"] == "mallet", owner["name"]
+        assert not any(s.startswith("access:servers") and "mallet" not in s for s in owner["scopes"]), owner["scopes"]
+        # …it opens no other user's server, and tokenhub gives it only mallet's tokens.
         assert as_credential(stack, credential, "GET", victor_file) in (302, 403, 404), "reached victor's server"
         status, body, _ = tokenhub_call(stack, credential.split(" ", 1)[1], "GET", "/api/v1/tokens")
-        assert status != 200 or body["user"] == "mallory"
-    assert mallory["JUPYTERHUB_API_TOKEN"] in {c.split(" ", 1)[1] for c in credentials}
+        assert status != 200 or body["user"] == "mallet"
+    assert mallet["JUPYTERHUB_API_TOKEN"] in {c.split(" ", 1)[1] for c in credentials}
     assert victor["JUPYTERHUB_API_TOKEN"] not in str(credentials)
     for context in contexts:
         context.close()
+    for user in ("mallet", "victor"):
+        hub.stop_server(user)
 
 
 def test_a_second_subject_is_refused_until_an_operator_moves_the_name(stack, browser, hub):
@@ -187,14 +189,14 @@ def test_mixed_case_and_look_alike_names_are_the_hubs_names(stack, browser, hub)
     page.wait_for_selector("text=belongs to someone else", timeout=30_000)
     context.close()
     assert tokenhub_tokens(stack, hub.server_env("kate")["JUPYTERHUB_API_TOKEN"])["refresh_token"] == kate["refresh_token"]
-    # One person whose IdP name is `Carol` signs in and spawns as carol.
-    carol_browser = signed_in(browser, stack, "carol~Carol")
-    carol = start_server(hub, "carol")
-    assert tokenhub_tokens(stack, carol["JUPYTERHUB_API_TOKEN"])["user"] == "carol"
-    for c in (alike, carol_browser):
+    # One person whose IdP name is `Corin` signs in and spawns as corin.
+    corin_browser = signed_in(browser, stack, "corin~Corin")
+    corin = start_server(hub, "corin")
+    assert tokenhub_tokens(stack, corin["JUPYTERHUB_API_TOKEN"])["user"] == "corin"
+    for c in (alike, corin_browser):
         c.close()
     hub.stop_server("kate")
-    hub.stop_server("carol")
+    hub.stop_server("corin")
 
 
 def test_users_a_b_and_a_plus_b_each_get_their_own_file(stack, browser, hub):
