@@ -94,9 +94,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());
-    // With the peer address, for counting failed authentications per client.
-    let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
+    let http = state.config.http.clone();
+    crate::server::serve(listener, crate::app(state), &http, shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {
         keepalive.stop().await;
     }

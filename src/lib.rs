@@ -13,6 +13,7 @@ pub mod hub;
 pub mod metrics;
 pub mod oauth;
 pub mod security;
+pub mod server;
 pub mod state;
 pub mod time;
 pub mod tokens;

@@ -39,6 +39,10 @@ NOT_FOR_THE_CHART = {
     "TOKENHUB_CONFIG": "every setting is in the environment from the ConfigMap and Secret",
     "JUPYTERHUB_SERVICE_PREFIX": "set by the hub for a service it starts; publicUrl's path says it here",
     "JUPYTERHUB_SERVICE_URL": "set by the hub for a service it starts; TOKENHUB_BIND says it here",
+    "TOKENHUB_HEADER_READ_TIMEOUT": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_BODY_READ_TIMEOUT": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_MAX_CONNECTIONS": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_MAX_HEADER_BYTES": "tokenhub's connection limits have safe defaults; extraEnv can set them",
 }
 
 

@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod binary;
 mod faults;
+mod hardening;
 mod id_token;
 mod idp_variants;
 mod keepalive;

@@ -111,6 +111,12 @@ impl TestApp {
         self.state.as_ref().expect("an in-process TestApp")
     }
 
+    /// The address tokenhub listens on.
+    pub fn addr(&self) -> SocketAddr {
+        let url = Url::parse(&self.base).unwrap();
+        SocketAddr::new(url.host_str().unwrap().parse().unwrap(), url.port().unwrap())
+    }
+
     /// A URL of this tokenhub.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
@@ -179,9 +185,10 @@ impl TestAppBuilder {
             Some(self.database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", db_path.display())));
         let config = self.settings.into_config(None).unwrap();
         let state = App::new(config).await.unwrap();
+        // The server loop `tokenhub serve` runs, with its limits.
         let router = tokenhub::app(state.clone());
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+        let http = state.config.http.clone();
+        tokio::spawn(async move { tokenhub::server::serve(listener, router, &http, std::future::pending()).await.unwrap() });
         TestApp { state: Some(state), base, db_path, _dir: Some(dir) }
     }
 }
