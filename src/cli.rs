@@ -81,6 +81,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         address = %listener.local_addr()?,
         public_url = %state.config.http.public_url,
         database = ?state.vault.store().backend(),
+        trusted_proxies = %state.config.http.trusted_proxies,
         "tokenhub listening"
     );
     let purge_state = state.clone();

@@ -11,6 +11,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
 
+use crate::security::TrustedProxies;
+
 /// Every setting of `tokenhub serve`. Each is a flag, an environment variable
 /// and a key of the TOML file (the field name).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -35,6 +37,13 @@ pub struct Settings {
     /// Path prefix that JupyterHub gives a managed service (set by the hub).
     #[arg(long, env = "JUPYTERHUB_SERVICE_PREFIX", help_heading = "HTTP")]
     pub service_prefix: Option<String>,
+
+    /// Proxies in front of tokenhub whose `X-Forwarded-For` is believed:
+    /// IP addresses and CIDR blocks, comma-separated, e.g. the pod network
+    /// of the hub's proxy or the ingress controller's addresses. Empty
+    /// (default): the TCP peer is the client, whatever the header says.
+    #[arg(long, env = "TOKENHUB_TRUSTED_PROXIES", help_heading = "HTTP")]
+    pub trusted_proxies: Option<String>,
 
     /// Seconds a client has to send a complete request head (request line
     /// and headers), counted from when the connection opens or the previous
@@ -264,6 +273,8 @@ pub struct HttpConfig {
     pub secure_cookies: bool,
     /// Bounds on connections and request heads ([`crate::server::serve`]).
     pub limits: ConnectionLimits,
+    /// Peers whose `X-Forwarded-For` names the client ([`crate::security::client_of`]).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// What one client connection may hold, and how many there may be
@@ -468,6 +479,7 @@ impl Settings {
             bind,
             public_url,
             service_prefix,
+            trusted_proxies,
             header_read_timeout,
             body_read_timeout,
             max_connections,
@@ -520,6 +532,8 @@ impl Settings {
     /// fallback key list (the hub's own variable).
     pub fn into_config(self, jupyterhub_crypt_key: Option<SecretString>) -> Result<Config, ConfigError> {
         let limits = ConnectionLimits::from_settings(&self)?;
+        let trusted_proxies = TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or(""))
+            .map_err(|reason| ConfigError::Invalid { name: "TOKENHUB_TRUSTED_PROXIES", reason })?;
         let from_service_url = self.service_url.as_ref().and_then(|u| {
             let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
             Some(SocketAddr::new(host.parse().ok()?, u.port_or_known_default()?))
@@ -552,7 +566,14 @@ impl Settings {
             .or(jupyterhub_crypt_key)
             .ok_or(ConfigError::Missing("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY)"))?;
         Ok(Config {
-            http: HttpConfig { bind, secure_cookies: public_url.scheme() == "https", public_url, base_path, limits },
+            http: HttpConfig {
+                bind,
+                secure_cookies: public_url.scheme() == "https",
+                public_url,
+                base_path,
+                limits,
+                trusted_proxies,
+            },
             upstream: UpstreamConfig {
                 issuer: check_issuer(self.oidc_issuer.ok_or(ConfigError::Missing("TOKENHUB_OIDC_ISSUER"))?)?,
                 client_id: self.oidc_client_id.ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_ID"))?,
@@ -767,6 +788,17 @@ mod tests {
         let mut s = minimal();
         s.keepalive_idle_timeout = Some(0);
         assert!(s.into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_KEEPALIVE_IDLE_TIMEOUT"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_checked() {
+        assert!(minimal().into_config(None).unwrap().http.trusted_proxies.is_empty(), "none by default");
+        let s = Settings { trusted_proxies: Some("10.244.0.0/16, 192.168.1.5".into()), ..minimal() };
+        let t = s.into_config(None).unwrap().http.trusted_proxies;
+        assert!(t.contains("10.244.1.1".parse().unwrap()) && t.contains("192.168.1.5".parse().unwrap()));
+        let s = Settings { trusted_proxies: Some("10.244.0.0/16,proxy-public".into()), ..minimal() };
+        let e = s.into_config(None).unwrap_err().to_string();
+        assert!(e.starts_with("TOKENHUB_TRUSTED_PROXIES: \"proxy-public\" is not an IP address"), "{e}");
     }
 
     #[test]

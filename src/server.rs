@@ -15,8 +15,10 @@
 //!   above that, `accept` waits until one closes (the kernel's backlog holds
 //!   the rest).
 //!
-//! Every request carries the peer address (`ConnectInfo<SocketAddr>`), which
-//! the failure limiter and the audit log count clients by. SIGINT/SIGTERM (or
+//! Every request carries the peer address (`ConnectInfo<SocketAddr>`) and
+//! the trusted proxies (`TOKENHUB_TRUSTED_PROXIES`), from which
+//! [`crate::security::client_of_request`] tells the client the failure
+//! limiter and the audit log count by. SIGINT/SIGTERM (or
 //! whatever `shutdown` is) stops accepting, lets requests in flight finish
 //! and closes idle connections.
 
@@ -102,9 +104,11 @@ pub async fn serve(
                 }
             },
         };
+        let trusted = http.trusted_proxies.clone();
         let service = ServiceBuilder::new()
             .map_request(move |mut request: axum::http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(trusted.clone());
                 request
             })
             .layer(RequestBodyTimeoutLayer::new(body_timeout))

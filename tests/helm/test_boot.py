@@ -231,6 +231,7 @@ OPTIONAL = {
     "TOKENHUB_TOKEN_FILE": {"jupyterhub": {"tokenFile": "tokens.json"}},
     "TOKENHUB_SERVICE_NAME": {"jupyterhub": {"serviceName": "tokenhub"}},
     "TOKENHUB_AUDIT_LOG": {"log": {"audit": "stdout"}},
+    "TOKENHUB_TRUSTED_PROXIES": {"trustedProxies": ["10.244.0.0/16", "192.168.1.5"]},
     "TOKENHUB_KEEPALIVE_INTERVAL": {"keepAlive": {"interval": 30}},
     "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT": {"keepAlive": {"idleTimeout": 1800}},
     "TOKENHUB_KEEPALIVE_MARGIN": {"keepAlive": {"margin": 600}},

@@ -1,7 +1,9 @@
 //! The HTTP front under hostile clients: request heads that never end or
 //! are too large, stalled bodies, more connections than allowed (all through
-//! `tokenhub::server::serve`, the loop `tokenhub serve` runs).
+//! `tokenhub::server::serve`, the loop `tokenhub serve` runs); client
+//! addresses that cannot be forged past the failure limiter.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -160,4 +162,126 @@ async fn connections_above_the_limit_wait_for_a_free_one() {
     for stream in &mut silent {
         assert!(read_until_closed(stream, started, Duration::from_secs(5)).await.is_some());
     }
+}
+
+// ---------------------------------------------------------------- client addresses
+
+/// A client whose connections come from `ip` (any 127/8 address is this
+/// machine's loopback on Linux: distinct peers for tokenhub).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder().local_address(ip.parse::<IpAddr>().unwrap()).build().unwrap()
+}
+
+/// The hub's token request with these client credentials (and forwarded
+/// address, if any): 400 `invalid_grant` when they are right, 401 when
+/// wrong, 429 while the client is slowed down.
+async fn token_request(client: &reqwest::Client, app: &TestApp, secret: &str, forwarded: Option<&str>) -> StatusCode {
+    let mut request = client
+        .post(app.url("/oauth2/token"))
+        .basic_auth(HUB_CLIENT_ID, Some(secret))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", "not-a-token")]);
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    request.send().await.unwrap().status()
+}
+
+async fn spawn_request(client: &reqwest::Client, app: &TestApp) -> StatusCode {
+    let request = client.post(app.url("/api/v1/hub/spawn")).basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET));
+    request.json(&serde_json::json!({"user": "nobody-here"})).send().await.unwrap().status()
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_direct_caller_cannot_pass_for_the_hub_nor_escape_the_limiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let audit_path = audit.display().to_string();
+    let app = TestApp::builder(&Idp::shared().issuer).settings(|s| s.audit_log = Some(audit_path)).spawn().await;
+    let hub = client_from("127.0.0.2");
+    let server = client_from("127.0.0.3");
+
+    // A user's server fails client authentication again and again, saying
+    // it is the hub: it is slowed down itself, by its own address.
+    let mut statuses = vec![];
+    for _ in 0..14 {
+        statuses.push(token_request(&server, &app, "wrong", Some("127.0.0.2")).await);
+    }
+    assert!(statuses[..10].iter().all(|s| *s == StatusCode::UNAUTHORIZED), "{statuses:?}");
+    assert!(statuses[11..].iter().all(|s| *s == StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    // The hub's own token exchange and spawn hook are not.
+    assert_eq!(token_request(&hub, &app, HUB_CLIENT_SECRET, None).await, StatusCode::BAD_REQUEST);
+    assert_eq!(spawn_request(&hub, &app).await, StatusCode::NOT_FOUND, "unknown user, not 429");
+    // Another forwarded address every time changes nothing.
+    for i in 0..5 {
+        let forged = format!("198.51.100.{i}");
+        assert_eq!(token_request(&server, &app, "wrong", Some(&forged)).await, StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert_eq!(token_request(&server, &app, HUB_CLIENT_SECRET, Some("127.0.0.2")).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(spawn_request(&hub, &app).await, StatusCode::NOT_FOUND);
+
+    // A fresh caller rotating the header from its first request is slowed
+    // down all the same.
+    let rotating = client_from("127.0.0.4");
+    let mut statuses = vec![];
+    for i in 0..14 {
+        statuses.push(token_request(&rotating, &app, "wrong", Some(&format!("203.0.113.{i}"))).await);
+    }
+    assert!(statuses[11..].iter().all(|s| *s == StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+
+    // The audit log names the real peers, never a forged address.
+    let lines = audit_lines(&audit);
+    let refused: Vec<&str> = lines.iter().filter(|l| l["event"] == "refused").map(|l| l["client"].as_str().unwrap()).collect();
+    assert!(!refused.is_empty());
+    assert!(refused.iter().all(|c| *c == "127.0.0.3" || *c == "127.0.0.4"), "{refused:?}");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(!text.contains("198.51.100.") && !text.contains("203.0.113."), "{text}");
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let audit_path = audit.display().to_string();
+    // 127.0.0.5 plays the hub's proxy, 10.0.0.0/8 an ingress in front of it.
+    let app = TestApp::builder(&Idp::shared().issuer)
+        .settings(|s| {
+            s.audit_log = Some(audit_path);
+            s.trusted_proxies = Some("127.0.0.5, 10.0.0.0/8".into());
+        })
+        .spawn()
+        .await;
+    let proxy = client_from("127.0.0.5");
+
+    // One browser behind the proxy fails too often: it is slowed down...
+    let mut statuses = vec![];
+    for _ in 0..12 {
+        statuses.push(token_request(&proxy, &app, "wrong", Some("192.0.2.1, 203.0.113.7")).await);
+    }
+    assert_eq!(statuses.last(), Some(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    // ...through another trusted hop too...
+    assert_eq!(
+        token_request(&proxy, &app, HUB_CLIENT_SECRET, Some("203.0.113.7, 10.1.2.3")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // ...while other clients behind the same proxy, and the proxy's own
+    // requests, are not.
+    assert_eq!(token_request(&proxy, &app, HUB_CLIENT_SECRET, Some("203.0.113.8")).await, StatusCode::BAD_REQUEST);
+    assert_eq!(token_request(&proxy, &app, HUB_CLIENT_SECRET, Some("203.0.113.7, 203.0.113.9")).await, StatusCode::BAD_REQUEST);
+    assert_eq!(token_request(&proxy, &app, HUB_CLIENT_SECRET, None).await, StatusCode::BAD_REQUEST);
+    // A peer that is not a trusted proxy is its own client, whatever it forwards.
+    let direct = client_from("127.0.0.6");
+    assert_eq!(token_request(&direct, &app, HUB_CLIENT_SECRET, Some("203.0.113.8")).await, StatusCode::BAD_REQUEST);
+    assert_eq!(token_request(&direct, &app, "wrong", Some("203.0.113.7")).await, StatusCode::UNAUTHORIZED);
+
+    let lines = audit_lines(&audit);
+    let refused: Vec<&str> = lines.iter().filter(|l| l["event"] == "refused").map(|l| l["client"].as_str().unwrap()).collect();
+    // Eleven refusals (the twelfth attempt met the limiter first), all
+    // under the forwarded address.
+    assert_eq!(refused.iter().filter(|c| **c == "203.0.113.7").count(), 11, "{refused:?}");
+    assert_eq!(refused.last(), Some(&"127.0.0.6"), "{refused:?}");
 }
