@@ -1,7 +1,8 @@
 //! The HTTP front under hostile clients: request heads that never end or
 //! are too large, stalled bodies, more connections than allowed (all through
 //! `tokenhub::server::serve`, the loop `tokenhub serve` runs); client
-//! addresses that cannot be forged past the failure limiter.
+//! addresses that cannot be forged past the failure limiter; the SQLite
+//! vault's files readable by tokenhub's user only.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -284,4 +285,22 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
     // under the forwarded address.
     assert_eq!(refused.iter().filter(|c| **c == "203.0.113.7").count(), 11, "{refused:?}");
     assert_eq!(refused.last(), Some(&"127.0.0.6"), "{refused:?}");
+}
+
+// ---------------------------------------------------------------- the vault's files
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_files_are_private_to_tokenhubs_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // Whatever the umask would give (typically 0644).
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let (code, login) = Hub::login(&app, &Browser::new(), "wanda").await;
+    assert_eq!(Hub::exchange_code(&app, &code, &login).await.status(), StatusCode::OK);
+    assert_eq!(app.lineage_count().await, 1);
+    let db = app.db_path.display().to_string();
+    for file in [db.clone(), format!("{db}-wal"), format!("{db}-shm")] {
+        let mode = std::fs::metadata(&file).unwrap_or_else(|e| panic!("{file}: {e}")).permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
+    }
 }
