@@ -2,7 +2,7 @@
 //! are too large, stalled bodies, more connections than allowed (all through
 //! `tokenhub::server::serve`, the loop `tokenhub serve` runs); client
 //! addresses that cannot be forged past the failure limiter; the SQLite
-//! vault's files readable by tokenhub's user only.
+//! vault's files readable by tokenhub's user only; `__Host-` cookies.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -303,4 +303,130 @@ async fn the_sqlite_files_are_private_to_tokenhubs_user() {
         let mode = std::fs::metadata(&file).unwrap_or_else(|e| panic!("{file}: {e}")).permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
     }
+}
+
+// ---------------------------------------------------------------- cookies
+
+use axum_extra::extract::cookie::{Cookie, SameSite};
+
+/// The cookies a response sets.
+fn set_cookies(response: &reqwest::Response) -> Vec<Cookie<'static>> {
+    let values = response.headers().get_all("set-cookie");
+    values.iter().map(|v| Cookie::parse(v.to_str().unwrap().to_string()).unwrap()).collect()
+}
+
+fn only_cookie(response: &reqwest::Response, name: &str) -> Cookie<'static> {
+    let cookies = set_cookies(response);
+    let found: Vec<_> = cookies.iter().filter(|c| c.name() == name).collect();
+    assert_eq!(found.len(), 1, "one {name} expected in {cookies:?}");
+    found[0].clone()
+}
+
+/// A browser without a cookie jar of its own: the test sends tokenhub's
+/// cookies itself (a cookie store would not send `Secure` cookies over the
+/// test's plain http).
+fn navigating_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("sec-fetch-mode", "navigate".parse().unwrap());
+    headers.insert("sec-fetch-dest", "document".parse().unwrap());
+    headers.insert("sec-fetch-site", "none".parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// A hub login through tokenhub at `public_url` (https), checking the login
+/// and session cookies: named with `prefix`, Secure, HttpOnly, SameSite=Lax,
+/// no Domain, on these paths. Returns the session cookie.
+async fn login_checking_cookies(
+    app: &TestApp,
+    user: &str,
+    prefix: &str,
+    login_path: &str,
+    session_path: &str,
+) -> Cookie<'static> {
+    let client = navigating_client();
+    let (authorize, hub_login) = Hub::authorize_url(app);
+    let response = client.get(authorize).send().await.unwrap();
+    let to_idp = location(&response);
+    let state = query(&to_idp, "state").unwrap();
+    let login_cookie = only_cookie(&response, &format!("{prefix}tokenhub_login_{state}"));
+    assert_eq!(login_cookie.secure(), Some(true));
+    assert_eq!(login_cookie.http_only(), Some(true));
+    assert_eq!(login_cookie.same_site(), Some(SameSite::Lax));
+    assert_eq!(login_cookie.path(), Some(login_path));
+    assert_eq!(login_cookie.domain(), None);
+
+    let back = Browser::new().sign_in_at_idp(to_idp, user).await;
+    let callback = format!("{}?{}", app.url("/callback"), back.query().unwrap());
+    // Under the name tokenhub wrote it: the login finishes.
+    let response = client.get(&callback).header("cookie", login_cookie.stripped().to_string()).send().await.unwrap();
+    let to_hub = location(&response);
+    assert!(to_hub.as_str().starts_with(HUB_REDIRECT_URI), "{to_hub}");
+    let removed = only_cookie(&response, login_cookie.name());
+    assert_eq!((removed.value(), removed.path(), removed.secure()), ("", Some(login_path), Some(true)), "{removed}");
+    let session = only_cookie(&response, &format!("{prefix}tokenhub_session"));
+    assert_eq!(session.secure(), Some(true));
+    assert_eq!(session.http_only(), Some(true));
+    assert_eq!(session.same_site(), Some(SameSite::Lax));
+    assert_eq!(session.path(), Some(session_path));
+    assert_eq!(session.domain(), None);
+    let code = query(&to_hub, "code").unwrap();
+    assert_eq!(Hub::exchange_code(app, &code, &hub_login).await.status(), StatusCode::OK);
+    session
+}
+
+async fn token_page(app: &TestApp, cookie: &str) -> String {
+    let response = navigating_client().get(app.url("/")).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn on_its_own_https_host_tokenhubs_cookies_are_host_only() {
+    let app = TestApp::builder(&Idp::shared().issuer)
+        .settings(|s| s.public_url = Some(url::Url::parse("https://tokens.example.org/").unwrap()))
+        .spawn()
+        .await;
+    let session = login_checking_cookies(&app, "xena", "__Host-", "/", "/").await;
+    assert!(token_page(&app, &session.stripped().to_string()).await.contains("Tokens of xena"));
+    // The same value under the plain name (as a sibling host could plant
+    // one) is not read.
+    let planted = format!("tokenhub_session={}", session.value());
+    assert!(!token_page(&app, &planted).await.contains("Tokens of xena"));
+    // A login cookie under the plain name does not finish a login either.
+    let client = navigating_client();
+    let (authorize, _) = Hub::authorize_url(&app);
+    let response = client.get(authorize).send().await.unwrap();
+    let to_idp = location(&response);
+    let state = query(&to_idp, "state").unwrap();
+    let login_cookie = only_cookie(&response, &format!("__Host-tokenhub_login_{state}"));
+    let back = Browser::new().sign_in_at_idp(to_idp, "xena").await;
+    let callback = format!("{}?{}", app.url("/callback"), back.query().unwrap());
+    let planted = format!("tokenhub_login_{state}={}", login_cookie.value());
+    let response = client.get(&callback).header("cookie", planted).send().await.unwrap();
+    assert_error_page(response, StatusCode::BAD_REQUEST).await;
+
+    // Signing out removes the cookie under its name and attributes.
+    let response = client.get(app.url("/logout")).header("cookie", session.stripped().to_string()).send().await.unwrap();
+    let removed = only_cookie(&response, "__Host-tokenhub_session");
+    assert_eq!((removed.value(), removed.path(), removed.secure()), ("", Some("/"), Some(true)), "{removed}");
+}
+
+#[tokio::test]
+async fn under_a_path_on_https_tokenhubs_cookies_are_secure_prefixed() {
+    let app = TestApp::builder(&Idp::shared().issuer)
+        .base_path("/services/tokenhub")
+        .settings(|s| s.public_url = Some(url::Url::parse("https://hub.example.org/services/tokenhub/").unwrap()))
+        .spawn()
+        .await;
+    let session = login_checking_cookies(&app, "yuri", "__Secure-", "/services/tokenhub/callback", "/services/tokenhub").await;
+    assert!(token_page(&app, &session.stripped().to_string()).await.contains("Tokens of yuri"));
+}
+
+#[tokio::test]
+async fn over_plain_http_the_cookie_names_stay() {
+    let app = TestApp::builder(&Idp::shared().issuer).spawn().await;
+    let response = navigating_client().get(Hub::authorize_url(&app).0).send().await.unwrap();
+    let state = query(&location(&response), "state").unwrap();
+    let cookie = only_cookie(&response, &format!("tokenhub_login_{state}"));
+    assert_eq!((cookie.path(), cookie.secure()), (Some("/callback"), None));
 }

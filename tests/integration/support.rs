@@ -180,7 +180,11 @@ impl TestAppBuilder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let base = format!("http://{addr}{}", self.base_path);
-        self.settings.public_url = Some(Url::parse(&base).unwrap());
+        // A public URL of the test's own (say https, as behind a TLS proxy)
+        // stays; requests still go to the plain listener at `base`.
+        if self.settings.public_url.is_none() {
+            self.settings.public_url = Some(Url::parse(&base).unwrap());
+        }
         self.settings.database_url =
             Some(self.database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", db_path.display())));
         let config = self.settings.into_config(None).unwrap();
