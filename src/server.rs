@@ -19,8 +19,9 @@
 //! the trusted proxies (`TOKENHUB_TRUSTED_PROXIES`), from which
 //! [`crate::security::client_of_request`] tells the client the failure
 //! limiter and the audit log count by. SIGINT/SIGTERM (or
-//! whatever `shutdown` is) stops accepting, lets requests in flight finish
-//! and closes idle connections.
+//! whatever `shutdown` is) stops accepting, closes idle connections at once
+//! and lets requests in flight finish (a head still arriving has until its
+//! header timeout).
 
 use std::future::Future;
 use std::sync::Arc;
