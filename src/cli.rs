@@ -81,6 +81,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         address = %listener.local_addr()?,
         public_url = %state.config.http.public_url,
         database = ?state.vault.store().backend(),
+        trusted_proxies = %state.config.http.trusted_proxies,
         "tokenhub listening"
     );
     let purge_state = state.clone();
@@ -94,9 +95,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());
-    // With the peer address, for counting failed authentications per client.
-    let service = crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
+    let http = state.config.http.clone();
+    crate::server::serve(listener, crate::app(state), &http, shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {
         keepalive.stop().await;
     }

@@ -4,11 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
+
+use crate::security::TrustedProxies;
 
 /// Every setting of `tokenhub serve`. Each is a flag, an environment variable
 /// and a key of the TOML file (the field name).
@@ -34,6 +37,36 @@ pub struct Settings {
     /// Path prefix that JupyterHub gives a managed service (set by the hub).
     #[arg(long, env = "JUPYTERHUB_SERVICE_PREFIX", help_heading = "HTTP")]
     pub service_prefix: Option<String>,
+
+    /// Proxies in front of tokenhub whose `X-Forwarded-For` is believed:
+    /// IP addresses and CIDR blocks, comma-separated, e.g. the pod network
+    /// of the hub's proxy or the ingress controller's addresses. Empty
+    /// (default): the TCP peer is the client, whatever the header says.
+    #[arg(long, env = "TOKENHUB_TRUSTED_PROXIES", help_heading = "HTTP")]
+    pub trusted_proxies: Option<String>,
+
+    /// Seconds a client has to send a complete request head (request line
+    /// and headers), counted from when the connection opens or the previous
+    /// response was sent: a kept-alive connection left idle this long is
+    /// closed too. Default: 10.
+    #[arg(long, env = "TOKENHUB_HEADER_READ_TIMEOUT", help_heading = "HTTP")]
+    pub header_read_timeout: Option<u64>,
+
+    /// Seconds a request body may go without sending anything before the
+    /// request is refused and its connection closed. Default: 30.
+    #[arg(long, env = "TOKENHUB_BODY_READ_TIMEOUT", help_heading = "HTTP")]
+    pub body_read_timeout: Option<u64>,
+
+    /// Most connections served at once; further ones wait to be accepted
+    /// until one closes. Default: 1024.
+    #[arg(long, env = "TOKENHUB_MAX_CONNECTIONS", help_heading = "HTTP")]
+    pub max_connections: Option<u64>,
+
+    /// Largest request head (request line and headers) in bytes, 1024 to
+    /// 1048576; a larger one gets 431 and its connection is closed.
+    /// Default: 16384.
+    #[arg(long, env = "TOKENHUB_MAX_HEADER_BYTES", help_heading = "HTTP")]
+    pub max_header_bytes: Option<u64>,
 
     /// Issuer URL of the upstream OpenID provider (discovery is read from
     /// `<issuer>/.well-known/openid-configuration`).
@@ -238,7 +271,80 @@ pub struct HttpConfig {
     pub base_path: String,
     /// Whether cookies get the `Secure` attribute (public URL is https).
     pub secure_cookies: bool,
+    /// Bounds on connections and request heads ([`crate::server::serve`]).
+    pub limits: ConnectionLimits,
+    /// Peers whose `X-Forwarded-For` names the client ([`crate::security::client_of`]).
+    pub trusted_proxies: TrustedProxies,
 }
+
+/// What one client connection may hold, and how many there may be
+/// (`TOKENHUB_HEADER_READ_TIMEOUT`, `TOKENHUB_BODY_READ_TIMEOUT`,
+/// `TOKENHUB_MAX_CONNECTIONS`, `TOKENHUB_MAX_HEADER_BYTES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time to send a whole request head, from the connection's start or
+    /// the previous response (so also the keep-alive idle time).
+    pub header_read_timeout: Duration,
+    /// Longest pause within a request body.
+    pub body_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// The limits from the settings, each checked, defaults for the unset.
+    fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        let default = Self::default();
+        let seconds = |value: Option<u64>, name: &'static str, default: Duration| match value {
+            None => Ok(default),
+            Some(0) => Err(ConfigError::Invalid { name, reason: "must be a positive number of seconds".into() }),
+            Some(secs) => Ok(Duration::from_secs(secs)),
+        };
+        let max_connections = match s.max_connections {
+            None => default.max_connections,
+            Some(n @ 1..=MAX_CONNECTIONS_LIMIT) => n as usize,
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    name: "TOKENHUB_MAX_CONNECTIONS",
+                    reason: format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+                });
+            }
+        };
+        let max_header_bytes = match s.max_header_bytes {
+            None => default.max_header_bytes,
+            Some(n @ 1024..=1_048_576) => n as usize,
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    name: "TOKENHUB_MAX_HEADER_BYTES",
+                    reason: "must be between 1024 and 1048576 bytes".into(),
+                });
+            }
+        };
+        Ok(Self {
+            header_read_timeout: seconds(s.header_read_timeout, "TOKENHUB_HEADER_READ_TIMEOUT", default.header_read_timeout)?,
+            body_read_timeout: seconds(s.body_read_timeout, "TOKENHUB_BODY_READ_TIMEOUT", default.body_read_timeout)?,
+            max_connections,
+            max_header_bytes,
+        })
+    }
+}
+
+/// Most connections TOKENHUB_MAX_CONNECTIONS may allow (file descriptors
+/// run out long before).
+const MAX_CONNECTIONS_LIMIT: u64 = 1 << 20;
 
 /// The upstream OpenID provider.
 #[derive(Debug, Clone)]
@@ -373,6 +479,11 @@ impl Settings {
             bind,
             public_url,
             service_prefix,
+            trusted_proxies,
+            header_read_timeout,
+            body_read_timeout,
+            max_connections,
+            max_header_bytes,
             oidc_issuer,
             oidc_client_id,
             oidc_client_secret,
@@ -420,6 +531,9 @@ impl Settings {
     /// Checks the settings and applies defaults. `jupyterhub_crypt_key` is the
     /// fallback key list (the hub's own variable).
     pub fn into_config(self, jupyterhub_crypt_key: Option<SecretString>) -> Result<Config, ConfigError> {
+        let limits = ConnectionLimits::from_settings(&self)?;
+        let trusted_proxies = TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or(""))
+            .map_err(|reason| ConfigError::Invalid { name: "TOKENHUB_TRUSTED_PROXIES", reason })?;
         let from_service_url = self.service_url.as_ref().and_then(|u| {
             let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
             Some(SocketAddr::new(host.parse().ok()?, u.port_or_known_default()?))
@@ -452,7 +566,14 @@ impl Settings {
             .or(jupyterhub_crypt_key)
             .ok_or(ConfigError::Missing("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY)"))?;
         Ok(Config {
-            http: HttpConfig { bind, secure_cookies: public_url.scheme() == "https", public_url, base_path },
+            http: HttpConfig {
+                bind,
+                secure_cookies: public_url.scheme() == "https",
+                public_url,
+                base_path,
+                limits,
+                trusted_proxies,
+            },
             upstream: UpstreamConfig {
                 issuer: check_issuer(self.oidc_issuer.ok_or(ConfigError::Missing("TOKENHUB_OIDC_ISSUER"))?)?,
                 client_id: self.oidc_client_id.ok_or(ConfigError::Missing("TOKENHUB_OIDC_CLIENT_ID"))?,
@@ -667,6 +788,47 @@ mod tests {
         let mut s = minimal();
         s.keepalive_idle_timeout = Some(0);
         assert!(s.into_config(None).unwrap_err().to_string().starts_with("TOKENHUB_KEEPALIVE_IDLE_TIMEOUT"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_checked() {
+        assert!(minimal().into_config(None).unwrap().http.trusted_proxies.is_empty(), "none by default");
+        let s = Settings { trusted_proxies: Some("10.244.0.0/16, 192.168.1.5".into()), ..minimal() };
+        let t = s.into_config(None).unwrap().http.trusted_proxies;
+        assert!(t.contains("10.244.1.1".parse().unwrap()) && t.contains("192.168.1.5".parse().unwrap()));
+        let s = Settings { trusted_proxies: Some("10.244.0.0/16,proxy-public".into()), ..minimal() };
+        let e = s.into_config(None).unwrap_err().to_string();
+        assert!(e.starts_with("TOKENHUB_TRUSTED_PROXIES: \"proxy-public\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_defaults_and_checks() {
+        let limits = minimal().into_config(None).unwrap().http.limits;
+        assert_eq!(limits, ConnectionLimits::default());
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.body_read_timeout, Duration::from_secs(30));
+        assert_eq!((limits.max_connections, limits.max_header_bytes), (1024, 16384));
+        let s = Settings {
+            header_read_timeout: Some(3),
+            body_read_timeout: Some(4),
+            max_connections: Some(5),
+            max_header_bytes: Some(8192),
+            ..minimal()
+        };
+        let limits = s.into_config(None).unwrap().http.limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(limits.body_read_timeout, Duration::from_secs(4));
+        assert_eq!((limits.max_connections, limits.max_header_bytes), (5, 8192));
+        for (s, name) in [
+            (Settings { header_read_timeout: Some(0), ..minimal() }, "TOKENHUB_HEADER_READ_TIMEOUT"),
+            (Settings { body_read_timeout: Some(0), ..minimal() }, "TOKENHUB_BODY_READ_TIMEOUT"),
+            (Settings { max_connections: Some(0), ..minimal() }, "TOKENHUB_MAX_CONNECTIONS"),
+            (Settings { max_header_bytes: Some(512), ..minimal() }, "TOKENHUB_MAX_HEADER_BYTES"),
+            (Settings { max_header_bytes: Some(2 << 20), ..minimal() }, "TOKENHUB_MAX_HEADER_BYTES"),
+        ] {
+            let e = s.into_config(None).unwrap_err().to_string();
+            assert!(e.starts_with(name), "{e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod names;
 pub mod oauth;
 pub mod security;
+pub mod server;
 pub mod state;
 pub mod time;
 pub mod tokens;

@@ -1,6 +1,7 @@
 //! Defences that do not belong to one endpoint:
 //!
-//! - who the client is ([`client_of`]): the address failures are counted by;
+//! - who the client is ([`client_of`]): the address failures are counted by,
+//!   the peer's unless the peer is one of the [`TrustedProxies`];
 //! - [`FailureLimiter`]: callers that fail authentication repeatedly get 429
 //!   before any hub call;
 //! - [`security_headers`]: CSP, framing, sniffing and referrer headers on
@@ -13,44 +14,117 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
 
 use crate::errors::{ApiError, PageError};
 
-/// The client address a request is counted under.
-///
-/// Behind the hub's proxy every request comes from the proxy, so the peer
-/// address says nothing; configurable-http-proxy appends the address it saw
-/// to `X-Forwarded-For`. The rightmost entry is the one the last hop (the
-/// proxy) added: entries further left were written by the client and can be
-/// anything. Without the header the peer address counts. A caller that
-/// reaches tokenhub directly could send its own `X-Forwarded-For`, so
-/// tokenhub should be reachable only through the proxy and by the hub (as in
-/// Zero to JupyterHub, where the service sits behind the proxy in the
-/// cluster). An entry that is not an IP address is ignored, so no header can
-/// make up arbitrary keys.
-pub fn client_of(headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<String> {
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .rfind(|v| !v.is_empty())
-        .and_then(|v| v.parse::<IpAddr>().ok());
-    forwarded.or(peer.map(|p| p.ip())).map(|ip| ip.to_string())
+/// The proxies in front of tokenhub whose `X-Forwarded-For` is believed
+/// (`TOKENHUB_TRUSTED_PROXIES`): addresses and CIDR blocks. Empty by
+/// default: then nobody's header is believed and the peer is the client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Arc<[IpNet]>);
+
+impl TrustedProxies {
+    /// Parses addresses and CIDR blocks separated by commas (or white
+    /// space), e.g. `10.244.0.0/16, 192.168.1.5, fd00::/8`. `Err` names the
+    /// first entry that is neither.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut nets = Vec::new();
+        for entry in text.split(|c: char| c == ',' || c.is_whitespace()).filter(|e| !e.is_empty()) {
+            let net = match entry.parse::<IpNet>() {
+                Ok(net) => net.trunc(),
+                Err(_) => entry
+                    .parse::<IpAddr>()
+                    .map(|ip| IpNet::from(ip.to_canonical()))
+                    .map_err(|_| format!("{entry:?} is not an IP address or a CIDR block (such as 10.0.0.7 or 10.244.0.0/16)"))?,
+            };
+            nets.push(net);
+        }
+        Ok(Self(nets.into()))
+    }
+
+    /// Whether no proxy is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `ip` is a trusted proxy (an IPv4 address mapped into IPv6,
+    /// as a dual-stack listener sees IPv4 peers, counts as the IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
 }
 
-/// The client of a request (peer from `ConnectInfo` when the server was
-/// started with it; tests driving the router directly have none).
+impl std::fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, net) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{net}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The client address a request is counted under: the failure limiter's
+/// key and the audit log's `client`.
+///
+/// The peer address, unless the peer is a trusted proxy. A proxy appends
+/// the address it saw to `X-Forwarded-For`, so behind trusted proxies the
+/// header is walked from the right, past the addresses of trusted proxies,
+/// and the first other address is the client; entries further left were
+/// written by the client and can be anything. An entry that is not an IP
+/// address stops the walk (the last trusted hop counts), so no header can
+/// make up arbitrary keys; if every entry is a trusted proxy, the leftmost
+/// one counts. From any other peer the header is ignored: a caller that
+/// reaches tokenhub directly (in Zero to JupyterHub every user's server can)
+/// cannot pass for the hub, nor escape the limiter by changing the header.
+/// Without a peer (a router driven in-process) there is no client.
+pub fn client_of(headers: &HeaderMap, peer: Option<SocketAddr>, trusted: &TrustedProxies) -> Option<String> {
+    let mut client = peer?.ip().to_canonical();
+    if trusted.contains(client) {
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        for entry in forwarded.rev() {
+            let Some(ip) = forwarded_address(entry) else { break };
+            client = ip;
+            if !trusted.contains(ip) {
+                break;
+            }
+        }
+    }
+    Some(client.to_string())
+}
+
+/// An `X-Forwarded-For` entry's address: `10.0.0.1`, `2001:db8::1`, and,
+/// as some proxies write them, with a port (`10.0.0.1:5555`, `[2001:db8::1]:5555`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let ip = entry.parse::<IpAddr>().or_else(|_| entry.parse::<SocketAddr>().map(|s| s.ip())).ok()?;
+    Some(ip.to_canonical())
+}
+
+/// The client of a request (peer from `ConnectInfo` and the trusted
+/// proxies, both put there by [`crate::server::serve`]; tests driving the
+/// router directly have neither, so no client).
 pub fn client_of_request<B>(request: &Request<B>) -> Option<String> {
+    static NONE: std::sync::LazyLock<TrustedProxies> = std::sync::LazyLock::new(TrustedProxies::default);
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    client_of(request.headers(), peer)
+    let trusted = request.extensions().get::<TrustedProxies>().unwrap_or(&NONE);
+    client_of(request.headers(), peer, trusted)
 }
 
 /// Failures allowed in a row before a client is slowed down.
@@ -216,18 +290,71 @@ mod tests {
         h
     }
 
+    fn trusted(text: &str) -> TrustedProxies {
+        TrustedProxies::parse(text).unwrap()
+    }
+
     #[test]
-    fn client_is_the_rightmost_forwarded_address_or_the_peer() {
+    fn trusted_proxies_parse_addresses_and_blocks() {
+        let t = trusted("10.244.0.0/16, 192.168.1.5 fd00::/8,,::1");
+        assert_eq!(t.to_string(), "10.244.0.0/16,192.168.1.5/32,fd00::/8,::1/128");
+        assert!(t.contains("10.244.3.4".parse().unwrap()));
+        assert!(!t.contains("10.245.0.1".parse().unwrap()));
+        assert!(t.contains("192.168.1.5".parse().unwrap()) && !t.contains("192.168.1.6".parse().unwrap()));
+        assert!(t.contains("fd12::7".parse().unwrap()) && t.contains("::1".parse().unwrap()));
+        // A dual-stack listener sees IPv4 peers as mapped IPv6 addresses.
+        assert!(t.contains("::ffff:10.244.0.9".parse().unwrap()));
+        // Host bits in a block are dropped; a mapped address is its IPv4 one.
+        assert_eq!(trusted("10.1.2.3/8 ::ffff:10.0.0.1").to_string(), "10.0.0.0/8,10.0.0.1/32");
+        assert!(trusted("").is_empty() && trusted(" , ").is_empty());
+        for bad in ["10.0.0.0/33", "example.org", "10.0.0", "10.0.0.0/8/8", "*"] {
+            let e = TrustedProxies::parse(&format!("10.0.0.1,{bad}")).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn without_trusted_proxies_the_peer_is_the_client() {
+        let none = TrustedProxies::default();
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
-        assert_eq!(client_of(&headers(&[]), Some(peer)).as_deref(), Some("10.0.0.9"));
+        assert_eq!(client_of(&headers(&[]), Some(peer), &none).as_deref(), Some("10.0.0.9"));
+        // A forged header changes nothing.
         let h = headers(&[("x-forwarded-for", "1.2.3.4, 5.6.7.8")]);
-        assert_eq!(client_of(&h, Some(peer)).as_deref(), Some("5.6.7.8"));
-        let h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "::1")]);
-        assert_eq!(client_of(&h, None).as_deref(), Some("::1"));
-        // Not an address: ignored, the peer counts.
-        let h = headers(&[("x-forwarded-for", "1.2.3.4, made-up")]);
-        assert_eq!(client_of(&h, Some(peer)).as_deref(), Some("10.0.0.9"));
-        assert_eq!(client_of(&headers(&[]), None), None);
+        assert_eq!(client_of(&h, Some(peer), &none).as_deref(), Some("10.0.0.9"));
+        // Nor from a peer that is not among the trusted.
+        assert_eq!(client_of(&h, Some(peer), &trusted("10.0.1.0/24")).as_deref(), Some("10.0.0.9"));
+        // No peer, no client, whatever the header says.
+        assert_eq!(client_of(&h, None, &trusted("10.0.0.0/8")), None);
+        assert_eq!(client_of(&headers(&[]), None, &none), None);
+        let mapped: SocketAddr = "[::ffff:10.0.0.9]:5555".parse().unwrap();
+        assert_eq!(client_of(&headers(&[]), Some(mapped), &none).as_deref(), Some("10.0.0.9"));
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_first_untrusted_forwarded_address_is_the_client() {
+        let t = trusted("10.0.0.0/8");
+        let proxy: SocketAddr = "10.0.0.2:5555".parse().unwrap();
+        let client = |xff: &[&str]| {
+            let pairs: Vec<(&'static str, &str)> = xff.iter().map(|v| ("x-forwarded-for", *v)).collect();
+            client_of(&headers(&pairs), Some(proxy), &t)
+        };
+        assert_eq!(client(&["203.0.113.7"]).as_deref(), Some("203.0.113.7"));
+        // What the client wrote itself (left) does not count.
+        assert_eq!(client(&["1.2.3.4, 203.0.113.7"]).as_deref(), Some("203.0.113.7"));
+        // Trusted hops (an ingress behind the proxy) are skipped, across headers.
+        assert_eq!(client(&["1.2.3.4, 203.0.113.7, 10.1.1.1", "10.2.2.2"]).as_deref(), Some("203.0.113.7"));
+        // With ports, bracketed IPv6, mapped IPv4.
+        assert_eq!(client(&["203.0.113.7:4444"]).as_deref(), Some("203.0.113.7"));
+        assert_eq!(client(&["[2001:db8::1]:4444"]).as_deref(), Some("2001:db8::1"));
+        assert_eq!(client(&["::ffff:203.0.113.7"]).as_deref(), Some("203.0.113.7"));
+        // No header: the proxy itself (its own requests, probes).
+        assert_eq!(client(&[]).as_deref(), Some("10.0.0.2"));
+        // Not an address: the walk stops at the last trusted hop.
+        assert_eq!(client(&["203.0.113.7, made-up"]).as_deref(), Some("10.0.0.2"));
+        assert_eq!(client(&["made-up, 10.3.3.3"]).as_deref(), Some("10.3.3.3"));
+        assert_eq!(client(&["unknown"]).as_deref(), Some("10.0.0.2"));
+        // Every entry trusted: the leftmost.
+        assert_eq!(client(&["10.3.3.3, 10.4.4.4"]).as_deref(), Some("10.3.3.3"));
     }
 
     #[test]

@@ -71,9 +71,18 @@ struct PendingLogin {
     expires_at: i64,
 }
 
-/// The login cookie for `state`, with its path (value and attributes added by the caller).
+/// The login cookie for `state`, with its name, path and `Secure` (value
+/// and the other attributes added by the caller; a removal needs these).
+/// Over https at the root of the host it is `__Host-tokenhub_login_<state>`
+/// with `Path=/`, as `__Host-` requires (it is one cookie per login, so the
+/// wider path clashes with nothing); else `<base>/callback` is its path and
+/// over https its name starts `__Secure-` (see [`session::cookie_name`]).
 fn login_cookie(app: &AppState, state: &str) -> Cookie<'static> {
-    Cookie::build(format!("{COOKIE_PREFIX}{state}")).path(format!("{}/callback", app.config.http.base_path)).build()
+    let name = session::cookie_name(app, &format!("{COOKIE_PREFIX}{state}"));
+    let http = &app.config.http;
+    let path =
+        if http.secure_cookies && http.base_path.is_empty() { "/".to_string() } else { format!("{}/callback", http.base_path) };
+    Cookie::build(name).path(path).secure(http.secure_cookies).build()
 }
 
 fn cookie_aad(state: &str) -> Vec<u8> {
@@ -218,7 +227,7 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
             "The identity provider's response has no state parameter.",
         )
     })?;
-    let cookie = jar.get(&format!("{COOKIE_PREFIX}{state}")).ok_or_else(expired)?;
+    let cookie = jar.get(login_cookie(app, state).name()).ok_or_else(expired)?;
     let pending: PendingLogin = app
         .keys
         .open_text(cookie.value(), &cookie_aad(state))

@@ -211,6 +211,47 @@ fn hub_token_from_row(row: &AnyRow, kind: HubTokenKind) -> Result<HubTokenRow, s
 impl Store {
     /// Connects, creating an SQLite file if needed, and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        /// The vault file holds sealed tokens: when the URL lets SQLite
+        /// create it (`mode=rwc`) and it is missing, it is created here,
+        /// readable and writable by tokenhub's user only (0600). SQLite gives
+        /// the `-wal` and `-shm` files it makes beside it the database
+        /// file's permissions. An existing file that any user may read is
+        /// left as it is, and said.
+        fn create_private_file(url: &str) -> std::io::Result<()> {
+            use std::str::FromStr as _;
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let mode = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "mode").map(|(_, v)| v.into_owned());
+            if path.ends_with(":memory:") || mode.as_deref() == Some("memory") {
+                return Ok(());
+            }
+            // The file SQLite will open, decoded as sqlx decodes it.
+            let Ok(options) = sqlx::sqlite::SqliteConnectOptions::from_str(url) else { return Ok(()) };
+            let file = options.get_filename();
+            if mode.as_deref() == Some("rwc") {
+                let mut open = std::fs::OpenOptions::new();
+                open.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+                match open.open(file) {
+                    Ok(_) => tracing::info!(file = %file.display(), "created the vault's SQLite file, mode 0600"),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(std::io::Error::new(e.kind(), format!("creating {}: {e}", file.display()))),
+                }
+            }
+            #[cfg(unix)]
+            if let Ok(metadata) = std::fs::metadata(file) {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = metadata.permissions().mode() & 0o777;
+                if mode & 0o007 != 0 {
+                    tracing::warn!(
+                        file = %file.display(),
+                        mode = %format!("{mode:o}"),
+                        "any user may read the vault's SQLite file: chmod 600 it (and its -wal and -shm files)"
+                    );
+                }
+            }
+            Ok(())
+        }
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -219,6 +260,9 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl);
         };
+        if backend == Backend::Sqlite {
+            create_private_file(url).map_err(sqlx::Error::Io)?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
             .after_connect(move |conn, _| {

@@ -39,6 +39,10 @@ NOT_FOR_THE_CHART = {
     "TOKENHUB_CONFIG": "every setting is in the environment from the ConfigMap and Secret",
     "JUPYTERHUB_SERVICE_PREFIX": "set by the hub for a service it starts; publicUrl's path says it here",
     "JUPYTERHUB_SERVICE_URL": "set by the hub for a service it starts; TOKENHUB_BIND says it here",
+    "TOKENHUB_HEADER_READ_TIMEOUT": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_BODY_READ_TIMEOUT": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_MAX_CONNECTIONS": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_MAX_HEADER_BYTES": "tokenhub's connection limits have safe defaults; extraEnv can set them",
 }
 
 
@@ -227,6 +231,7 @@ OPTIONAL = {
     "TOKENHUB_TOKEN_FILE": {"jupyterhub": {"tokenFile": "tokens.json"}},
     "TOKENHUB_SERVICE_NAME": {"jupyterhub": {"serviceName": "tokenhub"}},
     "TOKENHUB_AUDIT_LOG": {"log": {"audit": "stdout"}},
+    "TOKENHUB_TRUSTED_PROXIES": {"trustedProxies": ["10.244.0.0/16", "192.168.1.5"]},
     "TOKENHUB_KEEPALIVE_INTERVAL": {"keepAlive": {"interval": 30}},
     "TOKENHUB_KEEPALIVE_IDLE_TIMEOUT": {"keepAlive": {"idleTimeout": 1800}},
     "TOKENHUB_KEEPALIVE_MARGIN": {"keepAlive": {"margin": 600}},

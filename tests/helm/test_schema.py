@@ -75,6 +75,8 @@ def refused(chart, values):
         ({"replica": 2}, "at '': additional properties 'replica' not allowed"),
         ({"oidc": {"issuerUrl": "https://x"}}, "at '/oidc': additional properties 'issuerUrl' not allowed"),
         ({"persistence": {"enabled": False}}, "at '/persistence': additional properties 'enabled' not allowed"),
+        ({"trustedProxies": ["proxy-public"]}, "at '/trustedProxies/0': 'proxy-public' does not match pattern"),
+        ({"trustedProxies": "10.0.0.0/8"}, "at '/trustedProxies': got string, want array"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(chart, values, message):
@@ -104,6 +106,7 @@ def test_replicas_above_one_with_sqlite_are_refused_saying_why(chart, values):
         {"replicas": 3, "database": {"url": "postgres://u:p@db:5432/tokenhub"}},
         {"replicas": 3, "database": {"url": "postgresql://u:p@db/tokenhub"}},
         {"replicas": 5, "database": {"existingSecret": {"name": "db", "key": "url"}}},
+        {"trustedProxies": ["10.244.0.0/16", "192.168.1.5", "fd00::/8"]},
     ],
 )
 def test_good_values_pass(chart, values):

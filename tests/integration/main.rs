@@ -6,6 +6,7 @@ mod admin;
 mod binary;
 mod custody;
 mod faults;
+mod hardening;
 mod id_token;
 mod idp_variants;
 mod keepalive;

@@ -18,7 +18,9 @@ async fn tokens(app: &TestApp, token: &str, forwarded_for: Option<&str>) -> reqw
 }
 
 async fn logged_in(hub: &HubMock, user: &str, audit: Option<&std::path::Path>) -> TestApp {
-    let mut builder = TestApp::builder(&Idp::shared().issuer).hub(hub);
+    // The test's requests play the hub's proxy: their `X-Forwarded-For`
+    // names the client.
+    let mut builder = TestApp::builder(&Idp::shared().issuer).hub(hub).settings(|s| s.trusted_proxies = Some("127.0.0.1".into()));
     if let Some(path) = audit {
         let path = path.display().to_string();
         builder = builder.settings(|s| s.audit_log = Some(path));
@@ -143,7 +145,7 @@ async fn unknown_tokens_are_remembered_and_repeated_failures_slowed_down() {
         .await
         .unwrap();
     assert_json_error(slowed, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
-    // Without X-Forwarded-For, the peer address (127.0.0.1) counts: not slowed.
+    // Without X-Forwarded-For, the peer address (127.0.0.1, the proxy) counts: not slowed.
     let direct = reqwest::Client::new()
         .post(app.url("/api/v1/hub/spawn"))
         .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))

@@ -120,6 +120,12 @@ impl TestApp {
         self.state.as_ref().expect("an in-process TestApp")
     }
 
+    /// The address tokenhub listens on.
+    pub fn addr(&self) -> SocketAddr {
+        let url = Url::parse(&self.base).unwrap();
+        SocketAddr::new(url.host_str().unwrap().parse().unwrap(), url.port().unwrap())
+    }
+
     /// A URL of this tokenhub.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
@@ -183,14 +189,19 @@ impl TestAppBuilder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let base = format!("http://{addr}{}", self.base_path);
-        self.settings.public_url = Some(Url::parse(&base).unwrap());
+        // A public URL of the test's own (say https, as behind a TLS proxy)
+        // stays; requests still go to the plain listener at `base`.
+        if self.settings.public_url.is_none() {
+            self.settings.public_url = Some(Url::parse(&base).unwrap());
+        }
         self.settings.database_url =
             Some(self.database_url.unwrap_or_else(|| format!("sqlite://{}?mode=rwc", db_path.display())));
         let config = self.settings.into_config(None).unwrap();
         let state = App::new(config).await.unwrap();
+        // The server loop `tokenhub serve` runs, with its limits.
         let router = tokenhub::app(state.clone());
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+        let http = state.config.http.clone();
+        tokio::spawn(async move { tokenhub::server::serve(listener, router, &http, std::future::pending()).await.unwrap() });
         TestApp { state: Some(state), base, db_path, _dir: Some(dir) }
     }
 }
