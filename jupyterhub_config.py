@@ -62,7 +62,14 @@ if os.environ.get("HUB_TEST_ADMIN_TOKEN"):
         {
             "name": "e2e-admin",
             # `tokens` and the tokenhub scope: to create users' personal tokens in the tests.
-            "scopes": ["admin:users", "admin:servers", "admin:server_state", "tokens", "access:services!service=tokenhub"],
+            "scopes": [
+                "admin:users",
+                "admin:servers",
+                "admin:server_state",
+                "tokens",
+                "access:services!service=tokenhub",
+                "shares",  # to share servers in the tests
+            ],
             "services": ["e2e-admin"],
         }
     )

@@ -95,6 +95,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());
+    if let Some(interval) = state.config.hub.share_check_interval.filter(|_| state.hub.configured()) {
+        crate::tokens::sharing::watch(&state, interval);
+    }
     let http = state.config.http.clone();
     crate::server::serve(listener, crate::app(state), &http, shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {

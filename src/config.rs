@@ -149,6 +149,16 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_TOKEN_FILE", help_heading = "JupyterHub as OAuth client")]
     pub token_file: Option<String>,
 
+    /// Owners in these IdP groups (comma-separated) keep their tokens in
+    /// servers they share; every other shared server gets none. Default: none.
+    #[arg(long, env = "TOKENHUB_SHARED_SERVER_GROUPS", help_heading = "JupyterHub as OAuth client")]
+    pub shared_server_groups: Option<String>,
+
+    /// How often (seconds) running servers are checked for new or removed
+    /// shares, to withhold or restore their token files. Default 15; 0: never.
+    #[arg(long, env = "TOKENHUB_SHARE_CHECK_INTERVAL", help_heading = "JupyterHub as OAuth client")]
+    pub share_check_interval: Option<u64>,
+
     /// The address a hub-managed service should listen on (set by the hub);
     /// used when TOKENHUB_BIND is not given.
     #[arg(long, env = "JUPYTERHUB_SERVICE_URL", help_heading = "HTTP")]
@@ -390,6 +400,10 @@ pub struct HubClientConfig {
     pub token_file: String,
     /// tokenhub's service name at the hub (the scope callers need names it).
     pub service_name: String,
+    /// IdP groups whose members keep their tokens in servers they share.
+    pub shared_server_groups: Vec<String>,
+    /// How often running servers are checked for shares (`None`: never).
+    pub share_check_interval: Option<std::time::Duration>,
 }
 
 /// The vault: database and keys.
@@ -501,6 +515,8 @@ impl Settings {
             hub_api_token,
             hub_url,
             token_file,
+            shared_server_groups,
+            share_check_interval,
             service_url,
             database_url,
             crypt_key,
@@ -597,6 +613,17 @@ impl Settings {
                 api_url: self.hub_api_url,
                 api_token: self.hub_api_token,
                 token_file: self.token_file.unwrap_or_else(|| ".tokens.json".into()),
+                shared_server_groups: self
+                    .shared_server_groups
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                share_check_interval: Some(self.share_check_interval.unwrap_or(15))
+                    .filter(|&s| s > 0)
+                    .map(std::time::Duration::from_secs),
                 service_name: self
                     .service_name
                     .or(self.hub_service_name)

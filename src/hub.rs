@@ -3,7 +3,7 @@
 //! writing a file into a running server through its Contents API with that
 //! server's own hub token.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -106,6 +106,34 @@ struct UserModel {
     token_id: Option<String>,
 }
 
+/// A page of the hub's share or share-code list (only what tokenhub reads).
+#[derive(Deserialize)]
+struct ShareList {
+    #[serde(default)]
+    items: Vec<ShareItem>,
+}
+
+#[derive(Deserialize)]
+struct ShareItem {
+    server: SharedServer,
+}
+
+#[derive(Deserialize)]
+struct SharedServer {
+    #[serde(default)]
+    name: String,
+    user: NameOnly,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    name: String,
+}
+
+/// How long a user's shared servers are remembered: a share added to a
+/// running server withholds its tokens within this time (plus the sweep's).
+pub const SHARES_TTL: Duration = Duration::from_secs(5);
+
 /// A client of the hub's API and of users' servers.
 pub struct HubApi {
     api_url: Option<Url>,
@@ -122,6 +150,8 @@ pub struct HubApi {
     /// Servers' own tokens checked recently (digest, user, server): the
     /// token's id, or why it may not be presented.
     server_credentials: moka::sync::Cache<String, Result<String, String>>,
+    /// Users' shared servers, by user (see [`HubApi::shared_servers`]).
+    shares: moka::sync::Cache<String, HashSet<String>>,
     /// How long calls take (for `/metrics`).
     timings: HubTimings,
 }
@@ -152,6 +182,7 @@ impl HubApi {
             identities: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
             refused: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(REFUSED_TTL).build(),
             server_credentials: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
+            shares: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(SHARES_TTL).build(),
             timings,
         }
     }
@@ -234,6 +265,7 @@ impl HubApi {
         self.identities.run_pending_tasks();
         self.refused.run_pending_tasks();
         self.server_credentials.run_pending_tasks();
+        self.shares.run_pending_tasks();
     }
 
     /// The hub's model of `username` (`GET /users/{name}` with tokenhub's
@@ -281,6 +313,42 @@ impl HubApi {
     pub async fn is_admin(&self, username: &str) -> Result<bool, HubError> {
         let user = self.user_model(username, HubCall::IsAdmin).await?;
         Ok(user.is_some_and(|user| user.admin && user.name == username))
+    }
+
+    /// The names of the user's servers that are shared with someone or
+    /// have share codes out (JupyterHub 5's sharing: `GET /shares/{name}`
+    /// and `GET /share-codes/{name}`, tokenhub's `read:shares`). Remembered
+    /// for [`SHARES_TTL`]. A hub without sharing (404 on both) shares nothing.
+    pub async fn shared_servers(&self, username: &str) -> Result<HashSet<String>, HubError> {
+        if let Some(shared) = self.shares.get(username) {
+            return Ok(shared);
+        }
+        let mut shared = HashSet::new();
+        for kind in ["shares", "share-codes"] {
+            let (url, token) = self.api(&format!("/{kind}/{}", path_segment(username)))?;
+            let _timer = self.timings.start(HubCall::Shares);
+            let response = self
+                .http
+                .get(url)
+                .header("authorization", format!("token {}", token.expose_secret()))
+                .send()
+                .await
+                .map_err(unreachable)?;
+            match response.status().as_u16() {
+                200 => {}
+                404 => continue,
+                status => return Err(HubError::Status { what: "the hub's sharing API", status }),
+            }
+            let list: ShareList = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+            for item in list.items {
+                if item.server.user.name != username {
+                    return Err(HubError::BadResponse("the hub listed another user's shares".into()));
+                }
+                shared.insert(item.server.name);
+            }
+        }
+        self.shares.insert(username.to_string(), shared.clone());
+        Ok(shared)
     }
 
     /// Checks a server's own hub API token before tokenhub presents it to

@@ -5,10 +5,14 @@
 CREATE TABLE server_credentials (
     username    TEXT    NOT NULL,
     server_name TEXT    NOT NULL,
+    -- SHA-256 of the token: a notebook call presenting it is known to come
+    -- from this server (a shared server's token gets no tokens).
+    token_hash  TEXT    NOT NULL,
     token       BYTEA   NOT NULL,
     created_at  BIGINT  NOT NULL,
     PRIMARY KEY (username, server_name)
 );
+CREATE INDEX server_credentials_by_hash ON server_credentials (token_hash);
 
 -- A hub name belongs to one upstream identity (issuer, subject), bound at
 -- the name's first login. Kept through revocations and new logins; only an

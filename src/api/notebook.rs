@@ -16,8 +16,8 @@ use crate::auth::caller;
 use crate::errors::ApiError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::tokens::fabric;
 use crate::tokens::refresh::{Fresh, RefreshError, Want};
+use crate::tokens::{fabric, sharing};
 use crate::vault::crypto::{constant_time_eq, digest_hex};
 
 /// How long a refresh token rotated away still gets the current set back.
@@ -93,6 +93,7 @@ pub async fn tokens(
         return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
     let username = caller(&app, &headers).await?;
+    sharing::refuse_shared_server(&app, &headers, &username).await?;
     let fresh =
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
@@ -128,6 +129,7 @@ pub async fn force_refresh(
             .map_err(|_| ApiError::invalid_request("the body must be JSON like {\"refresh_token\": \"…\"}"))?
     };
     let username = caller(&app, &headers).await?;
+    sharing::refuse_shared_server(&app, &headers, &username).await?;
     if let Some(held) = &request.refresh_token {
         let lineage = app
             .vault

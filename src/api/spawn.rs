@@ -15,7 +15,7 @@ use super::no_store;
 use crate::auth::hub_client;
 use crate::errors::ApiError;
 use crate::state::AppState;
-use crate::tokens::delivery;
+use crate::tokens::{delivery, sharing};
 
 /// The spawn hook's request.
 #[derive(Debug, Deserialize)]
@@ -60,8 +60,10 @@ pub async fn spawn(
     }
     tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
     app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
+    // A server shared from its start (shares outlive a stop) gets no tokens.
+    let withheld = sharing::withheld(&app, &request.user, &request.server).await?;
     let mut env = serde_json::Map::new();
-    if let Some(refresh) = &lineage.tokens.refresh_token {
+    if let Some(refresh) = lineage.tokens.refresh_token.as_ref().filter(|_| !withheld) {
         env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
     }
     env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
@@ -70,5 +72,6 @@ pub async fn spawn(
         "token_file": app.hub.token_file(),
         "version": lineage.version,
         "active": lineage.active,
+        "withheld": withheld,
     })))
 }

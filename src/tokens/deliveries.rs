@@ -30,6 +30,8 @@ pub struct FileState {
     pub credential: String,
     /// The newest lineage version written into the file.
     pub version: Option<i64>,
+    /// Whether the file holds the note of a shared server instead.
+    pub withheld: bool,
 }
 
 /// A server's file lock (see [`FileState`]).
@@ -45,6 +47,10 @@ pub struct Deliveries {
     done: Mutex<HashMap<String, HashMap<String, Delivery>>>,
     waiting: Mutex<HashSet<(String, String)>>,
     files: moka::sync::Cache<(String, String), FileSlot>,
+    /// Servers whose tokens are withheld (shared), by user.
+    withheld: Mutex<HashMap<String, HashSet<String>>>,
+    /// Which server a hub token is the own token of, by the token's digest.
+    server_tokens: moka::sync::Cache<String, Option<String>>,
 }
 
 impl Default for Deliveries {
@@ -53,6 +59,8 @@ impl Default for Deliveries {
             done: Mutex::default(),
             waiting: Mutex::default(),
             files: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(SLOT_IDLE).build(),
+            withheld: Mutex::default(),
+            server_tokens: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
         }
     }
 }
@@ -75,6 +83,55 @@ impl Deliveries {
     /// already waits for it, so each server has one waiter.
     pub async fn start_waiting(&self, key: &(String, String)) -> bool {
         self.waiting.lock().await.insert(key.clone())
+    }
+
+    /// The users whose servers this process has written files into (or
+    /// withheld them from).
+    pub async fn users(&self) -> Vec<String> {
+        let mut users: HashSet<String> = self.done.lock().await.keys().cloned().collect();
+        users.extend(self.withheld.lock().await.keys().cloned());
+        users.into_iter().collect()
+    }
+
+    /// Forgets a user whose servers are all gone.
+    pub async fn forget_user(&self, username: &str) {
+        self.done.lock().await.remove(username);
+        self.withheld.lock().await.remove(username);
+    }
+
+    /// Notes whether one of the user's servers has its tokens withheld.
+    pub async fn set_withheld(&self, username: &str, server: &str, withheld: bool) {
+        let mut all = self.withheld.lock().await;
+        if withheld {
+            all.entry(username.to_string()).or_default().insert(server.to_string());
+            if let Some(done) = self.done.lock().await.get_mut(username) {
+                done.remove(server);
+            }
+        } else if let Some(servers) = all.get_mut(username) {
+            servers.remove(server);
+            if servers.is_empty() {
+                all.remove(username);
+            }
+        }
+    }
+
+    /// The user's servers whose tokens are withheld, sorted.
+    pub async fn withheld(&self, username: &str) -> Vec<String> {
+        let mut servers: Vec<String> =
+            self.withheld.lock().await.get(username).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        servers.sort();
+        servers
+    }
+
+    /// The server a hub token (by digest) was found to be the own token of
+    /// (`Some(None)`: of none), if remembered.
+    pub fn server_of_token(&self, digest: &str) -> Option<Option<String>> {
+        self.server_tokens.get(digest)
+    }
+
+    /// Remembers what [`Deliveries::server_of_token`] answers.
+    pub fn remember_server_of_token(&self, digest: String, server: Option<String>) {
+        self.server_tokens.insert(digest, server);
     }
 
     /// The lock of one server's file (see [`FileState`]).

@@ -12,7 +12,7 @@ use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
 use crate::time::now;
 use crate::tokens::deliveries::{Delivery, FileState};
-use crate::tokens::fabric;
+use crate::tokens::{fabric, sharing};
 use crate::vault::crypto::digest_hex;
 
 /// How long to wait for a spawning server to become ready.
@@ -58,8 +58,24 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     let digest = digest_hex(credential.expose_secret());
     if file.credential != digest {
         // A new start of the server: its file is new.
-        *file = FileState { credential: digest, version: None };
+        *file = FileState { credential: digest, version: None, withheld: false };
     }
+    // A shared server gets a note instead of the tokens (once), and the
+    // tokens again once it is no longer shared.
+    let withheld = sharing::withheld(app, username, &server.name).await?;
+    app.deliveries.set_withheld(username, &server.name, withheld).await;
+    if withheld {
+        if !file.withheld {
+            let written = app.hub.write_token_file(server, &sharing::note(username, app), &credential).await;
+            app.metrics.token_file_write(written.is_ok());
+            written?;
+            *file = FileState { credential: file.credential.clone(), version: None, withheld: true };
+            tracing::info!(user = %username, server = %server.name, token_id = %token_id, "token file withheld: the server is shared");
+            app.audit.record("token_file_withheld", Some(username), None, Some("the server is shared: its token file is a note"));
+        }
+        return Ok(None);
+    }
+    file.withheld = false;
     loop {
         let lineage = match app.vault.load(username, app.upstream.issuer()).await {
             Ok(Some(lineage)) => lineage,
@@ -99,6 +115,9 @@ pub async fn write_all(app: &AppState, username: &str) -> Vec<String> {
             return vec![];
         }
     };
+    if servers.is_empty() {
+        app.deliveries.forget_user(username).await;
+    }
     let mut written = vec![];
     for server in servers.iter().filter(|s| s.ready) {
         match write_one(app, username, server).await {

@@ -13,3 +13,4 @@ pub mod keepalive;
 pub mod refresh;
 pub mod refresher;
 pub mod revoke;
+pub mod sharing;

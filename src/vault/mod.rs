@@ -283,7 +283,8 @@ impl Vault {
     /// server), handed over by the spawn hook.
     pub async fn save_server_credential(&self, username: &str, server: &str, token: &SecretString) -> Result<(), VaultError> {
         let sealed = self.keys.seal(token.expose_secret().as_bytes(), &server_aad(username, server));
-        Ok(self.store.put_server_credential(username, server, &sealed, now()).await?)
+        let hash = crypto::digest_hex(token.expose_secret());
+        Ok(self.store.put_server_credential(username, server, &hash, &sealed, now()).await?)
     }
 
     /// The hub API token of one of the user's servers, if the spawn hook

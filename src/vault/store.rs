@@ -477,13 +477,22 @@ impl Store {
 
     /// Stores a server's sealed hub API token, replacing the one of an
     /// earlier start of that server.
-    pub async fn put_server_credential(&self, username: &str, server: &str, sealed: &[u8], now: i64) -> Result<(), StoreError> {
+    pub async fn put_server_credential(
+        &self,
+        username: &str,
+        server: &str,
+        token_hash: &str,
+        sealed: &[u8],
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO server_credentials (username, server_name, token, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (username, server_name) DO UPDATE SET token = excluded.token, created_at = excluded.created_at",
+            "INSERT INTO server_credentials (username, server_name, token_hash, token, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (username, server_name) DO UPDATE SET token_hash = excluded.token_hash, token = excluded.token, \
+               created_at = excluded.created_at",
         )
         .bind(username)
         .bind(server)
+        .bind(token_hash)
         .bind(sealed)
         .bind(now)
         .execute(&self.pool)
@@ -497,6 +506,16 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT token FROM server_credentials WHERE username = $1 AND server_name = $2")
             .bind(username)
             .bind(server)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Which of the user's servers a hub token (by its SHA-256) is the own
+    /// token of, if any.
+    pub async fn server_of_token(&self, username: &str, token_hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT server_name FROM server_credentials WHERE token_hash = $1 AND username = $2")
+            .bind(token_hash)
+            .bind(username)
             .fetch_optional(&self.pool)
             .await?)
     }

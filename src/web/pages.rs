@@ -44,6 +44,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
     };
     let lineage = lineage_of(&app, &session.username).await?;
     let deliveries = app.deliveries.of(&session.username).await;
+    let withheld = app.deliveries.withheld(&session.username).await;
     let view = TokenPage {
         username: &session.username,
         lineage: lineage.as_ref().map(|l| views::LineageView {
@@ -66,6 +67,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
                 at: format!("{} ({})", timestamp(d.at), relative(d.at)),
             })
             .collect(),
+        withheld: withheld.into_iter().map(|s| if s.is_empty() { "default server".into() } else { s }).collect(),
         csrf: &session.csrf,
         refresh_url: app.url("/refresh").to_string(),
         download_url: app.url("/tokens.json").to_string(),

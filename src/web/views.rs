@@ -83,6 +83,8 @@ pub struct TokenPage<'a> {
     pub lineage: Option<LineageView>,
     /// Servers that got the file.
     pub deliveries: Vec<DeliveryRow>,
+    /// Servers whose tokens are withheld because they are shared.
+    pub withheld: Vec<String>,
     /// Anti-forgery value for the revoke form.
     pub csrf: &'a str,
     /// `/refresh`.

@@ -49,6 +49,8 @@ def stack():
             # A second OAuth client at the hub (test_security).
             "HUB_TEST_OAUTH_CLIENT_SECRET": secrets.token_hex(24),
             "HUB_TEST_OAUTH_CLIENT_REDIRECT": f"http://127.0.0.1:{free_port()}/e2e-other-client/oauth_callback",
+            # Shares added to running servers are seen within 2 s (test_custody).
+            "TOKENHUB_SHARE_CHECK_INTERVAL": "2",
         },
     )
     yield s

@@ -244,9 +244,16 @@ def test_concurrent_forced_refreshes_leave_both_servers_files_current_and_forwar
         ]
         assert versions and versions == sorted(set(versions)), f"server {server!r}: {versions}"
     # And the server itself received each refresh token once, never an older one again.
+    def received_by(server):
+        return [r["refresh_token"] for r in recorded(recordings) if r.get("refresh_token") and r["server"] == server]
+
     for server in ("", "second"):
-        received = [r["refresh_token"] for r in recorded(recordings) if r.get("refresh_token") and r["server"] == server]
-        assert received and received[-1] == current["refresh_token"]
+        # The server logs a request after answering it: wait for the last line.
+        deadline = time.monotonic() + 10
+        while not received_by(server) or received_by(server)[-1] != current["refresh_token"]:
+            assert time.monotonic() < deadline, f"server {server!r} did not log the current file"
+            time.sleep(0.2)
+        received = received_by(server)
         assert len(received) == len(set(received)), f"server {server!r} received a version it already had"
     context.close()
     try:
@@ -254,3 +261,56 @@ def test_concurrent_forced_refreshes_leave_both_servers_files_current_and_forwar
     except urllib.error.HTTPError as e:
         assert e.code in (202, 204), e.code
     hub.stop_server("tess")
+
+
+def hub_call(stack, method: str, path: str, body: dict | None = None) -> int:
+    """The hub's REST API as the tests' admin service, with a JSON body."""
+    request = urllib.request.Request(
+        f"{stack.hub_url}/hub/api{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"token {stack.admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_shared_server_gets_no_tokens_while_shared_and_gets_them_back_after(stack, browser, hub):
+    contexts = [signed_in(browser, stack, "rex"), signed_in(browser, stack, "sharon")]
+    sharon = start_server(hub, "sharon")
+    token, path = sharon["JUPYTERHUB_API_TOKEN"], sharon["FABRIC_TOKEN_LOCATION"]
+    wait_for_file(path, lambda d: d.get("refresh_token") == sharon["CILOGON_REFRESH_TOKEN"])
+
+    # sharon shares her server with rex (JupyterHub's sharing API).
+    assert hub_call(stack, "POST", "/shares/sharon/", {"user": "rex"}) == 200
+    deadline = time.monotonic() + 30
+    while "refresh_token" in json.loads(Path(path).read_text() or "{}"):
+        assert time.monotonic() < deadline, "the token file was not withheld"
+        time.sleep(0.5)
+    note = json.loads(Path(path).read_text())
+    assert note["state"] == "Withheld" and "shared" in note["comment"]
+    status, body, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
+    assert status == 403 and body["error"] == "access_denied" and "shared" in body["error_description"]
+    page = contexts[1].new_page()
+    page.goto(f"{stack.tokenhub_url}/")
+    assert "default server" in page.inner_text("#withheld")
+
+    # The last share goes: the tokens come back, file and API.
+    assert hub_call(stack, "DELETE", "/shares/sharon/") == 204
+    current = None
+    deadline = time.monotonic() + 30
+    while current is None:
+        status, body, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
+        if status == 200:
+            current = body
+        else:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.5)
+    remember(current["access_token"], current["refresh_token"])
+    wait_for_file(path, lambda d: d.get("refresh_token") == current["refresh_token"])
+    for context in contexts:
+        context.close()
+    hub.stop_server("sharon")

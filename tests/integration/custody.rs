@@ -28,7 +28,7 @@ async fn puts(hub: &HubMock) -> Vec<wiremock::Request> {
 fn version_of(put: &wiremock::Request) -> String {
     let body: Value = serde_json::from_slice(&put.body).unwrap();
     let document: Value = serde_json::from_str(body["content"].as_str().unwrap()).unwrap();
-    document["refresh_token"].as_str().unwrap().to_string()
+    document["refresh_token"].as_str().unwrap_or_default().to_string()
 }
 
 #[tokio::test]
@@ -167,4 +167,76 @@ async fn hub_paths_are_percent_encoded_and_answers_must_name_the_user() {
         .await;
     assert!(app.state().hub.servers("eve").await.is_err());
     assert_eq!(tokenhub::hub::path_segment("a+b/c d%"), "a%2Bb%2Fc%20d%25");
+}
+
+#[tokio::test]
+async fn a_shared_server_gets_a_note_and_its_token_no_tokens_until_the_share_is_gone() {
+    let hub = HubMock::start().await;
+    let app = app(&hub).await;
+    login(&app, "sol").await;
+    // sol's server is shared with rex.
+    let share = Mock::given(method("GET"))
+        .and(path("/hub/api/shares/sol"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "items": [{"server": {"name": "", "user": {"name": "sol"}}, "user": {"name": "rex"}, "kind": "user"}]
+        })))
+        .named("sol's share")
+        .mount_as_scoped(&hub.server)
+        .await;
+    let server_token = hub.running(&app, "sol").await;
+    tokenhub::tokens::sharing::watch(app.state(), Duration::from_millis(500));
+    wait_until(Duration::from_secs(10), "the note is written", async || !puts(&hub).await.is_empty()).await;
+    let note: Value = {
+        let body: Value = serde_json::from_slice(&puts(&hub).await[0].body).unwrap();
+        serde_json::from_str(body["content"].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(note["state"], "Withheld");
+    assert!(note.get("refresh_token").is_none() && note.get("access_token").is_none());
+    // The server's own token gets 403 saying why; sol's other tokens still work.
+    let refused = reqwest::Client::new()
+        .get(app.url("/api/v1/tokens"))
+        .header("authorization", format!("token {server_token}"))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_json_error(refused, reqwest::StatusCode::FORBIDDEN, "access_denied").await;
+    assert!(body["error_description"].as_str().unwrap().contains("shared"));
+    let personal = hub.token_with("sol", "user", &["access:services!service=tokenhub"]).await;
+    let ok = reqwest::Client::new()
+        .get(app.url("/api/v1/tokens"))
+        .header("authorization", format!("token {personal}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), reqwest::StatusCode::OK);
+    // A spawn while shared hands out no refresh token.
+    let spawn = reqwest::Client::new()
+        .post(app.url("/api/v1/hub/spawn"))
+        .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+        .json(&json!({"user": "sol", "server": "", "server_token": server_token}))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = spawn.json().await.unwrap();
+    assert_eq!(answer["withheld"], true);
+    assert!(answer["env"].get("CILOGON_REFRESH_TOKEN").is_none());
+
+    // The share goes: within the watch's period the tokens come back.
+    drop(share);
+    let current = app.state().vault.load("sol", &Idp::shared().issuer).await.unwrap().unwrap();
+    let refresh = secrecy::ExposeSecret::expose_secret(current.tokens.refresh_token.as_ref().unwrap()).to_string();
+    wait_until(Duration::from_secs(15), "the token file is back", async || {
+        puts(&hub).await.last().is_some_and(|p| version_of(p) == refresh)
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "the server's token reads tokens again", async || {
+        let r = reqwest::Client::new()
+            .get(app.url("/api/v1/tokens"))
+            .header("authorization", format!("token {server_token}"))
+            .send()
+            .await
+            .unwrap();
+        r.status() == reqwest::StatusCode::OK
+    })
+    .await;
 }

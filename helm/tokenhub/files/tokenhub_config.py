@@ -34,6 +34,7 @@ import stat as _th_stat
 import sys as _th_sys
 
 from jupyterhub.roles import get_default_roles as _th_default_roles
+from jupyterhub.scopes import scope_definitions as _th_scope_definitions
 from jupyterhub.utils import maybe_future as _th_maybe_future
 from tornado.httpclient import AsyncHTTPClient as _ThHTTPClient
 from tornado.httpclient import HTTPClientError as _ThHTTPClientError
@@ -194,9 +195,11 @@ if "command" not in _th_service and not _th_service.get("api_token"):
 # file with that server's own token, which the spawn hook hands over, so no
 # credential reaching other servers is ever shown to a server (its owner
 # sees every header that reaches it).
+# read:shares (JupyterHub 5's sharing, where the hub has it): a server shared
+# with other people gets no tokens, since they run code in it.
 _th_role = _th_named("load_roles", _th_name)
 _th_role.setdefault("description", "tokenhub: find users' servers (token files are written with each server's own token)")
-_th_add_scopes(_th_role, ["read:users:name", "read:servers"])
+_th_add_scopes(_th_role, ["read:users:name", "read:servers", *(["read:shares"] if "read:shares" in _th_scope_definitions else [])])
 _th_role["services"] = sorted({*_th_role.get("services", []), _th_name})
 # Users hold the scope that lets their tokens reach tokenhub…
 _th_add_scopes(_th_named("load_roles", "user"), [_th_scope])
@@ -350,7 +353,14 @@ async def _tokenhub_pre_spawn_hook(spawner):
         answer = _th_json.loads(response.body)
         env.update(answer["env"])
         token_file = answer["token_file"]
-        if not answer["env"].get("CILOGON_REFRESH_TOKEN"):
+        if answer.get("withheld"):
+            spawner.log.warning(
+                "tokenhub: %s's server %r is shared with other people, so it gets no tokens "
+                "(no CILOGON_REFRESH_TOKEN, a note instead of the token file) until its shares are removed",
+                user,
+                spawner.name or "",
+            )
+        elif not answer["env"].get("CILOGON_REFRESH_TOKEN"):
             spawner.log.warning(
                 "tokenhub: %s's login brought no refresh token, so their notebooks cannot refresh tokens; "
                 "they can sign in again at %s/refresh. If this repeats, the identity provider grants "
