@@ -247,8 +247,11 @@ def test_network_policy_admits_z2jh_and_reaches_hub_proxy_idp(chart):
     (z2jh,) = policy["ingress"]
     assert z2jh["ports"] == [{"port": "http"}]
     assert [peer["podSelector"]["matchLabels"] for peer in z2jh["from"]] == [
-        {"app": "jupyterhub", "component": c} for c in ("proxy", "hub", "singleuser-server")
-    ]
+        {"app": "jupyterhub", "component": c} for c in ("proxy", "hub")
+    ], "users' servers reach tokenhub through the proxy only"
+    objects, _ = render(chart, merged(REQUIRED, {"networkPolicy": {"allowUserServers": True}}))
+    peers = find(objects, "NetworkPolicy")["spec"]["ingress"][0]["from"]
+    assert [p["podSelector"]["matchLabels"]["component"] for p in peers] == ["proxy", "hub", "singleuser-server"]
     egress = policy["egress"]
     assert {"to": [{"podSelector": {"matchLabels": {"app": "jupyterhub", "component": "hub"}}}], "ports": [{"port": 8081}]} in egress
     assert {"to": [{"podSelector": {"matchLabels": {"app": "jupyterhub", "component": "proxy"}}}], "ports": [{"port": 8000}]} in egress
