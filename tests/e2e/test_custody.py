@@ -18,45 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import log_in, remember, tokenhub_call, tokenhub_tokens, wait_for_file
-
-# What an attacker puts in their own home: every request's Authorization
-# header, and the token files written into the server, go to a file of theirs.
-RECORDER = '''
-import json, os
-from jupyter_server.log import log_request as _log_request
-
-def _record(handler):
-    record = {"server": os.environ.get("JUPYTERHUB_SERVER_NAME", ""),
-              "path": handler.request.path, "method": handler.request.method,
-              "authorization": handler.request.headers.get("Authorization", "")}
-    if handler.request.method == "PUT" and handler.request.path.endswith(".tokens.json"):
-        try:
-            record["refresh_token"] = json.loads(json.loads(handler.request.body)["content"]).get("refresh_token")
-        except Exception:
-            pass
-    with open(os.path.join(os.path.expanduser("~"), "recorded.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\\n")
-    _log_request(handler)
-
-c.ServerApp.tornado_settings = {"log_function": _record}
-'''
-
-
-def home(stack, user: str) -> Path:
-    return stack.state_dir / "hub" / "home" / user
-
-
-def plant_recorder(stack, user: str) -> Path:
-    config = home(stack, user) / ".jupyter"
-    config.mkdir(parents=True, exist_ok=True)
-    (config / "jupyter_server_config.py").write_text(RECORDER)
-    return home(stack, user) / "recorded.jsonl"
-
-
-def recorded(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
+from conftest import credentials_owned_by, home, log_in, plant_recorder, recorded, remember, tokenhub_call, tokenhub_tokens, wait_for_file
 
 def signed_in(browser, stack, account: str):
     """A browser context signed in to the hub as IdP `account` (no server)."""
@@ -115,14 +77,10 @@ def test_nothing_a_server_receives_reaches_another_users_server_or_tokens(stack,
     credentials = {r["authorization"] for r in recorded(recording) if r["authorization"]}
     assert credentials, "the recorder saw credentials"
     victor_file = f"{stack.hub_url}/user/victor/api/contents/.tokens.json"
-    for credential in credentials:
-        # Each is mallet's own server token: the hub says so…
-        request = urllib.request.Request(f"{stack.hub_url}/hub/api/user", headers={"Authorization": credential})
-        with urllib.request.urlopen(request, timeout=30) as r:
-            owner = json.loads(r.read())
-        assert owner["name"] == "mallet", owner["name"]
-        assert not any(s.startswith("access:servers") and "mallet" not in s for s in owner["scopes"]), owner["scopes"]
-        # …it opens no other user's server, and tokenhub gives it only mallet's tokens.
+    for credential, owner in credentials_owned_by(stack, recorded(recording)).items():
+        # Each is mallet's own server token: the hub says so, it opens no
+        # other user's server, and tokenhub gives it only mallet's tokens.
+        assert owner == "mallet", owner
         assert as_credential(stack, credential, "GET", victor_file) in (302, 403, 404), "reached victor's server"
         status, body, _ = tokenhub_call(stack, credential.split(" ", 1)[1], "GET", "/api/v1/tokens")
         assert status != 200 or body["user"] == "mallet"

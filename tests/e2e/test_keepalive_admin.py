@@ -30,11 +30,14 @@ from pathlib import Path
 import pytest
 from conftest import (
     Hub,
+    credentials_owned_by,
     idp_refreshes,
     idp_stats,
     leaked,
     log_in,
     log_in_and_spawn,
+    plant_recorder,
+    recorded,
     stack_logs,
     start_stack,
     tokenhub_call,
@@ -87,6 +90,8 @@ def people(stack, browser, hub):
     server environment, the first token file seen in it (keep-alive may have
     rewritten it already while the server started) and when she was in."""
     contexts = {name: browser.new_context() for name in ("alice", "bob", "admin-kim", "operator-oz")}
+    # alice's server records every credential that reaches it (as anyone can).
+    recording = plant_recorder(stack, "alice")
     signing_in = time.time()
     log_in_and_spawn(contexts["alice"].new_page(), stack, "alice")
     started = time.time()
@@ -97,7 +102,7 @@ def people(stack, browser, hub):
     log_in(contexts["bob"].new_page(), stack, "bob")
     log_in(contexts["admin-kim"].new_page(), stack, "admin-kim")
     log_in(contexts["operator-oz"].new_page(), stack, "operator-oz")
-    yield {"env": env, "first_file": first, "signing_in": signing_in, "started": started, "bob": contexts["bob"], "admin": contexts["admin-kim"]}
+    yield {"recording": recording, "env": env, "first_file": first, "signing_in": signing_in, "started": started, "bob": contexts["bob"], "admin": contexts["admin-kim"]}
     for context in contexts.values():
         try:
             context.close()
@@ -152,6 +157,12 @@ def test_a_running_server_keeps_its_tokens_alive_and_an_idle_user_is_let_go(stac
     document = wait_for_file(env["FABRIC_TOKEN_LOCATION"], lambda d: d.get("refresh_token") == current["refresh_token"])
     assert file_time(document) > file_time(people["first_file"])
     assert document["state"] == "Refreshed"
+    # Keep-alive's rewrites reached the server with its own token alone.
+    records = recorded(people["recording"])
+    rewrites = [r for r in records if r["method"] == "PUT" and r["path"].endswith(".tokens.json")]
+    assert len(rewrites) >= 3, f"{len(rewrites)} token files written"
+    assert {r["authorization"] for r in rewrites} == {f"token {api_token}"}
+    assert set(credentials_owned_by(stack, records).values()) == {"alice"}
     assert idp_refreshes(stack, "alice") == alice_refreshes, "reading the tokens refreshed nothing"
 
     # The IdP takes the file's refresh token: a refresh through tokenhub's API

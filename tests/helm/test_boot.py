@@ -230,6 +230,8 @@ OPTIONAL = {
     "TOKENHUB_HUB_TOKEN_TTL": {"jupyterhub": {"tokenTtl": 600}},
     "TOKENHUB_TOKEN_FILE": {"jupyterhub": {"tokenFile": "tokens.json"}},
     "TOKENHUB_SERVICE_NAME": {"jupyterhub": {"serviceName": "tokenhub"}},
+    "TOKENHUB_SHARED_SERVER_GROUPS": {"jupyterhub": {"sharedServerGroups": ["staff", "share-ok"]}},
+    "TOKENHUB_SHARE_CHECK_INTERVAL": {"jupyterhub": {"shareCheckInterval": 0}},
     "TOKENHUB_AUDIT_LOG": {"log": {"audit": "stdout"}},
     "TOKENHUB_TRUSTED_PROXIES": {"trustedProxies": ["10.244.0.0/16", "192.168.1.5"]},
     "TOKENHUB_KEEPALIVE_INTERVAL": {"keepAlive": {"interval": 30}},
