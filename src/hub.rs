@@ -268,10 +268,15 @@ impl HubApi {
         self.shares.run_pending_tasks();
     }
 
-    /// The hub's model of `username` (`GET /users/{name}` with tokenhub's
-    /// own token); `None` when the hub does not know the user.
-    async fn user_model(&self, username: &str, call: HubCall) -> Result<Option<UserModel>, HubError> {
-        let (url, token) = self.api(&format!("/users/{}", path_segment(username)))?;
+    /// `GET` a hub API path with tokenhub's own token: the JSON answer, or
+    /// `None` for 404 (`what` names the call in errors).
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        call: HubCall,
+        what: &'static str,
+    ) -> Result<Option<T>, HubError> {
+        let (url, token) = self.api(path)?;
         let _timer = self.timings.start(call);
         let response = self
             .http
@@ -281,11 +286,20 @@ impl HubApi {
             .await
             .map_err(unreachable)?;
         match response.status().as_u16() {
-            200 => {}
-            404 => return Ok(None),
-            status => return Err(HubError::Status { what: "the hub's /users", status }),
+            200 => Ok(Some(response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?)),
+            404 => Ok(None),
+            status => Err(HubError::Status { what, status }),
         }
-        let user: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+    }
+
+    /// The hub's model of `username` (`GET /users/{name}` with tokenhub's
+    /// own token); `None` when the hub does not know the user.
+    async fn user_model(&self, username: &str, call: HubCall) -> Result<Option<UserModel>, HubError> {
+        let Some(user) =
+            self.get_json::<UserModel>(&format!("/users/{}", path_segment(username)), call, "the hub's /users").await?
+        else {
+            return Ok(None);
+        };
         if user.name != username {
             return Err(HubError::BadResponse("the hub answered about another user".into()));
         }
@@ -325,21 +339,10 @@ impl HubApi {
         }
         let mut shared = HashSet::new();
         for kind in ["shares", "share-codes"] {
-            let (url, token) = self.api(&format!("/{kind}/{}", path_segment(username)))?;
-            let _timer = self.timings.start(HubCall::Shares);
-            let response = self
-                .http
-                .get(url)
-                .header("authorization", format!("token {}", token.expose_secret()))
-                .send()
-                .await
-                .map_err(unreachable)?;
-            match response.status().as_u16() {
-                200 => {}
-                404 => continue,
-                status => return Err(HubError::Status { what: "the hub's sharing API", status }),
-            }
-            let list: ShareList = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+            let path = format!("/{kind}/{}", path_segment(username));
+            let Some(list) = self.get_json::<ShareList>(&path, HubCall::Shares, "the hub's sharing API").await? else {
+                continue;
+            };
             for item in list.items {
                 if item.server.user.name != username {
                     return Err(HubError::BadResponse("the hub listed another user's shares".into()));

@@ -50,9 +50,14 @@ def start_server(hub, user: str, name: str = "") -> dict:
     return env
 
 
-def as_credential(stack, authorization: str, method: str, url: str) -> int:
-    """The status a request with a recorded Authorization header gets."""
-    request = urllib.request.Request(url, method=method, headers={"Authorization": authorization})
+def call(url: str, method: str, authorization: str, body: dict | None = None) -> int:
+    """The status a request with this Authorization (and JSON body) gets."""
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": authorization, "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status
@@ -81,7 +86,7 @@ def test_nothing_a_server_receives_reaches_another_users_server_or_tokens(stack,
         # Each is mallet's own server token: the hub says so, it opens no
         # other user's server, and tokenhub gives it only mallet's tokens.
         assert owner == "mallet", owner
-        assert as_credential(stack, credential, "GET", victor_file) in (302, 403, 404), "reached victor's server"
+        assert call(victor_file, "GET", credential) in (302, 403, 404), "reached victor's server"
         status, body, _ = tokenhub_call(stack, credential.split(" ", 1)[1], "GET", "/api/v1/tokens")
         assert status != 200 or body["user"] == "mallet"
     assert mallet["JUPYTERHUB_API_TOKEN"] in {c.split(" ", 1)[1] for c in credentials}
@@ -223,17 +228,7 @@ def test_concurrent_forced_refreshes_leave_both_servers_files_current_and_forwar
 
 def hub_call(stack, method: str, path: str, body: dict | None = None) -> int:
     """The hub's REST API as the tests' admin service, with a JSON body."""
-    request = urllib.request.Request(
-        f"{stack.hub_url}/hub/api{path}",
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"token {stack.admin_token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+    return call(f"{stack.hub_url}/hub/api{path}", method, f"token {stack.admin_token}", body)
 
 
 def test_a_shared_server_gets_no_tokens_while_shared_and_gets_them_back_after(stack, browser, hub):
