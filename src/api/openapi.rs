@@ -117,6 +117,27 @@ pub struct SpawnBody {
     pub user: String,
     /// The server's name (`""` for the default server).
     pub server: Option<String>,
+    /// The server's own hub API token: tokenhub writes the token file with
+    /// it (and with nothing else). Without it the server gets no file.
+    pub server_token: Option<String>,
+}
+
+/// Body of `POST /api/v1/admin/names/{name}`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct MoveNameBody {
+    /// The IdP subject the name belongs to from now on.
+    pub subject: String,
+}
+
+/// Answer of `POST /api/v1/admin/names/{name}`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct MoveNameResponse {
+    /// The name.
+    pub user: String,
+    /// Its subject now.
+    pub subject: String,
+    /// The subject it had (none if it was unbound).
+    pub previous_subject: Option<String>,
 }
 
 /// Answer of `POST /api/v1/hub/spawn`.
@@ -130,6 +151,8 @@ pub struct SpawnResponse {
     pub version: i64,
     /// False once the upstream grant is dead.
     pub active: bool,
+    /// True for a shared server: it gets no tokens.
+    pub withheld: bool,
 }
 
 /// Form of `POST /oauth2/token` (RFC 6749).
@@ -202,7 +225,7 @@ pub struct Health {
         (status = 200, description = "the caller's tokens", body = TokensAnswer),
         (status = 400, description = "bad parameter", body = ErrorBody),
         (status = 401, description = "no or unknown token (`invalid_token`), or the login is dead (`invalid_grant`)", body = ErrorBody),
-        (status = 403, description = "the token lacks `access:services!service=<name>`", body = ErrorBody),
+        (status = 403, description = "the token lacks `access:services!service=<name>` (`insufficient_scope`), or is the own token of a shared server (`access_denied`)", body = ErrorBody),
         (status = 429, description = "too many failed attempts from this address", body = ErrorBody),
         (status = 503, description = "the hub or the IdP is not answering", body = ErrorBody),
     ),
@@ -217,7 +240,7 @@ fn tokens() {}
         (status = 200, description = "refreshed tokens", body = TokensResponse),
         (status = 400, description = "bad body, or a refresh token that is not the current one (`invalid_grant`)", body = ErrorBody),
         (status = 401, description = "no or unknown token, or the login is dead", body = ErrorBody),
-        (status = 403, description = "the token lacks the scope", body = ErrorBody),
+        (status = 403, description = "the token lacks the scope, or is a shared server's", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
         (status = 429, description = "too many failed attempts", body = ErrorBody),
         (status = 503, description = "the hub or the IdP is not answering", body = ErrorBody),
@@ -327,6 +350,25 @@ fn openapi_json() {}
 )]
 fn admin_lineages() {}
 
+#[utoipa::path(
+    post, path = "/api/v1/admin/names/{name}", tag = "operators",
+    params(("name" = String, Path, description = "the (canonical) hub user name")),
+    request_body(content = MoveNameBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "the name belongs to the subject now; the old subject's lineage is gone", body = MoveNameResponse),
+        (status = 400, description = "not a canonical name, or a bad subject", body = ErrorBody),
+        (status = 401, description = "no or unknown token", body = ErrorBody),
+        (status = 403, description = "not a hub admin and no `custom:tokenhub:admin`", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not JSON", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape", body = ErrorBody),
+        (status = 429, description = "too many failed attempts from this address", body = ErrorBody),
+        (status = 503, description = "the hub or the store is not answering", body = ErrorBody),
+    ),
+    security(("hub_token" = []))
+)]
+fn admin_move_name() {}
+
 struct Security;
 
 impl Modify for Security {
@@ -349,7 +391,7 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tokenhub", description = "Upstream tokens for JupyterHub users' notebooks, and tokenhub's OAuth provider for the hub."),
-    paths(tokens, force_refresh, spawn, admin_lineages, token, userinfo, userinfo_post, discovery, healthz, openapi_json),
+    paths(tokens, force_refresh, spawn, admin_lineages, admin_move_name, token, userinfo, userinfo_post, discovery, healthz, openapi_json),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

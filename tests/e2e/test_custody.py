@@ -77,8 +77,11 @@ def test_nothing_a_server_receives_reaches_another_users_server_or_tokens(stack,
         assert status == 200, body
         remember(body["access_token"], body["refresh_token"])
         wait_for_file(mallet["FABRIC_TOKEN_LOCATION"], lambda d, r=body["refresh_token"]: d["refresh_token"] == r)
-    puts = [r for r in recorded(recording) if r["method"] == "PUT" and r["path"].endswith(".tokens.json")]
-    assert len(puts) >= 4, "the spawn's file and one per forced refresh were recorded"
+    # The server logs a request after answering it: wait (bounded) for the lines.
+    deadline = time.monotonic() + 10
+    while len([r for r in recorded(recording) if r["method"] == "PUT" and r["path"].endswith(".tokens.json")]) < 4:
+        assert time.monotonic() < deadline, "the spawn's file and one per forced refresh were recorded"
+        time.sleep(0.2)
     credentials = {r["authorization"] for r in recorded(recording) if r["authorization"]}
     assert credentials, "the recorder saw credentials"
     victor_file = f"{stack.hub_url}/user/victor/api/contents/.tokens.json"
