@@ -50,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/revoke"), post(web::pages::revoke))
         .route(&at("/admin"), get(admin::page::admin_page))
         .route(&at("/admin/revoke"), post(admin::page::revoke))
+        .route(&at("/admin/names"), post(admin::names::move_name_form))
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
         .route(&at("/api/v1/admin/names/{name}"), post(admin::names::move_name))
         .route(&at("/healthz"), get(healthz))

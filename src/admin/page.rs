@@ -80,6 +80,8 @@ pub struct AdminPage<'a> {
     pub admin_url: String,
     /// `/admin/revoke`.
     pub revoke_url: String,
+    /// `/admin/names`: the form that moves a name to another subject.
+    pub move_name_url: String,
     /// Anti-forgery value of the revoke forms.
     pub csrf: &'a str,
 }
@@ -93,7 +95,7 @@ fn when(at: Option<i64>, none: &str) -> String {
 }
 
 /// The signed-in session's user, if the hub says they are an admin.
-async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
+pub(super) async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
     let session = session::current(app, jar).ok_or_else(|| {
         PageError::new(
             StatusCode::UNAUTHORIZED,
@@ -123,7 +125,7 @@ async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError>
     }
 }
 
-fn bad_request(message: String) -> PageError {
+pub(super) fn bad_request(message: String) -> PageError {
     PageError::new(StatusCode::BAD_REQUEST, "Bad listing request", message)
 }
 
@@ -197,6 +199,7 @@ pub async fn admin_page(
         previous,
         next,
         revoke_url: app.url("/admin/revoke").to_string(),
+        move_name_url: app.url("/admin/names").to_string(),
         admin_url,
         csrf: &session.csrf,
     };

@@ -162,12 +162,6 @@ async fn admin_json_lists_states_filters_sorts_and_pages() {
     assert_json_error(anonymous, StatusCode::UNAUTHORIZED, "invalid_token").await;
 }
 
-async fn html(response: reqwest::Response) -> String {
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
-    response.text().await.unwrap()
-}
-
 #[tokio::test]
 async fn admin_page_lists_users_and_revokes_one() {
     let hub = HubMock::start().await;

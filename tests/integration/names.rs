@@ -118,3 +118,43 @@ async fn look_alike_and_mixed_case_names_are_canonical() {
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert!(response.text().await.unwrap().contains("“/”"));
 }
+
+#[tokio::test]
+async fn an_admin_moves_a_name_from_the_operators_page() {
+    use wiremock::matchers::{method, path};
+    let hub = HubMock::start().await;
+    let app = TestApp::builder(&Idp::shared().issuer).hub(&hub).spawn().await;
+    wiremock::Mock::given(method("GET"))
+        .and(path("/hub/api/users/adm-ulla"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_json(json!({"name": "adm-ulla", "admin": true, "servers": {}})),
+        )
+        .mount(&hub.server)
+        .await;
+    assert_eq!(hub_login(&app, "ursula").await.status(), StatusCode::SEE_OTHER);
+    let admin = Browser::new();
+    Hub::login(&app, &admin, "adm-ulla").await;
+    let page = html(admin.get(app.url("/admin")).await).await;
+    assert!(page.contains("id=\"move-name\""), "{page}");
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let post = |origin: &str, csrf: &str, user: &str| {
+        admin
+            .http
+            .post(app.url("/admin/names"))
+            .header("origin", origin)
+            .form(&[("csrf", csrf), ("user", user), ("subject", "newacct~ursula")])
+            .send()
+    };
+    let origin = origin_of(&app);
+    // Forged: another origin, a wrong CSRF value; a name that is not canonical.
+    assert_error_page(post("http://evil.example", &csrf, "ursula").await.unwrap(), StatusCode::FORBIDDEN).await;
+    assert_error_page(post(&origin, "guess", "ursula").await.unwrap(), StatusCode::FORBIDDEN).await;
+    assert_error_page(post(&origin, &csrf, "Ursula").await.unwrap(), StatusCode::BAD_REQUEST).await;
+    assert_eq!(subject_of(&app, "ursula").await.unwrap().0, "ursula", "nothing moved yet");
+    let moved = post(&origin, &csrf, "ursula").await.unwrap();
+    assert_eq!(moved.status(), StatusCode::OK);
+    assert!(moved.text().await.unwrap().contains("now belongs to the subject newacct~ursula"));
+    assert!(subject_of(&app, "ursula").await.is_none());
+    assert_eq!(hub_login(&app, "newacct~ursula").await.status(), StatusCode::SEE_OTHER);
+    assert!(logs().contains("by adm-ulla"), "audited with the admin's name");
+}

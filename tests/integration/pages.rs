@@ -7,12 +7,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-async fn html(response: reqwest::Response) -> String {
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
-    response.text().await.unwrap()
-}
-
 #[tokio::test]
 async fn token_page_shows_the_lineage_but_no_token_value() {
     let app = TestApp::builder(&Idp::shared().issuer).spawn().await;

@@ -673,6 +673,13 @@ impl Hub {
 }
 
 /// The origin of `app` (`http://127.0.0.1:port`), as a browser sends it.
+/// The body of a 200 HTML page.
+pub async fn html(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    response.text().await.unwrap()
+}
+
 pub fn origin_of(app: &TestApp) -> String {
     Url::parse(&app.base).unwrap().origin().ascii_serialization()
 }
