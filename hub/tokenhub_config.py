@@ -148,6 +148,17 @@ _th_default("token_url", f"{_th_internal}/oauth2/token")
 _th_default("userdata_url", f"{_th_internal}/oauth2/userinfo")
 _th_default("scope", ["openid", "profile", "email", "groups"])
 _th_default("username_claim", "preferred_username")
+# The hub's user name must be the one tokenhub keys tokens by: the canonical
+# name, bound to one IdP subject, which tokenhub's userinfo gives as
+# preferred_username (and username, sub). Another claim (say the upstream
+# email) would hand one person's tokens to whoever holds that other name.
+for _th_section in ("Authenticator", "OAuthenticator", "GenericOAuthenticator"):
+    _th_cfg = _th_set_where(_th_section, "username_claim")
+    if _th_cfg is not None and _th_cfg[_th_section].username_claim not in ("preferred_username", "username", "sub"):
+        raise RuntimeError(
+            "tokenhub: the hub's username_claim must be preferred_username (tokenhub's canonical user name); "
+            "choose the IdP claim in tokenhub instead (TOKENHUB_USERNAME_CLAIM)"
+        )
 _th_default("enable_pkce", True)
 _th_default("basic_auth", True)
 _th_default("enable_auth_state", True)

@@ -401,6 +401,21 @@ def test_without_c_the_loader_get_config_is_used(monkeypatch):
     assert [s["name"] for s in config.JupyterHub.services.to_dict()["extend"]] == ["tokenhub"]
 
 
+def test_a_username_claim_other_than_tokenhubs_name_is_refused(monkeypatch):
+    """The hub's user name must be tokenhub's canonical, subject-bound name:
+    an operator's `email` (the upstream's, unbound) would be another name."""
+    monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
+    for section in ("OAuthenticator", "GenericOAuthenticator"):
+        c = Config()
+        c[section].username_claim = "email"
+        with pytest.raises(RuntimeError, match="TOKENHUB_USERNAME_CLAIM"):
+            run_block(c)
+    c = Config()
+    c.GenericOAuthenticator.username_claim = "preferred_username"
+    run_block(c)
+    assert c.GenericOAuthenticator.username_claim == "preferred_username"
+
+
 def test_operator_server_token_scopes_are_extended(monkeypatch):
     monkeypatch.setenv("TOKENHUB_SERVICE_API_TOKEN", "t" * 40)
     c = Config()
