@@ -228,22 +228,28 @@ impl HubApi {
             return Ok(verdict);
         }
         let key = digest_hex(token);
-        let (url, _) = self.api("/user")?;
-        let _timer = self.timings.start(HubCall::Identify);
-        let response = self.http.get(url).header("authorization", format!("token {token}")).send().await.map_err(unreachable)?;
-        let verdict = match response.status().as_u16() {
-            200 => {
-                let user: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
-                self.judge(user)
-            }
-            401 | 403 | 404 => Verdict::Unknown,
-            status => return Err(HubError::Status { what: "the hub's /user", status }),
+        let verdict = match self.whoami(token, HubCall::Identify).await? {
+            Some(user) => self.judge(user),
+            None => Verdict::Unknown,
         };
         match &verdict {
             Verdict::User(identity) => self.identities.insert(key, identity.clone()),
             refused => self.refused.insert(key, refused.clone()),
         }
         Ok(verdict)
+    }
+
+    /// `GET /hub/api/user` with `token`: the model of its owner with the
+    /// token's scopes, or `None` when the hub does not know it (401, 403, 404).
+    async fn whoami(&self, token: &str, call: HubCall) -> Result<Option<UserModel>, HubError> {
+        let (url, _) = self.api("/user")?;
+        let _timer = self.timings.start(call);
+        let response = self.http.get(url).header("authorization", format!("token {token}")).send().await.map_err(unreachable)?;
+        match response.status().as_u16() {
+            200 => Ok(Some(response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?)),
+            401 | 403 | 404 => Ok(None),
+            status => Err(HubError::Status { what: "the hub's /user", status }),
+        }
     }
 
     fn judge(&self, user: UserModel) -> Verdict {
@@ -368,18 +374,8 @@ impl HubApi {
         if let Some(verdict) = self.server_credentials.get(&key) {
             return Ok(verdict);
         }
-        let (url, _) = self.api("/user")?;
-        let _timer = self.timings.start(HubCall::ServerToken);
-        let response = self
-            .http
-            .get(url)
-            .header("authorization", format!("token {}", credential.expose_secret()))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        let verdict = match response.status().as_u16() {
-            200 => {
-                let model: UserModel = response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
+        let verdict = match self.whoami(credential.expose_secret(), HubCall::ServerToken).await? {
+            Some(model) => {
                 let reaches = [format!("access:servers!server={username}/{server}"), format!("access:servers!user={username}")];
                 if model.kind.as_deref().is_some_and(|k| k != "user") || model.name != username {
                     Err("the hub says the token belongs to someone else".to_string())
@@ -389,8 +385,7 @@ impl HubApi {
                     Ok(model.token_id.unwrap_or_else(|| "(unknown)".into()))
                 }
             }
-            401 | 403 | 404 => Err("the hub does not know the token (the server stopped?)".to_string()),
-            status => return Err(HubError::Status { what: "the hub's /user", status }),
+            None => Err("the hub does not know the token (the server stopped?)".to_string()),
         };
         self.server_credentials.insert(key, verdict.clone());
         Ok(verdict)

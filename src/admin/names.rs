@@ -70,10 +70,7 @@ pub async fn move_name_form(
     jar: CookieJar,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    crate::security::same_origin_post(&headers, &app.origin)
-        .inspect_err(|_| app.audit.record("refused", None, None, Some("admin name form from another origin")))?;
-    let session = super::page::operator(&app, &jar).await?;
-    session.check_csrf(&form, "Operator's page", app.url("/admin").to_string())?;
+    let session = super::page::operator_form(&app, &headers, &jar, &form, "admin name form from another origin").await?;
     let field = |key: &str| form.get(key).map(String::as_str).unwrap_or_default();
     let name = field("user");
     let subject =

@@ -95,7 +95,7 @@ fn when(at: Option<i64>, none: &str) -> String {
 }
 
 /// The signed-in session's user, if the hub says they are an admin.
-pub(super) async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
+async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session, PageError> {
     let session = session::current(app, jar).ok_or_else(|| {
         PageError::new(
             StatusCode::UNAUTHORIZED,
@@ -123,6 +123,23 @@ pub(super) async fn operator(app: &AppState, jar: &CookieJar) -> Result<Session,
             ))
         }
     }
+}
+
+/// The checks of a form posted from the operator's page: from tokenhub's
+/// own origin (else audited as `refused_why`), by a hub admin's session,
+/// with that session's CSRF value. Returns the admin's session.
+pub(super) async fn operator_form(
+    app: &AppState,
+    headers: &HeaderMap,
+    jar: &CookieJar,
+    form: &HashMap<String, String>,
+    refused_why: &str,
+) -> Result<Session, PageError> {
+    crate::security::same_origin_post(headers, &app.origin)
+        .inspect_err(|_| app.audit.record("refused", None, None, Some(refused_why)))?;
+    let session = operator(app, jar).await?;
+    session.check_csrf(form, "Operator's page", app.url("/admin").to_string())?;
+    Ok(session)
 }
 
 pub(super) fn bad_request(message: String) -> PageError {
@@ -217,10 +234,7 @@ pub async fn revoke(
     jar: CookieJar,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    crate::security::same_origin_post(&headers, &app.origin)
-        .inspect_err(|_| app.audit.record("refused", None, None, Some("admin revoke form from another origin")))?;
-    let session = operator(&app, &jar).await?;
-    session.check_csrf(&form, "Operator's page", app.url("/admin").to_string())?;
+    let session = operator_form(&app, &headers, &jar, &form, "admin revoke form from another origin").await?;
     let user = form.get("user").map(String::as_str).unwrap_or_default();
     if user.is_empty() {
         return Err(bad_request("The form names no user.".into()));

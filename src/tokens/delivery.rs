@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::hub::{HubError, ServerInfo};
 use crate::state::AppState;
@@ -20,6 +20,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const READY_POLL: Duration = Duration::from_millis(500);
 /// Polls a server may be missing from the hub's list before we stop waiting.
 const ABSENT_POLLS: u32 = 10;
+
+/// One write of the file through the server's Contents API, counted in
+/// `/metrics`.
+async fn put(app: &AppState, server: &ServerInfo, content: &str, credential: &SecretString) -> Result<(), HubError> {
+    let written = app.hub.write_token_file(server, content, credential).await;
+    app.metrics.token_file_write(written.is_ok());
+    written
+}
 
 /// Writes the user's current token file into one server, with that
 /// server's own hub API token (handed over by the spawn hook); a server
@@ -66,10 +74,9 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     app.deliveries.set_withheld(username, &server.name, withheld).await;
     if withheld {
         if !file.withheld {
-            let written = app.hub.write_token_file(server, &sharing::note(username, app), &credential).await;
-            app.metrics.token_file_write(written.is_ok());
-            written?;
-            *file = FileState { credential: file.credential.clone(), version: None, withheld: true };
+            put(app, server, &sharing::note(username, app), &credential).await?;
+            file.version = None;
+            file.withheld = true;
             tracing::info!(user = %username, server = %server.name, token_id = %token_id, "token file withheld: the server is shared");
             app.audit.record("token_file_withheld", Some(username), None, Some("the server is shared: its token file is a note"));
         }
@@ -89,9 +96,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
             return Ok(file.version);
         }
         let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
-        let written = app.hub.write_token_file(server, &document, &credential).await;
-        app.metrics.token_file_write(written.is_ok());
-        written?;
+        put(app, server, &document, &credential).await?;
         file.version = Some(lineage.version);
         let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
         app.deliveries.record(username, delivery).await;
