@@ -16,7 +16,12 @@
 //   IDP_SEND_REFRESH_EXPIRES_IN=1  token responses carrying a refresh token
 //                          also carry `refresh_expires_in` (as Keycloak does)
 //   IDP_TEST_CONTROL=1     enable /_test/* (counters, killing a user's grants,
-//                          making the key set answer 503)
+//                          making the key set answer 503 or hang)
+//   IDP_JWKS_FAIL_SECONDS  with IDP_TEST_CONTROL=1: for this many seconds after
+//                          start the key set answers 503 with Retry-After (an
+//                          outage that begins with a key rollover, IDP_ROLL_KEY)
+//   IDP_JWKS_HANG=1        ... and, instead of answering 503, holds each request
+//                          unanswered until that time is over
 //   IDP_STRICT_OFFLINE=1   oidc-provider's spec-strict default: a refresh token
 //                          only for offline_access, which needs prompt=consent
 //   IDP_ROLL_KEY=1         at start, put a new signing key in front of the old
@@ -296,13 +301,24 @@ if (sendRefreshExpiresIn) {
 
 // Test control, off unless IDP_TEST_CONTROL=1.
 let jwksFailures = 0;
+// Until when (ms since the epoch) the key set is down, and how: 503 or hanging.
+let jwksDownUntil = Date.now() + 1000 * Number(process.env.IDP_JWKS_FAIL_SECONDS || 0);
+let jwksHang = process.env.IDP_JWKS_HANG === '1';
 provider.use(async (ctx, next) => {
-  if (testControl && ctx.path === '/jwks' && jwksFailures > 0) {
-    jwksFailures -= 1;
+  if (testControl && ctx.path === '/jwks' && (jwksFailures > 0 || Date.now() < jwksDownUntil)) {
+    counters.jwks_failed = (counters.jwks_failed || 0) + 1;
+    if (jwksFailures > 0) {
+      jwksFailures -= 1;
+    } else if (jwksHang) {
+      await new Promise((resolve) => { setTimeout(resolve, jwksDownUntil - Date.now()); });
+      return next();
+    }
     ctx.status = 503;
+    ctx.set('retry-after', '5');
     ctx.body = 'key set unavailable (test fault)';
     return undefined;
   }
+  if (testControl && ctx.path === '/jwks') counters.jwks_served = (counters.jwks_served || 0) + 1;
   if (!testControl || !ctx.path.startsWith('/_test/')) return next();
   ctx.type = 'json';
   if (ctx.path === '/_test/stats') {
@@ -322,9 +338,15 @@ provider.use(async (ctx, next) => {
     persist();
     ctx.body = { killed };
   } else if (ctx.path === '/_test/jwks-fail' && ctx.method === 'POST') {
-    // The next `count` requests for the key set answer 503.
-    jwksFailures = Number(ctx.query.count || 1);
-    ctx.body = { jwks_failures: jwksFailures };
+    // The next `count` requests for the key set answer 503; or, with
+    // `seconds`, every request for that long (held unanswered with `hang=1`).
+    if (ctx.query.seconds) {
+      jwksDownUntil = Date.now() + 1000 * Number(ctx.query.seconds);
+      jwksHang = ctx.query.hang === '1';
+    } else {
+      jwksFailures = Number(ctx.query.count || 1);
+    }
+    ctx.body = { jwks_failures: jwksFailures, down_until: jwksDownUntil };
   } else {
     ctx.status = 404;
     ctx.body = { error: 'not_found' };

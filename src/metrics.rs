@@ -54,6 +54,112 @@ impl RefreshOutcome {
     }
 }
 
+/// Why a keep-alive refresh did not renew a lineage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepaliveFailure {
+    /// The IdP's token endpoint could not be reached or answered 5xx (an
+    /// outage: the round stops and tries again next interval).
+    IdpUnreachable,
+    /// The IdP answered with something unusable (another OAuth error, a
+    /// broken or lost answer).
+    IdpError,
+    /// The IdP refused the refresh token (`invalid_grant`): the lineage is dead.
+    Refused,
+    /// Another replica held the lineage's lease and did not finish in time.
+    Busy,
+    /// The vault failed.
+    Vault,
+}
+
+impl KeepaliveFailure {
+    const ALL: [KeepaliveFailure; 5] = [Self::IdpUnreachable, Self::IdpError, Self::Refused, Self::Busy, Self::Vault];
+
+    /// The `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IdpUnreachable => "idp_unreachable",
+            Self::IdpError => "idp_error",
+            Self::Refused => "refused",
+            Self::Busy => "busy",
+            Self::Vault => "vault",
+        }
+    }
+}
+
+/// What keep-alive did: totals since start, and the last round's figures
+/// (also shown on the operator's page).
+#[derive(Debug, Default)]
+pub struct KeepaliveFigures {
+    /// Upstream refreshes keep-alive made.
+    pub refreshes: Counter,
+    failures: Family<Label, Counter>,
+    /// Rounds run (ended early or not).
+    pub rounds: Counter,
+    /// When the last round ended (unix seconds; 0 before the first).
+    pub last_round_at: Gauge,
+    /// Lineages due in the last round.
+    pub last_round_due: Gauge,
+    /// Lineages the last round refreshed.
+    pub last_round_refreshed: Gauge,
+    /// The least time a lineage had left before its refresh token's end
+    /// when the last round tried it (seconds; -1 when none was tried).
+    pub last_round_closest: Gauge,
+}
+
+impl KeepaliveFigures {
+    /// Counts a failed keep-alive refresh.
+    pub fn failed(&self, cause: KeepaliveFailure) {
+        self.failures.get_or_create(&[("cause", cause.as_str())]).inc();
+    }
+
+    /// Failed keep-alive refreshes since start, by cause.
+    pub fn failures(&self) -> Vec<(&'static str, u64)> {
+        KeepaliveFailure::ALL.iter().map(|c| (c.as_str(), self.failures.get_or_create(&[("cause", c.as_str())]).get())).collect()
+    }
+
+    /// Failed keep-alive refreshes since start, all causes.
+    pub fn failures_total(&self) -> u64 {
+        self.failures().iter().map(|(_, n)| n).sum()
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "keepalive_refreshes",
+            "Refreshes made by keep-alive for users with running servers.",
+            self.refreshes.clone(),
+        );
+        registry.register(
+            "keepalive_failures",
+            "Keep-alive refreshes that failed, by cause (idp_unreachable, idp_error, refused, busy, vault); \
+             the lineage is kept unless the IdP refused it.",
+            self.failures.clone(),
+        );
+        for cause in KeepaliveFailure::ALL {
+            let _ = self.failures.get_or_create(&[("cause", cause.as_str())]);
+        }
+        registry.register("keepalive_rounds", "Keep-alive rounds run.", self.rounds.clone());
+        registry.register(
+            "keepalive_last_round_timestamp",
+            "When the last keep-alive round ended (unix seconds).",
+            self.last_round_at.clone(),
+        );
+        registry.register("keepalive_last_round_due", "Lineages due in the last keep-alive round.", self.last_round_due.clone());
+        registry.register(
+            "keepalive_last_round_refreshed",
+            "Lineages the last keep-alive round refreshed.",
+            self.last_round_refreshed.clone(),
+        );
+        registry.register_with_unit(
+            "keepalive_last_round_closest",
+            "The least time a lineage had left before its refresh token's end when the last keep-alive round tried it \
+             (-1 when it tried none).",
+            Unit::Seconds,
+            self.last_round_closest.clone(),
+        );
+        self.last_round_closest.set(-1);
+    }
+}
+
 /// A call tokenhub makes to JupyterHub or to a user's server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubCall {
@@ -138,10 +244,8 @@ pub struct Metrics {
     pub hub_tokens_issued: Counter,
     /// Token-endpoint requests refused.
     pub hub_token_errors: Counter,
-    /// Upstream refreshes keep-alive made.
-    pub keepalive_refreshes: Counter,
-    /// Keep-alive refreshes that failed (IdP unavailable or refusing).
-    pub keepalive_failures: Counter,
+    /// What keep-alive did.
+    pub keepalive: KeepaliveFigures,
     /// Callers that waited for another caller's (or replica's) refresh and
     /// took its result instead of asking the IdP themselves.
     pub refresh_waits: Counter,
@@ -177,13 +281,8 @@ impl Metrics {
         let login_failures = counter(&mut registry, "login_failures", "Logins that failed at the callback.");
         let hub_tokens_issued = counter(&mut registry, "hub_tokens_issued", "Token responses sent to JupyterHub.");
         let hub_token_errors = counter(&mut registry, "hub_token_errors", "Token requests from JupyterHub refused.");
-        let keepalive_refreshes =
-            counter(&mut registry, "keepalive_refreshes", "Refreshes made by keep-alive for users with running servers.");
-        let keepalive_failures = counter(
-            &mut registry,
-            "keepalive_failures",
-            "Keep-alive refreshes that failed (the lineage is kept unless the IdP said invalid_grant).",
-        );
+        let keepalive = KeepaliveFigures::default();
+        keepalive.register(&mut registry);
         let refresh_waits = counter(
             &mut registry,
             "refresh_waits",
@@ -241,8 +340,7 @@ impl Metrics {
             login_failures,
             hub_tokens_issued,
             hub_token_errors,
-            keepalive_refreshes,
-            keepalive_failures,
+            keepalive,
             refresh_waits,
             refresh_seconds,
             refresh_outcomes,

@@ -84,10 +84,43 @@ pub struct AdminPage<'a> {
     pub move_name_url: String,
     /// Anti-forgery value of the revoke forms.
     pub csrf: &'a str,
+    /// What keep-alive did on this replica, in words.
+    pub keepalive: String,
 }
 
 fn page(html: String) -> Response {
     crate::no_store(Html(html).into_response())
+}
+
+/// Keep-alive's figures on this replica (as in `/metrics`), in words.
+fn keepalive_summary(app: &AppState) -> String {
+    if app.config.keepalive.interval.is_none() {
+        return "Keep-alive is off.".into();
+    }
+    let k = &app.metrics.keepalive;
+    let last = match k.last_round_at.get() {
+        0 => "no round has ended yet".to_string(),
+        at => {
+            let closest = match k.last_round_closest.get() {
+                -1 => String::new(),
+                s => format!(", the closest to its end had {s} s left"),
+            };
+            format!(
+                "the last round ended {}: {} lineages due, {} refreshed{closest}",
+                timestamp(at),
+                k.last_round_due.get(),
+                k.last_round_refreshed.get()
+            )
+        }
+    };
+    let failures: Vec<String> =
+        k.failures().into_iter().filter(|(_, n)| *n > 0).map(|(cause, n)| format!("{n} {}", cause.replace('_', " "))).collect();
+    let failures = if failures.is_empty() { "none".to_string() } else { failures.join(", ") };
+    format!(
+        "Keep-alive on this replica: {} rounds, {} refreshes, failed refreshes: {failures}; {last}.",
+        k.rounds.get(),
+        k.refreshes.get()
+    )
 }
 
 fn when(at: Option<i64>, none: &str) -> String {
@@ -219,6 +252,7 @@ pub async fn admin_page(
         move_name_url: app.url("/admin/names").to_string(),
         admin_url,
         csrf: &session.csrf,
+        keepalive: keepalive_summary(&app),
     };
     let referrer = (header::REFERRER_POLICY, crate::security::FORM_REFERRER_POLICY);
     Ok(([referrer], page(views::render(&view))).into_response())

@@ -28,6 +28,12 @@ type Client = CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNo
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a failed discovery is remembered before trying again.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+/// How long a failed key-set fetch is remembered before trying again: while
+/// the key set fails, callers learn "not yet" at once instead of each
+/// fetching it (and each waiting out a key set that hangs).
+const JWKS_RETRY: Duration = Duration::from_secs(5);
+/// The longest a key-set fetch may take: it runs while callers wait.
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why talking to the upstream IdP failed. Texts never hold token values.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +148,8 @@ pub struct Upstream {
     http: reqwest::Client,
     discovered: RwLock<Option<Arc<Discovered>>>,
     last_failure: Mutex<Option<Instant>>,
-    refetch_lock: Mutex<()>,
+    /// Held while the key set is fetched again; holds when a fetch last failed.
+    refetch_lock: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -158,7 +165,7 @@ fn unreachable(e: impl std::fmt::Display) -> UpstreamError {
 impl Upstream {
     /// A relying party for `config`, using `http` (which must not follow redirects).
     pub fn new(config: UpstreamConfig, http: reqwest::Client) -> Self {
-        Self { config, http, discovered: RwLock::new(None), last_failure: Mutex::new(None), refetch_lock: Mutex::new(()) }
+        Self { config, http, discovered: RwLock::new(None), last_failure: Mutex::new(None), refetch_lock: Mutex::new(None) }
     }
 
     /// The configured issuer.
@@ -502,7 +509,7 @@ impl Upstream {
     }
 
     async fn refetch_jwks(&self, current: &Arc<Discovered>) -> Result<Arc<Discovered>, UpstreamError> {
-        let _guard = self.refetch_lock.lock().await;
+        let mut failed_at = self.refetch_lock.lock().await;
         let latest = self.discovered().await?;
         if !Arc::ptr_eq(&latest, current) {
             return Ok(latest); // someone else re-fetched while we waited
@@ -512,10 +519,22 @@ impl Upstream {
                 "the ID token is signed with a key the key set, fetched moments ago, does not hold".into(),
             ));
         }
+        if failed_at.is_some_and(|t| t.elapsed() < JWKS_RETRY) {
+            return Err(UpstreamError::KeysUnavailable("the key set failed moments ago".into()));
+        }
         tracing::info!("ID token names an unknown key id: fetching the key set again");
-        let jwks = CoreJsonWebKeySet::fetch_async(latest.metadata.jwks_uri(), &self.http)
+        let fetched = tokio::time::timeout(JWKS_TIMEOUT, CoreJsonWebKeySet::fetch_async(latest.metadata.jwks_uri(), &self.http))
             .await
-            .map_err(|e| UpstreamError::KeysUnavailable(format!("the key set could not be fetched: {e}")))?;
+            .map_err(|_| format!("no answer in {} s", JWKS_TIMEOUT.as_secs()))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let jwks = match fetched {
+            Ok(jwks) => jwks,
+            Err(e) => {
+                *failed_at = Some(Instant::now());
+                return Err(UpstreamError::KeysUnavailable(format!("the key set could not be fetched: {e}")));
+            }
+        };
+        *failed_at = None;
         let fresh = Arc::new(Discovered { metadata: latest.metadata.clone().set_jwks(jwks), last_refetch: Some(Instant::now()) });
         *self.discovered.write().await = Some(fresh.clone());
         Ok(fresh)

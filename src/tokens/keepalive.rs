@@ -15,12 +15,19 @@
 //!   name), decide on the database's current row, and pass the version they
 //!   decided on to the refresher: a lineage another replica refreshed
 //!   meanwhile is not refreshed again.
-//! - Work is spread: each lineage is due at its own point of the last
-//!   quarter of the margin before its deadline, rounds are jittered, and a
-//!   round works through due lineages one at a time.
-//! - An IdP that is unavailable ends the round, and the next rounds come
-//!   later and later (up to 8 intervals). The refresher never marks a lineage
-//!   dead for an outage; only the IdP's `invalid_grant` does.
+//! - Work is spread: each lineage is due at its own point of the margin
+//!   before its deadline, rounds are jittered, and a round works through
+//!   due lineages one at a time, the one closest to its end first.
+//! - A lineage's outcome is what happened to its refresh token: stored is
+//!   done, whatever the new ID token's state (it is checked in the
+//!   background, as for any caller). One lineage's failure does not end the
+//!   round; only an IdP whose token endpoint cannot be reached does, and the
+//!   next round still comes one interval later: it tries the lineage closest
+//!   to its end first, so the first refresh after an outage comes within one
+//!   interval of the IdP's return. The refresher never marks a lineage dead
+//!   for an outage; only the IdP's `invalid_grant` does.
+//! - What each round did is in `/metrics` and on the operator's page
+//!   ([`crate::metrics::KeepaliveFigures`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KeepaliveConfig;
+use crate::metrics::KeepaliveFailure;
 use crate::state::AppState;
 use crate::time::now;
 use crate::tokens::refresh::{RefreshError, Want};
@@ -37,8 +45,9 @@ use crate::vault::store::LineageTimes;
 
 /// Lineages read from the database at a time.
 const PAGE: i64 = 500;
-/// The longest wait between rounds after failures, in intervals.
-const MAX_BACKOFF_INTERVALS: u32 = 8;
+/// The longest wait between rounds after the vault failed, in intervals
+/// (an IdP outage does not lengthen the wait: see the module's doc).
+const MAX_BACKOFF_INTERVALS: u32 = 4;
 /// How long shutdown waits for a refresh in progress.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,8 +76,22 @@ fn spread_of(username: &str) -> u64 {
     u64::from_str_radix(&hex[..16], 16).unwrap_or(0)
 }
 
+/// A lineage keep-alive is to refresh now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Why.
+    pub why: Why,
+    /// When the token it is kept for ends (unix seconds).
+    pub end: i64,
+}
+
 /// Whether the lineage is due for a keep-alive refresh at `now`, and why.
 pub fn plan(config: &KeepaliveConfig, times: &LineageTimes, now: i64) -> Option<Why> {
+    due(config, times, now).map(|d| d.why)
+}
+
+/// [`plan`], with the end the refresh is made for.
+pub fn due(config: &KeepaliveConfig, times: &LineageTimes, now: i64) -> Option<Due> {
     if !times.has_refresh_token {
         return None; // nothing to keep alive (and nothing to refresh with)
     }
@@ -89,13 +112,13 @@ pub fn plan(config: &KeepaliveConfig, times: &LineageTimes, now: i64) -> Option<
         && now < end
         && now >= due_at(end)
     {
-        return Some(Why::RefreshToken);
+        return Some(Due { why: Why::RefreshToken, end });
     }
     if config.fresh_access
         && let Some(expires) = times.access_expires_at
         && now >= due_at(expires)
     {
-        return Some(Why::AccessToken);
+        return Some(Due { why: Why::AccessToken, end: refresh_end.unwrap_or(i64::MAX) });
     }
     None
 }
@@ -150,7 +173,7 @@ pub async fn round_once(app: &AppState) -> Result<(), String> {
     runner.round().await.map_err(|e| e.to_string())
 }
 
-/// A round's reason to stop early and back off.
+/// A round's reason to stop early.
 #[derive(Debug, thiserror::Error)]
 enum Pause {
     #[error("the identity provider is unavailable: {0}")]
@@ -177,15 +200,24 @@ impl Runner {
             if self.sleep(wait).await {
                 break;
             }
-            match self.round().await {
-                Ok(()) => self.failures = 0,
+            let factor = match self.round().await {
+                Ok(()) => {
+                    self.failures = 0;
+                    1
+                }
                 Err(e) => {
                     self.failures = self.failures.saturating_add(1);
-                    tracing::warn!(error = %e, failures = self.failures, "keep-alive round ended early; backing off");
+                    tracing::warn!(error = %e, failures = self.failures, "keep-alive round ended early");
+                    match e {
+                        // Lineages die on the IdP's clock: the next round
+                        // tries the most urgent one an interval from now.
+                        Pause::IdpUnavailable(_) => 1,
+                        Pause::Vault(_) => 2u32.saturating_pow(self.failures).min(MAX_BACKOFF_INTERVALS),
+                    }
                 }
-            }
-            let factor = 2u32.saturating_pow(self.failures).min(MAX_BACKOFF_INTERVALS);
-            wait = (self.interval * factor).mul_f64(rand::thread_rng().gen_range(0.8..1.2));
+            };
+            // Jittered, but never later than `factor` intervals.
+            wait = (self.interval * factor).mul_f64(rand::thread_rng().gen_range(0.75..1.0));
         }
         tracing::info!("keep-alive stopped");
     }
@@ -206,24 +238,47 @@ impl Runner {
         }
     }
 
-    /// One pass over every active lineage.
+    /// One pass over every due lineage, the one closest to its end first;
+    /// its figures go to the metrics however it ends.
     async fn round(&mut self) -> Result<(), Pause> {
+        let mut figures = RoundFigures::default();
+        let result = self.round_with(&mut figures).await;
+        let k = &self.app.metrics.keepalive;
+        k.rounds.inc();
+        k.last_round_at.set(now());
+        k.last_round_due.set(figures.due);
+        k.last_round_refreshed.set(figures.refreshed);
+        k.last_round_closest.set(figures.closest.unwrap_or(-1));
+        result
+    }
+
+    async fn round_with(&mut self, figures: &mut RoundFigures) -> Result<(), Pause> {
         let issuer = self.app.upstream.issuer().to_string();
         let store = self.app.vault.store().clone();
+        let mut queue = Vec::new();
         let mut after = String::new();
         loop {
             let page = store.active_lineages(&issuer, &after, PAGE).await.map_err(|e| Pause::Vault(e.to_string()))?;
-            for times in &page {
-                if self.stopping() {
-                    return Ok(());
-                }
-                if plan(&self.app.config.keepalive, times, now()).is_some() && self.serving(&times.username).await {
-                    self.keep(&issuer, &times.username).await?;
-                }
-            }
+            let at = now();
+            queue.extend(page.iter().filter_map(|t| due(&self.app.config.keepalive, t, at).map(|d| (d.end, t.username.clone()))));
             match page.last() {
                 Some(last) if page.len() as i64 == PAGE => after = last.username.clone(),
                 _ => break,
+            }
+        }
+        queue.sort();
+        figures.due = queue.len() as i64;
+        for (end, username) in queue {
+            if self.stopping() {
+                return Ok(());
+            }
+            if !self.serving(&username).await {
+                continue;
+            }
+            let left = end - now();
+            figures.closest = Some(figures.closest.map_or(left, |c| c.min(left)));
+            if self.keep(&issuer, &username).await? {
+                figures.refreshed += 1;
             }
         }
         let (now, grace) = (now(), self.app.config.keepalive.grace);
@@ -249,50 +304,67 @@ impl Runner {
         }
     }
 
-    /// Decides again on the database's current row, then refreshes.
-    async fn keep(&mut self, issuer: &str, username: &str) -> Result<(), Pause> {
+    /// Decides again on the database's current row, then refreshes; true
+    /// when this replica refreshed the lineage. Only an IdP that cannot be
+    /// reached, or the vault, ends the round.
+    async fn keep(&mut self, issuer: &str, username: &str) -> Result<bool, Pause> {
         let store = self.app.vault.store();
         let times = match store.active_lineage_times(username, issuer).await {
             Ok(Some(times)) => times,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(false),
             Err(e) => return Err(Pause::Vault(e.to_string())),
         };
         let Some(why) = plan(&self.app.config.keepalive, &times, now()) else {
-            return Ok(()); // another replica (or a caller) refreshed it meanwhile
+            return Ok(false); // another replica (or a caller) refreshed it meanwhile
         };
         let want = Want { min_valid: None, force: true };
-        let metrics = &self.app.metrics;
-        match self.app.refresher.fresh_since(&self.app, username, want, times.version).await {
+        let figures = &self.app.metrics.keepalive;
+        let error = match self.app.refresher.fresh_since(&self.app, username, want, times.version).await {
             // `made`: this replica refreshed (not another one, meanwhile).
             Ok((fresh, made)) => {
                 if made {
-                    metrics.keepalive_refreshes.inc();
+                    figures.refreshes.inc();
                     tracing::info!(user = %username, reason = why.as_str(), version = fresh.lineage.version, "keep-alive refreshed the user's tokens");
                     self.app.audit.record("keepalive_refresh", Some(username), Some(fresh.lineage.version), Some(why.as_str()));
                 }
-                Ok(())
+                return Ok(made);
             }
-            Err(RefreshError::NoLineage) => Ok(()),
-            Err(RefreshError::Dead(reason)) => {
-                metrics.keepalive_failures.inc();
-                tracing::warn!(
-                    user = %username,
-                    reason = %reason,
-                    "keep-alive: the identity provider refused the refresh; the user must sign in again"
-                );
-                Ok(())
+            Err(RefreshError::NoLineage) => return Ok(false),
+            Err(e) => e,
+        };
+        let cause = match &error {
+            RefreshError::Dead(_) => KeepaliveFailure::Refused,
+            RefreshError::Unavailable(_) => KeepaliveFailure::IdpUnreachable,
+            RefreshError::Busy(_) => KeepaliveFailure::Busy,
+            RefreshError::Vault(_) => KeepaliveFailure::Vault,
+            _ => KeepaliveFailure::IdpError,
+        };
+        figures.failed(cause);
+        match error {
+            RefreshError::Dead(reason) => {
+                tracing::warn!(user = %username, reason = %reason, "keep-alive: the identity provider refused the refresh; the user must sign in again");
+                Ok(false)
             }
-            Err(RefreshError::Unavailable(e)) => {
-                metrics.keepalive_failures.inc();
-                tracing::warn!(user = %username, error = %e, "keep-alive refresh failed; the lineage is kept");
+            RefreshError::Unavailable(e) => {
+                tracing::warn!(user = %username, error = %e, "keep-alive refresh failed: the identity provider cannot be reached; the lineage is kept");
                 Err(Pause::IdpUnavailable(e))
             }
-            Err(RefreshError::Vault(e)) => {
-                metrics.keepalive_failures.inc();
-                Err(Pause::Vault(e.to_string()))
+            RefreshError::Vault(e) => Err(Pause::Vault(e.to_string())),
+            e => {
+                tracing::warn!(user = %username, error = %e, "keep-alive refresh failed; the lineage is kept, the round goes on");
+                Ok(false)
             }
         }
     }
+}
+
+/// What one round did, for the metrics.
+#[derive(Debug, Default)]
+struct RoundFigures {
+    due: i64,
+    refreshed: i64,
+    /// The least time a lineage it tried had left, in seconds.
+    closest: Option<i64>,
 }
 
 #[cfg(test)]

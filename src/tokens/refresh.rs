@@ -7,7 +7,9 @@
 //!   the first refreshes, the others see the new version and share it (or
 //!   share its failure, rather than asking the IdP again);
 //! - across replicas, a lease in the database lets one replica refresh while
-//!   the others wait for the new version;
+//!   the others wait for the new version; the lease is short and renewed
+//!   while the refresh runs (a heartbeat), so a replica that dies lets go of
+//!   its lineages within seconds;
 //! - `invalid_grant` from the IdP marks the lineage dead; timeouts and 5xx
 //!   leave it alone (retried with backoff, then reported as unavailable).
 //!
@@ -19,7 +21,9 @@
 //! before the new ID token is checked; an ID token that cannot be checked
 //! yet (key set unreachable) waits beside the last verified one and is
 //! checked again by later callers, and one that is invalid is dropped while
-//! the new refresh token stays.
+//! the new refresh token stays. Whether a lineage another caller or replica
+//! refreshed is taken or refreshed here, its pending ID token is treated the
+//! same way ([`Refresher::adopt`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,8 +36,14 @@ use crate::time::now;
 use crate::tokens::refresher::{Refresher, Slot, Unsaved};
 use crate::vault::{Lineage, TokenSet, VaultError};
 
-/// How long a replica may hold the refresh lease.
-const LEASE_SECS: i64 = 30;
+/// How long a replica's refresh lease lasts unless renewed: short, so that
+/// the lineages of a replica that died are taken over within seconds.
+const LEASE_SECS: i64 = 4;
+/// How often a replica renews its lease while its refresh runs.
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+/// How long a caller waits for another replica's refresh: longer than one
+/// refresh with all its attempts (three HTTP timeouts and the backoff).
+const LEASE_WAIT: Duration = Duration::from_secs(50);
 /// Attempts at the IdP for one refresh, with backoff between them; only
 /// attempts that got no 2xx are repeated.
 const ATTEMPTS: u32 = 3;
@@ -61,7 +71,8 @@ pub struct Fresh {
     pub capped_min_valid: Option<i64>,
 }
 
-/// Why fresh tokens cannot be had.
+/// Why fresh tokens cannot be had. Every kind but `NoLineage` and `Dead`
+/// keeps the lineage and may pass ([`RefreshError::is_temporary`]).
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     /// tokenhub has no tokens for the user.
@@ -70,12 +81,44 @@ pub enum RefreshError {
     /// The upstream grant is dead: the user must sign in again.
     #[error("the identity provider no longer accepts this login: {0}")]
     Dead(String),
-    /// The IdP is unreachable or failing; the lineage is kept.
+    /// The IdP's token endpoint could not be reached or answered with a
+    /// server error: an outage.
     #[error("the identity provider is unavailable: {0}")]
     Unavailable(String),
+    /// The IdP answered, but not with tokens tokenhub can use (another
+    /// OAuth error, a broken answer, a 2xx whose body was lost).
+    #[error("the identity provider's answer could not be used: {0}")]
+    Failed(String),
+    /// The tokens were refreshed and stored, but the new ID token cannot be
+    /// verified yet and the last verified one has expired.
+    #[error("the new ID token cannot be verified yet: {0}")]
+    Unverified(String),
+    /// Another replica holds the refresh lease and did not finish in time.
+    #[error("another replica is refreshing: {0}")]
+    Busy(String),
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
+}
+
+impl RefreshError {
+    /// Whether the lineage is kept and a later try may succeed (callers get
+    /// 503 with `Retry-After`).
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Failed(_) | Self::Unverified(_) | Self::Busy(_))
+    }
+}
+
+/// When a pending ID token (one that came with a refresh and is not
+/// verified yet) is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Before answering: a caller is handed only tokens it may use.
+    Now,
+    /// In the background, after the refresh is stored (keep-alive): the
+    /// refresh token is what keeps the lineage alive, and a key set that
+    /// fails or hangs must not hold up the lineages behind it.
+    Later,
 }
 
 impl From<crate::vault::store::StoreError> for RefreshError {
@@ -115,7 +158,7 @@ fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
 /// a newer one waits to be verified, the last verified one is still valid.
 fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
     if lineage.pending_id_token.is_some() && crate::tokens::fabric::id_token_expiry(lineage).is_none_or(|exp| exp <= now()) {
-        return Err(RefreshError::Unavailable(
+        return Err(RefreshError::Unverified(
             "the new ID token cannot be verified yet (the identity provider's key set is not answering); your tokens are kept"
                 .into(),
         ));
@@ -126,7 +169,9 @@ fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
 impl Refresher {
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
-        self.fresh_inner(app, username, want, None, &mut false).await
+        let fresh = self.fresh_inner(app, username, want, None, Settle::Now, &mut false).await?;
+        servable(&fresh.lineage)?;
+        Ok(fresh)
     }
 
     /// [`Refresher::fresh`] for a caller that decided on the lineage at
@@ -134,6 +179,10 @@ impl Refresher {
     /// is skipped when the lineage moved past that version meanwhile (another
     /// replica refreshed it), so replicas never refresh it twice. Also says
     /// whether this call made the upstream refresh (rather than shared one).
+    ///
+    /// Success means the refresh token is renewed and stored: the new ID
+    /// token is checked in the background, and the lineage returned may not
+    /// be servable yet (a caller asking later settles it as usual).
     pub async fn fresh_since(
         &self,
         app: &AppState,
@@ -142,7 +191,7 @@ impl Refresher {
         seen_version: i64,
     ) -> Result<(Fresh, bool), RefreshError> {
         let mut made = false;
-        let fresh = self.fresh_inner(app, username, want, Some(seen_version), &mut made).await?;
+        let fresh = self.fresh_inner(app, username, want, Some(seen_version), Settle::Later, &mut made).await?;
         Ok((fresh, made))
     }
 
@@ -152,6 +201,7 @@ impl Refresher {
         username: &str,
         want: Want,
         seen_version: Option<i64>,
+        settle: Settle,
         made: &mut bool,
     ) -> Result<Fresh, RefreshError> {
         let issuer = app.upstream.issuer();
@@ -173,33 +223,30 @@ impl Refresher {
         self.store_unsaved(app, username, &mut slot).await?;
         // Whoever held the lock before us may have refreshed already (or our
         // cached copy was behind another replica's write).
-        let mut lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
-        let changed_elsewhere = lineage.version != seen_version;
-        if lineage.pending_id_token.is_some() {
-            lineage = self.settle_id_token(app, lineage).await?;
+        let lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
+        if lineage.version != seen_version && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
+            return self.adopt(app, lineage, settle, capped).await;
         }
-        if changed_elsewhere && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
-            app.metrics.refresh_waits.inc();
-            return self.settled(lineage, true, capped);
-        }
+        let lineage = self.settle(app, lineage, settle).await?;
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
         }
         if !want.force && !needs_refresh(&lineage, want) {
             return self.settled(lineage, false, capped);
         }
-        if slot.failed_at.is_some_and(|failed| failed > asked_at) {
-            return Err(RefreshError::Unavailable("a refresh failed moments ago".into()));
+        if let Some((_, outage)) = slot.failed.filter(|(failed, _)| *failed > asked_at) {
+            let why = "a refresh failed moments ago".to_string();
+            return Err(if outage { RefreshError::Unavailable(why) } else { RefreshError::Failed(why) });
         }
 
         let lineage = match self.take_lease(app, &lineage).await? {
             Lease::Ours => lineage,
-            Lease::RefreshedElsewhere(newer) => {
-                app.metrics.refresh_waits.inc();
-                return self.settled(*newer, true, capped);
-            }
+            Lease::RefreshedElsewhere(newer) => return self.adopt(app, *newer, settle, capped).await,
         };
-        let reply = match self.refresh_upstream(app, &lineage).await {
+        let heartbeat = Heartbeat::start(app, &lineage, &self.holder);
+        let answer = self.refresh_upstream(app, &lineage).await;
+        heartbeat.stop().await;
+        let reply = match answer {
             Ok(reply) => reply,
             Err(UpstreamError::InvalidGrant(reason)) => {
                 app.vault.mark_dead(username, issuer, lineage.version).await?;
@@ -208,11 +255,13 @@ impl Refresher {
                 return Err(RefreshError::Dead(reason));
             }
             Err(e) => {
-                slot.failed_at = Some(Instant::now());
+                let outage = matches!(e, UpstreamError::Unreachable(_) | UpstreamError::KeysUnavailable(_));
+                slot.failed = Some((Instant::now(), outage));
                 tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
-                app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some("the IdP is unavailable"));
+                let why = if outage { "the IdP is unavailable" } else { "the IdP's answer could not be used" };
+                app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some(why));
                 app.vault.store().release_lease(username, issuer, &self.holder).await?;
-                return Err(RefreshError::Unavailable(e.to_string()));
+                return Err(if outage { RefreshError::Unavailable(e.to_string()) } else { RefreshError::Failed(e.to_string()) });
             }
         };
 
@@ -234,7 +283,7 @@ impl Refresher {
                 tracing::error!(user = %username, error = %e, "the database did not take a refresh answer; it is held in memory");
                 slot.unsaved = Some(Unsaved { base: lineage, tokens, pending_id_token: reply.id_token });
                 self.unsaved.fetch_add(1, Ordering::AcqRel);
-                slot.failed_at = Some(Instant::now());
+                slot.failed = Some((Instant::now(), false));
                 return Err(e.into());
             }
         };
@@ -242,11 +291,49 @@ impl Refresher {
         app.audit.record("refresh", Some(username), Some(stored.version), None);
         *made = true;
         app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
-        let stored = if stored.pending_id_token.is_some() { self.settle_id_token(app, stored).await? } else { stored };
         // Every refresh reaches the running servers: the refresh token in
         // their files was just spent.
         self.deliver(app, username);
+        let stored = self.settle(app, stored, settle).await?;
         self.settled(stored, true, capped)
+    }
+
+    /// Takes a lineage another caller or replica refreshed meanwhile: its
+    /// pending ID token is settled as on the path that refreshes.
+    async fn adopt(
+        &self,
+        app: &AppState,
+        lineage: Lineage,
+        settle: Settle,
+        capped: impl Fn(&Lineage) -> Option<i64>,
+    ) -> Result<Fresh, RefreshError> {
+        app.metrics.refresh_waits.inc();
+        let lineage = self.settle(app, lineage, settle).await?;
+        self.settled(lineage, true, capped)
+    }
+
+    /// Settles the lineage's pending ID token, if it has one, now or in
+    /// the background.
+    async fn settle(&self, app: &AppState, lineage: Lineage, settle: Settle) -> Result<Lineage, RefreshError> {
+        if lineage.pending_id_token.is_none() {
+            return Ok(lineage);
+        }
+        match settle {
+            Settle::Now => self.settle_id_token(app, lineage).await,
+            Settle::Later => {
+                let (app, user, issuer) = (app.clone(), lineage.username.clone(), lineage.issuer.clone());
+                tokio::spawn(async move {
+                    // The check is bound to the version it read: a newer
+                    // refresh meanwhile makes it a no-op.
+                    if let Ok(Some(current)) = app.vault.load(&user, &issuer).await
+                        && current.pending_id_token.is_some()
+                    {
+                        let _ = app.refresher.settle_id_token(&app, current).await;
+                    }
+                });
+                Ok(lineage)
+            }
+        }
     }
 
     /// Checks a lineage's pending ID token: verified, it becomes the
@@ -316,7 +403,6 @@ impl Refresher {
         if !lineage.active {
             return Err(RefreshError::Dead("the identity provider refused the last refresh".into()));
         }
-        servable(&lineage)?;
         let capped_min_valid = capped(&lineage);
         Ok(Fresh { lineage: Arc::new(lineage), refreshed, capped_min_valid })
     }
@@ -325,7 +411,7 @@ impl Refresher {
     /// store its result.
     pub(super) async fn take_lease(&self, app: &AppState, lineage: &Lineage) -> Result<Lease, RefreshError> {
         let store = app.vault.store();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS as u64 + 5);
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
             let now = now();
             if store.try_lease(&lineage.username, &lineage.issuer, lineage.version, &self.holder, now, now + LEASE_SECS).await? {
@@ -337,7 +423,7 @@ impl Refresher {
                 return Ok(Lease::RefreshedElsewhere(Box::new(current)));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(RefreshError::Unavailable("another replica holds the refresh lease".into()));
+                return Err(RefreshError::Busy("another replica holds the refresh lease".into()));
             }
         }
     }
@@ -390,6 +476,45 @@ pub(super) enum Lease {
     Ours,
     /// Another replica refreshed meanwhile: the newer lineage.
     RefreshedElsewhere(Box<Lineage>),
+}
+
+/// Renews this replica's refresh lease every [`LEASE_RENEW`] while its
+/// refresh runs, so the lease can be short; ends when stopped or dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(app: &AppState, lineage: &Lineage, holder: &str) -> Heartbeat {
+        let (app, holder) = (app.clone(), holder.to_string());
+        let (user, issuer, version) = (lineage.username.clone(), lineage.issuer.clone(), lineage.version);
+        Heartbeat(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let now = now();
+                match app.vault.store().try_lease(&user, &issuer, version, &holder, now, now + LEASE_SECS).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(user = %user, "the refresh lease was lost while the refresh ran");
+                        return;
+                    }
+                    // The next beat tries again; the lease lasts a few more.
+                    Err(e) => tracing::warn!(user = %user, error = %e, "the refresh lease could not be renewed"),
+                }
+            }
+        }))
+    }
+
+    /// Stops renewing, and waits until a renewal in flight is over (it
+    /// would otherwise take the lease again after it is given back).
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The key of a lineage's slot in this process.

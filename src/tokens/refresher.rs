@@ -30,9 +30,10 @@ pub(super) struct Unsaved {
 /// What this process knows about one lineage, under its lock.
 #[derive(Default)]
 pub(super) struct Slot {
-    /// When the last refresh attempt failed: callers that queued behind it
-    /// share the failure instead of asking the IdP again.
-    pub(super) failed_at: Option<Instant>,
+    /// When the last refresh attempt failed, and whether for an outage:
+    /// callers that queued behind it share the failure instead of asking
+    /// the IdP again.
+    pub(super) failed: Option<(Instant, bool)>,
     /// A refresh answer still to be stored.
     pub(super) unsaved: Option<Unsaved>,
 }

@@ -91,7 +91,7 @@ pub async fn refresh(State(app): State<AppState>, jar: CookieJar) -> Result<Resp
     if let Some(session) = session::current(&app, &jar) {
         match app.refresher.fresh(&app, &session.username, Want { min_valid: None, force: true }).await {
             Ok(_) => return renewed(&app, &session.username).await,
-            Err(RefreshError::Unavailable(_)) => {
+            Err(e) if e.is_temporary() => {
                 return Err(PageError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Identity provider not answering",
@@ -100,7 +100,7 @@ pub async fn refresh(State(app): State<AppState>, jar: CookieJar) -> Result<Resp
                 .with_action("Try again", app.url("/refresh").to_string()));
             }
             Err(RefreshError::Vault(e)) => return Err(e.into()),
-            Err(RefreshError::Dead(_) | RefreshError::NoLineage) => {} // a new login renews it
+            Err(_) => {} // dead or none: a new login renews it
         }
     }
     start_login(&app, jar, Purpose::Refresh).await

@@ -158,6 +158,19 @@ def log_in(page, stack: Stack, user: str) -> None:
     page.wait_for_url(re.compile(r".*/hub/home.*"), timeout=60_000)
 
 
+def wait_for_text(page, text: str, timeout: int = 30_000) -> None:
+    """Waits for `text` on the page; when it does not come, fails naming
+    the page the browser is on and what it shows."""
+    try:
+        page.wait_for_selector(f"text={text}", timeout=timeout)
+    except Exception as e:  # Playwright's TimeoutError
+        try:
+            shown = page.inner_text("body")[:1500]
+        except Exception as inner:  # the page is gone or navigating
+            shown = f"(unreadable: {inner})"
+        raise AssertionError(f"{text!r} did not appear in {timeout} ms; the browser is at {page.url}: {shown!r}") from e
+
+
 def _sign_in(page, stack: Stack, user: str) -> None:
     page.click("a:has-text('Sign in with')")
     if page.url.startswith(stack.idp_url):  # no IdP session yet: the login form

@@ -18,7 +18,18 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import credentials_owned_by, home, log_in, plant_recorder, recorded, remember, tokenhub_call, tokenhub_tokens, wait_for_file
+from conftest import (
+    credentials_owned_by,
+    home,
+    log_in,
+    plant_recorder,
+    recorded,
+    remember,
+    tokenhub_call,
+    tokenhub_tokens,
+    wait_for_file,
+    wait_for_text,
+)
 
 def signed_in(browser, stack, account: str):
     """A browser context signed in to the hub as IdP `account` (no server)."""
@@ -115,7 +126,7 @@ def test_a_second_subject_is_refused_until_an_operator_moves_the_name(stack, bro
         page.fill("#login", "imposter~wren")
         page.fill("#password", "anything")
         page.click("#submit")
-        page.wait_for_selector("text=belongs to someone else", timeout=30_000)
+        wait_for_text(page, "belongs to someone else")
         assert "imposter~wren" in page.content(), "the page tells the person their subject"
         context.close()
     after = tokenhub_tokens(stack, wren["JUPYTERHUB_API_TOKEN"])
@@ -152,7 +163,7 @@ def test_mixed_case_and_look_alike_names_are_the_hubs_names(stack, browser, hub)
     page.fill("#login", "kelvin~%E2%84%AAate")
     page.fill("#password", "anything")
     page.click("#submit")
-    page.wait_for_selector("text=belongs to someone else", timeout=30_000)
+    wait_for_text(page, "belongs to someone else")
     context.close()
     assert tokenhub_tokens(stack, hub.server_env("kate")["JUPYTERHUB_API_TOKEN"])["refresh_token"] == kate["refresh_token"]
     # One person whose IdP name is `Corin` signs in and spawns as corin.
@@ -242,12 +253,9 @@ def test_a_shared_server_gets_no_tokens_while_shared_and_gets_them_back_after(st
 
     # sharon shares her server with rex (JupyterHub's sharing API).
     assert hub_call(stack, "POST", "/shares/sharon/", {"user": "rex"}) == 200
-    deadline = time.monotonic() + 30
-    while "refresh_token" in json.loads(Path(path).read_text() or "{}"):
-        assert time.monotonic() < deadline, "the token file was not withheld"
-        time.sleep(0.5)
-    note = json.loads(Path(path).read_text())
-    assert note["state"] == "Withheld" and "shared" in note["comment"]
+    # (Read until whole: Jupyter's "atomic" writing rewrites the file in place.)
+    note = wait_for_file(path, lambda d: "refresh_token" not in d and d.get("state") == "Withheld")
+    assert "shared" in note["comment"]
     status, body, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
     assert status == 403 and body["error"] == "access_denied" and "shared" in body["error_description"]
     page = contexts[1].new_page()

@@ -277,7 +277,10 @@ def test_metrics_show_what_happened(stack):
     alice_and_bob_refreshes = idp_refreshes(stack, "alice") + idp_refreshes(stack, "bob")
     assert m["tokenhub_logins_total"] == 4
     assert m["tokenhub_keepalive_refreshes_total"] >= 3
-    assert m["tokenhub_keepalive_failures_total"] == 0
+    for cause in ("idp_unreachable", "idp_error", "refused", "busy", "vault"):
+        assert m[f'tokenhub_keepalive_failures_total{{cause="{cause}"}}'] == 0, cause
+    assert m["tokenhub_keepalive_rounds_total"] >= 1
+    assert m["tokenhub_keepalive_last_round_timestamp"] > 0
     # Every refresh the IdP answered alice, plus bob's refused one.
     assert m['tokenhub_upstream_refreshes_total{outcome="ok"}'] == alice_and_bob_refreshes
     assert m['tokenhub_upstream_refreshes_total{outcome="invalid_grant"}'] == 1

@@ -36,11 +36,11 @@ async fn lineage(app: &TestApp, idp: &Idp, user: &str) -> tokenhub::vault::Linea
 }
 
 fn keepalive_refreshes(app: &TestApp) -> u64 {
-    app.state().metrics.keepalive_refreshes.get()
+    app.state().metrics.keepalive.refreshes.get()
 }
 
 fn keepalive_failures(app: &TestApp) -> u64 {
-    app.state().metrics.keepalive_failures.get()
+    app.state().metrics.keepalive.failures_total()
 }
 
 /// A forced refresh through tokenhub: the IdP takes the stored refresh token.
@@ -90,7 +90,10 @@ async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
 
     let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains(&format!("tokenhub_keepalive_refreshes_total {refreshes}")), "{metrics}");
-    assert!(metrics.contains("tokenhub_keepalive_failures_total 0"), "{metrics}");
+    for cause in ["idp_unreachable", "idp_error", "refused", "busy", "vault"] {
+        assert!(metrics.contains(&format!("tokenhub_keepalive_failures_total{{cause=\"{cause}\"}} 0")), "{metrics}");
+    }
+    assert!(metrics.contains("tokenhub_keepalive_rounds_total "), "{metrics}");
     let logs = logs();
     assert!(logs.contains("keep-alive refreshed the user's tokens"));
     assert!(!logs.contains(&vault_refresh), "no token value in the logs");
