@@ -22,6 +22,8 @@
 //                          outage that begins with a key rollover, IDP_ROLL_KEY)
 //   IDP_JWKS_HANG=1        ... and, instead of answering 503, holds each request
 //                          unanswered until that time is over
+//   (POST /_test/token-hold?seconds=N&count=K: the next K token requests wait
+//   N seconds, and are dropped unprocessed if their client is gone by then)
 //   IDP_STRICT_OFFLINE=1   oidc-provider's spec-strict default: a refresh token
 //                          only for offline_access, which needs prompt=consent
 //   IDP_ROLL_KEY=1         at start, put a new signing key in front of the old
@@ -301,6 +303,8 @@ if (sendRefreshExpiresIn) {
 
 // Test control, off unless IDP_TEST_CONTROL=1.
 let jwksFailures = 0;
+// The next `count` token requests wait `ms` first (/_test/token-hold).
+const tokenHolds = { count: 0, ms: 0 };
 // Until when (ms since the epoch) the key set is down, and how: 503 or hanging.
 let jwksDownUntil = Date.now() + 1000 * Number(process.env.IDP_JWKS_FAIL_SECONDS || 0);
 let jwksHang = process.env.IDP_JWKS_HANG === '1';
@@ -319,6 +323,20 @@ provider.use(async (ctx, next) => {
     return undefined;
   }
   if (testControl && ctx.path === '/jwks') counters.jwks_served = (counters.jwks_served || 0) + 1;
+  if (testControl && ctx.path === '/token' && tokenHolds.count > 0) {
+    // A slow token endpoint: the request waits; if its client is gone by
+    // then (killed), it is dropped unprocessed, as if it never arrived.
+    tokenHolds.count -= 1;
+    counters.token_held = (counters.token_held || 0) + 1;
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, tokenHolds.ms);
+      ctx.req.socket.once('close', () => { clearTimeout(timer); resolve(); });
+    });
+    if (ctx.req.socket.destroyed) {
+      counters.token_dropped = (counters.token_dropped || 0) + 1;
+      return undefined;
+    }
+  }
   if (!testControl || !ctx.path.startsWith('/_test/')) return next();
   ctx.type = 'json';
   if (ctx.path === '/_test/stats') {
@@ -347,6 +365,10 @@ provider.use(async (ctx, next) => {
       jwksFailures = Number(ctx.query.count || 1);
     }
     ctx.body = { jwks_failures: jwksFailures, down_until: jwksDownUntil };
+  } else if (ctx.path === '/_test/token-hold' && ctx.method === 'POST') {
+    tokenHolds.count = Number(ctx.query.count || 1);
+    tokenHolds.ms = 1000 * Number(ctx.query.seconds || 30);
+    ctx.body = { ...tokenHolds };
   } else {
     ctx.status = 404;
     ctx.body = { error: 'not_found' };

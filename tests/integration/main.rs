@@ -13,6 +13,7 @@ mod keepalive;
 mod login_flow;
 mod metrics;
 mod names;
+mod outages;
 mod pages;
 mod refresh;
 mod refresh_safety;
