@@ -62,9 +62,9 @@ fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
         RefreshError::Unavailable(_) => {
             ApiError::unavailable("the identity provider is not answering; your tokens are kept, try again shortly")
         }
-        RefreshError::Failed(_) => ApiError::unavailable(
-            "the identity provider's answer could not be used; your tokens are kept, try again shortly",
-        ),
+        RefreshError::Failed(_) => {
+            ApiError::unavailable("the identity provider's answer could not be used; your tokens are kept, try again shortly")
+        }
         RefreshError::Unverified(_) => ApiError::unavailable(
             "your tokens were refreshed, but the identity provider's key set is not answering, so the new ID token \
              cannot be checked yet; try again shortly",

@@ -291,11 +291,11 @@ impl Refresher {
         app.audit.record("refresh", Some(username), Some(stored.version), None);
         *made = true;
         app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
-        // Every refresh reaches the running servers: the refresh token in
-        // their files was just spent.
+        let settled = self.settle(app, stored, settle).await;
+        // Every refresh reaches the running servers (whatever the ID token's
+        // fate): the refresh token in their files was just spent.
         self.deliver(app, username);
-        let stored = self.settle(app, stored, settle).await?;
-        self.settled(stored, true, capped)
+        self.settled(settled?, true, capped)
     }
 
     /// Takes a lineage another caller or replica refreshed meanwhile: its

@@ -108,7 +108,9 @@ async fn a_key_rollover_with_the_key_set_down_keeps_the_new_tokens() {
     assert_eq!(body["refresh_token"], rt1.as_str());
     assert_eq!(body["id_token"], before.tokens.id_token.expose_secret(), "only a verified ID token is handed out");
 
-    // The key set answers again: the next call verifies and serves the new ID token.
+    // The key set answers again: once tokenhub's pause after a failed fetch
+    // (5 s) is over, the next call verifies and serves the new ID token.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let body: Value = caller.get("").await.json().await.unwrap();
     let new_kid = jwt_header(body["id_token"].as_str().unwrap())["kid"].clone();
     assert_ne!(new_kid, old_kid, "the ID token under the new key is served");
@@ -149,6 +151,15 @@ async fn an_unverifiable_id_token_is_not_handed_out_and_nothing_is_lost() {
     let lineage = app.state().vault.load("mockuser", &idp.issuer()).await.unwrap().unwrap();
     assert!(lineage.active);
     assert_eq!(lineage.tokens.refresh_token.unwrap().expose_secret(), "refresh-2", "stored before the check");
+    // While tokenhub pauses after the failed fetch (5 s), callers learn
+    // "not yet" without fetching the key set again.
+    let fetched = idp.server.received_requests().await.unwrap().iter().filter(|r| r.url.path().ends_with("jwks")).count();
+    for _ in 0..5 {
+        assert_eq!(caller.get("").await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let again = idp.server.received_requests().await.unwrap().iter().filter(|r| r.url.path().ends_with("jwks")).count();
+    assert_eq!(again, fetched, "the key set is not fetched once per call while it fails");
+    tokio::time::sleep(Duration::from_secs(5)).await;
 
     let response = caller.get("").await;
     assert_eq!(response.status(), StatusCode::OK);
