@@ -104,6 +104,13 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_OIDC_AUTH_PARAMS", help_heading = "Upstream OpenID provider")]
     pub oidc_auth_params: Option<String>,
 
+    /// The longest wait, in seconds, that a `Retry-After` from the provider's
+    /// token endpoint or key set may impose before tokenhub asks again
+    /// (default 60). Meanwhile refreshes are answered 503 with that
+    /// `Retry-After` at once.
+    #[arg(long, env = "TOKENHUB_OIDC_MAX_RETRY_AFTER", help_heading = "Upstream OpenID provider")]
+    pub oidc_max_retry_after: Option<u64>,
+
     /// Upstream claim that becomes the JupyterHub user name.
     #[arg(long, env = "TOKENHUB_USERNAME_CLAIM", help_heading = "Upstream OpenID provider")]
     pub username_claim: Option<String>,
@@ -373,6 +380,8 @@ pub struct UpstreamConfig {
     pub client_auth: Option<ClientAuthMethod>,
     /// Extra authorization request parameters.
     pub auth_params: Vec<(String, String)>,
+    /// The longest `Retry-After` from the provider that is honoured.
+    pub max_retry_after: std::time::Duration,
     /// Claim that names the user.
     pub username_claim: String,
     /// Claim that lists the user's groups.
@@ -505,6 +514,7 @@ impl Settings {
             oidc_redirect_uri,
             oidc_client_auth_method,
             oidc_auth_params,
+            oidc_max_retry_after,
             username_claim,
             groups_claim,
             hub_client_id,
@@ -598,6 +608,7 @@ impl Settings {
                 redirect_uri,
                 client_auth: self.oidc_client_auth_method,
                 auth_params: parse_auth_params(self.oidc_auth_params.as_deref())?,
+                max_retry_after: std::time::Duration::from_secs(self.oidc_max_retry_after.unwrap_or(60)),
                 username_claim: self.username_claim.unwrap_or_else(|| "preferred_username".into()),
                 groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
             },

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import tempfile
 import time
 import urllib.error
@@ -200,6 +201,11 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     assert rows["bob"]["state"].startswith("dead: the identity provider refused a refresh (invalid_grant)")
     assert rows["bob"]["keepalive"].startswith("none:")
     assert "alice" in admin_page.locator("tr.lineage[data-user=alice]").inner_text()
+    # What keep-alive did, as in /metrics: rounds ran, alice was refreshed.
+    figures = admin_page.inner_text("#keepalive-figures")
+    rounds = re.search(r"Keep-alive on this replica: (\d+) rounds, (\d+) refreshes, failed refreshes: none;", figures)
+    assert rounds and int(rounds.group(1)) > 0 and int(rounds.group(2)) >= 3, figures
+    assert "the last round ended" in figures, figures
     # The state filter, as the operator uses it.
     admin_page.select_option("#filter select[name=state]", "dead")
     admin_page.click("#filter button[type=submit]")
