@@ -26,6 +26,10 @@
 //   N seconds, and are dropped unprocessed if their client is gone by then)
 //   IDP_STRICT_OFFLINE=1   oidc-provider's spec-strict default: a refresh token
 //                          only for offline_access, which needs prompt=consent
+//   IDP_REFUSE_OFFLINE_WITHOUT_CONSENT=1  with IDP_STRICT_OFFLINE, answer an
+//                          authorization request for offline_access without
+//                          prompt=consent with error=invalid_request (as strict
+//                          providers do) instead of dropping the scope
 //   IDP_ROLL_KEY=1         at start, put a new signing key in front of the old
 //                          ones (which stay in the key set): a key rollover
 //
@@ -51,6 +55,7 @@ const refreshTtl = Number(process.env.IDP_REFRESH_TOKEN_TTL || 14 * 24 * 3600);
 const sendRefreshExpiresIn = process.env.IDP_SEND_REFRESH_EXPIRES_IN === '1';
 const testControl = process.env.IDP_TEST_CONTROL === '1';
 const strictOffline = process.env.IDP_STRICT_OFFLINE === '1';
+const refuseOfflineWithoutConsent = process.env.IDP_REFUSE_OFFLINE_WITHOUT_CONSENT === '1';
 const postClientSecret = process.env.IDP_POST_CLIENT_SECRET || 'tokenhub-post-secret';
 const symbolsClientSecret = process.env.IDP_SYMBOLS_CLIENT_SECRET || 'sec+ret~with/sym=bols:%20&x';
 
@@ -241,6 +246,27 @@ async function readForm(req) {
 function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 }
+
+// Every authorization request is counted (/_test/stats: `authorization`,
+// and `authorization_refused` for those refused below).
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/auth' || ctx.method !== 'GET') return next();
+  counters.authorization = (counters.authorization || 0) + 1;
+  const scopes = String(ctx.query.scope || '').split(' ');
+  const prompts = String(ctx.query.prompt || '').split(' ');
+  const registered = redirectUris.includes(ctx.query.redirect_uri);
+  if (refuseOfflineWithoutConsent && registered && scopes.includes('offline_access') && !prompts.includes('consent')) {
+    counters.authorization_refused = (counters.authorization_refused || 0) + 1;
+    const back = new URL(ctx.query.redirect_uri);
+    back.searchParams.set('error', 'invalid_request');
+    back.searchParams.set('error_description', 'offline_access scope requires consent in prompt');
+    if (ctx.query.state) back.searchParams.set('state', ctx.query.state);
+    back.searchParams.set('iss', issuer);
+    ctx.redirect(back.href);
+    return undefined;
+  }
+  return next();
+});
 
 // The login form: any user name logs in, the password is not checked.
 provider.use(async (ctx, next) => {

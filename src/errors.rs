@@ -240,6 +240,14 @@ impl From<UpstreamError> for PageError {
                     "The identity token from your identity provider failed verification ({d}). Please sign in again; if it keeps happening, tell the operators."
                 ),
             ),
+            UpstreamError::Misconfigured(d) => {
+                tracing::error!(reason = %d, "the identity provider refused tokenhub's client: check its client id, secret and authentication method");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "Sign-in is misconfigured",
+                    "Your identity provider refuses this service's registration there. Please tell the operators of this service.",
+                )
+            }
             UpstreamError::Refused(d) | UpstreamError::BadResponse(d) | UpstreamError::AnswerLost(d) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "Identity provider error",

@@ -34,14 +34,21 @@ pub enum RefreshOutcome {
     InvalidGrant,
     /// No answer, or a server error: the lineage is kept.
     Unavailable,
-    /// Another OAuth error, or an answer that breaks the protocol.
+    /// An answer that breaks the protocol (or an ID token that fails).
     Error,
     /// A 2xx whose body could not be read or used.
     AnswerLost,
+    /// Another OAuth error refusing the refresh (`invalid_request`, ...):
+    /// the lineage is dead.
+    Refused,
+    /// The IdP refused tokenhub's client (`invalid_client`,
+    /// `unauthorized_client`): the lineage is kept, the operators must act.
+    Misconfigured,
 }
 
 impl RefreshOutcome {
-    const ALL: [RefreshOutcome; 5] = [Self::Ok, Self::InvalidGrant, Self::Unavailable, Self::Error, Self::AnswerLost];
+    const ALL: [RefreshOutcome; 7] =
+        [Self::Ok, Self::InvalidGrant, Self::Unavailable, Self::Error, Self::AnswerLost, Self::Refused, Self::Misconfigured];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +57,8 @@ impl RefreshOutcome {
             Self::Unavailable => "unavailable",
             Self::Error => "error",
             Self::AnswerLost => "answer_lost",
+            Self::Refused => "refused",
+            Self::Misconfigured => "misconfigured",
         }
     }
 }
@@ -67,12 +76,15 @@ pub enum KeepaliveFailure {
     Refused,
     /// Another replica held the lineage's lease and did not finish in time.
     Busy,
+    /// The IdP refused tokenhub's client (the round stops, as for an outage).
+    Misconfigured,
     /// The vault failed.
     Vault,
 }
 
 impl KeepaliveFailure {
-    const ALL: [KeepaliveFailure; 5] = [Self::IdpUnreachable, Self::IdpError, Self::Refused, Self::Busy, Self::Vault];
+    const ALL: [KeepaliveFailure; 6] =
+        [Self::IdpUnreachable, Self::IdpError, Self::Refused, Self::Busy, Self::Misconfigured, Self::Vault];
 
     /// The `cause` label.
     pub fn as_str(self) -> &'static str {
@@ -81,6 +93,7 @@ impl KeepaliveFailure {
             Self::IdpError => "idp_error",
             Self::Refused => "refused",
             Self::Busy => "busy",
+            Self::Misconfigured => "misconfigured",
             Self::Vault => "vault",
         }
     }
@@ -130,7 +143,7 @@ impl KeepaliveFigures {
         );
         registry.register(
             "keepalive_failures",
-            "Keep-alive refreshes that failed, by cause (idp_unreachable, idp_error, refused, busy, vault); \
+            "Keep-alive refreshes that failed, by cause (idp_unreachable, idp_error, refused, busy, misconfigured, vault); \
              the lineage is kept unless the IdP refused it.",
             self.failures.clone(),
         );
@@ -299,7 +312,7 @@ impl Metrics {
         let refresh_outcomes = Family::<Label, Counter>::default();
         registry.register(
             "upstream_refreshes",
-            "Upstream refreshes by outcome (ok, invalid_grant, unavailable, error, answer_lost).",
+            "Upstream refreshes by outcome (ok, invalid_grant, refused, unavailable, misconfigured, error, answer_lost).",
             refresh_outcomes.clone(),
         );
         for outcome in RefreshOutcome::ALL {

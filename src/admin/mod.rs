@@ -30,9 +30,10 @@ pub const MAX_LIMIT: i64 = 500;
 /// Rows per page when the request does not say.
 pub const DEFAULT_LIMIT: i64 = 50;
 
-/// What a dead lineage died of. tokenhub marks a lineage dead only when the
-/// IdP answers a refresh with `invalid_grant` (see [`crate::tokens::refresh`]).
-pub const DEAD_REASON: &str = "the identity provider refused a refresh (invalid_grant): the user must sign in again";
+/// What a dead lineage died of when no reason was stored (lineages marked
+/// dead before reasons were kept). tokenhub marks a lineage dead only when
+/// the IdP refuses a refresh (see [`crate::tokens::refresh`]).
+pub const DEAD_REASON: &str = "the identity provider refused a refresh (invalid_grant)";
 
 /// A listing request, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,8 +138,8 @@ pub struct Row {
     pub subject: String,
     /// `active` or `dead`.
     pub state: String,
-    /// Why a dead lineage died.
-    pub dead_reason: Option<&'static str>,
+    /// Why a dead lineage died: the IdP's error and description.
+    pub dead_reason: Option<String>,
     /// Whether a refresh token is held (never its value).
     pub has_refresh_token: bool,
     /// Granted scopes.
@@ -215,7 +216,10 @@ async fn row(app: &AppState, s: LineageSummary) -> Row {
         issuer: s.issuer,
         subject: s.subject,
         state: if dead { "dead".into() } else { "active".into() },
-        dead_reason: dead.then_some(DEAD_REASON),
+        dead_reason: dead.then(|| {
+            let reason = s.dead_reason.as_deref().unwrap_or(DEAD_REASON);
+            format!("{reason}: the user must sign in again")
+        }),
         has_refresh_token: s.has_refresh_token,
         scope: s.scope,
         access_expires_at: s.access_expires_at,
@@ -314,6 +318,7 @@ mod tests {
             version: 2,
             created_at: 500,
             updated_at: 1000,
+            dead_reason: None,
         };
         let (dies, status) = keepalive_status(&config, &summary, 1100);
         assert_eq!(dies, Some(2800));

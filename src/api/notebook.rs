@@ -60,8 +60,17 @@ fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
         )
         .with_reauth(reauth),
         RefreshError::Unavailable(_) => {
-            ApiError::unavailable("the identity provider is not answering; your tokens are kept, try again shortly")
+            let error = ApiError::unavailable("the identity provider is not answering; your tokens are kept, try again shortly");
+            // The IdP's own `Retry-After`, passed on.
+            match app.upstream.wait_asked() {
+                Some(wait) => error.with_retry_after(wait.as_secs_f64().ceil() as u64),
+                None => error,
+            }
         }
+        RefreshError::Misconfigured(_) => ApiError::unavailable(
+            "the identity provider refuses tokenhub's own registration there; your tokens are kept, and the operators \
+             have to fix the registration",
+        ),
         RefreshError::Failed(_) => {
             ApiError::unavailable("the identity provider's answer could not be used; your tokens are kept, try again shortly")
         }

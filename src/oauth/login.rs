@@ -71,6 +71,23 @@ struct PendingLogin {
     expires_at: i64,
 }
 
+/// Errors at the callback that a retry with `prompt=consent` may cure: how
+/// strict providers refuse `offline_access` asked for without it.
+const CONSENT_ERRORS: [&str; 4] = ["invalid_request", "invalid_scope", "consent_required", "interaction_required"];
+
+/// Whether this login may go back to the IdP once with `prompt=consent`
+/// (OIDC Core §11: `offline_access` needs it): when `offline_access` is
+/// asked for, on a sign-in the user is looking at (the silent renewal behind
+/// `/refresh` stays silent), not twice, and not when the operator set
+/// `prompt` themselves.
+fn may_ask_consent(app: &AppState, pending: &PendingLogin) -> bool {
+    let upstream = &app.config.upstream;
+    upstream.scopes.iter().any(|s| s == "offline_access")
+        && !pending.consent_asked
+        && !matches!(pending.purpose, Purpose::Refresh)
+        && !upstream.auth_params.iter().any(|(name, _)| name == "prompt")
+}
+
 /// The login cookie for `state`, with its name, path and `Secure` (value
 /// and the other attributes added by the caller; a removal needs these).
 /// Over https at the root of the host it is `__Host-tokenhub_login_<state>`
@@ -240,6 +257,13 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
 
     if let Some(error) = param(params, "error") {
         let description = param(params, "error_description").unwrap_or("no description given");
+        // A strict provider refuses a request for offline_access without
+        // prompt=consent outright (OIDC Core §11): ask once more with it.
+        if CONSENT_ERRORS.contains(&error) && may_ask_consent(app, &pending) {
+            tracing::info!(error, "the identity provider refused the sign-in request: asking again with prompt=consent");
+            let jar = jar.clone().remove(login_cookie(app, state));
+            return start_upstream_login(app, jar, pending.purpose, true).await;
+        }
         let status = if error == "access_denied" { StatusCode::FORBIDDEN } else { StatusCode::BAD_REQUEST };
         tracing::warn!(error, "identity provider returned an error to the callback");
         return Err(start_again(
@@ -269,13 +293,8 @@ async fn finish(app: &AppState, jar: &CookieJar, params: &HashMap<String, String
 
     let upstream = &app.config.upstream;
     if login.tokens.refresh_token.is_none() && upstream.scopes.iter().any(|s| s == "offline_access") {
-        // Strict providers grant offline_access only with prompt=consent (OIDC
-        // Core §11). Ask once, on a sign-in the user is looking at; the silent
-        // renewal behind /refresh stays silent.
-        let may_ask = !pending.consent_asked
-            && !matches!(pending.purpose, Purpose::Refresh)
-            && !upstream.auth_params.iter().any(|(name, _)| name == "prompt");
-        if may_ask {
+        // Strict providers grant offline_access only with prompt=consent.
+        if may_ask_consent(app, &pending) {
             tracing::info!("the login brought no refresh token: asking the identity provider again with prompt=consent");
             let jar = jar.clone().remove(login_cookie(app, state));
             return start_upstream_login(app, jar, pending.purpose, true).await;

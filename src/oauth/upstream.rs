@@ -28,9 +28,10 @@ type Client = CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNo
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a failed discovery is remembered before trying again.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
-/// How long a failed key-set fetch is remembered before trying again: while
-/// the key set fails, callers learn "not yet" at once instead of each
-/// fetching it (and each waiting out a key set that hangs).
+/// How long a failed key-set fetch is remembered before trying again (or
+/// the key set's `Retry-After`, up to the setting's bound): while the key
+/// set fails, callers learn "not yet" at once instead of each fetching it
+/// (and each waiting out a key set that hangs).
 const JWKS_RETRY: Duration = Duration::from_secs(5);
 /// The longest a key-set fetch may take: it runs while callers wait.
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,9 +46,14 @@ pub enum UpstreamError {
     /// The IdP refused the code or refresh token (`invalid_grant`).
     #[error("the identity provider rejected the grant: {0}")]
     InvalidGrant(String),
-    /// The IdP answered with another OAuth error.
+    /// The IdP answered with another OAuth error (`invalid_request`,
+    /// `invalid_scope`, ...): it refuses this request.
     #[error("the identity provider returned an error: {0}")]
     Refused(String),
+    /// The IdP refused tokenhub's own client (`invalid_client`,
+    /// `unauthorized_client`): a configuration error for the operators.
+    #[error("the identity provider refused tokenhub's client: {0}")]
+    Misconfigured(String),
     /// The ID token failed verification.
     #[error("the ID token is not valid: {0}")]
     BadIdToken(String),
@@ -148,8 +154,12 @@ pub struct Upstream {
     http: reqwest::Client,
     discovered: RwLock<Option<Arc<Discovered>>>,
     last_failure: Mutex<Option<Instant>>,
-    /// Held while the key set is fetched again; holds when a fetch last failed.
+    /// Held while the key set is fetched again; holds when the next fetch
+    /// may be tried after a failed one.
     refetch_lock: Mutex<Option<Instant>>,
+    /// The earliest next refresh at the token endpoint, when the IdP asked
+    /// to wait (`Retry-After` with a 5xx or 429).
+    token_not_before: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -165,7 +175,14 @@ fn unreachable(e: impl std::fmt::Display) -> UpstreamError {
 impl Upstream {
     /// A relying party for `config`, using `http` (which must not follow redirects).
     pub fn new(config: UpstreamConfig, http: reqwest::Client) -> Self {
-        Self { config, http, discovered: RwLock::new(None), last_failure: Mutex::new(None), refetch_lock: Mutex::new(None) }
+        Self {
+            config,
+            http,
+            discovered: RwLock::new(None),
+            last_failure: Mutex::new(None),
+            refetch_lock: Mutex::new(None),
+            token_not_before: std::sync::Mutex::new(None),
+        }
     }
 
     /// The configured issuer.
@@ -268,16 +285,10 @@ impl Upstream {
             .map_err(|e| unreachable(e.without_url()))?;
         let status = response.status();
         if !status.is_success() {
+            let wait = retry_after(response.headers());
             let body = response.bytes().await.unwrap_or_default();
             let error: Option<OAuthErrorReply> = serde_json::from_slice(&body).ok();
-            return Err(match error {
-                Some(e) if e.error == "invalid_grant" => UpstreamError::InvalidGrant(describe_oauth_error(&e)),
-                _ if status.is_server_error() || status.as_u16() == 429 => {
-                    UpstreamError::Unreachable(format!("the token endpoint answered {status}"))
-                }
-                Some(e) => UpstreamError::Refused(describe_oauth_error(&e)),
-                None => UpstreamError::Refused(format!("the token endpoint answered {status}")),
-            });
+            return Err(classify(status, error.as_ref(), wait, |wait| self.asked_to_wait(wait)));
         }
         let body = response
             .bytes()
@@ -424,12 +435,35 @@ impl Upstream {
     /// the answer before anything else can fail, then verifies the ID token
     /// with [`Upstream::check_refreshed_id_token`].
     pub async fn refresh_grant(&self, refresh_token: &SecretString) -> Result<TokenReply, UpstreamError> {
+        if let Some(wait) = self.wait_asked() {
+            return Err(UpstreamError::Unreachable(format!(
+                "the identity provider asked to wait {} s more before the next refresh",
+                wait.as_secs_f64().ceil()
+            )));
+        }
         let discovered = self.discovered().await?;
         self.token_call(
             &discovered,
             vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())],
         )
         .await
+    }
+
+    /// How long the IdP asked to wait before the next refresh (its
+    /// `Retry-After`, bounded by `TOKENHUB_OIDC_MAX_RETRY_AFTER`), if that
+    /// time is not over: refreshes are not sent meanwhile, and callers are
+    /// told to come back then.
+    pub fn wait_asked(&self) -> Option<Duration> {
+        let not_before = (*self.token_not_before.lock().unwrap_or_else(|p| p.into_inner()))?;
+        not_before.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+
+    fn asked_to_wait(&self, wait: Duration) {
+        let until = Instant::now() + wait.min(self.config.max_retry_after);
+        let mut not_before = self.token_not_before.lock().unwrap_or_else(|p| p.into_inner());
+        if not_before.is_none_or(|current| current < until) {
+            *not_before = Some(until);
+        }
     }
 
     /// Verifies an ID token that came with a refresh (OIDC Core §12.2):
@@ -509,7 +543,7 @@ impl Upstream {
     }
 
     async fn refetch_jwks(&self, current: &Arc<Discovered>) -> Result<Arc<Discovered>, UpstreamError> {
-        let mut failed_at = self.refetch_lock.lock().await;
+        let mut not_before = self.refetch_lock.lock().await;
         let latest = self.discovered().await?;
         if !Arc::ptr_eq(&latest, current) {
             return Ok(latest); // someone else re-fetched while we waited
@@ -519,25 +553,44 @@ impl Upstream {
                 "the ID token is signed with a key the key set, fetched moments ago, does not hold".into(),
             ));
         }
-        if failed_at.is_some_and(|t| t.elapsed() < JWKS_RETRY) {
+        if not_before.is_some_and(|t| Instant::now() < t) {
             return Err(UpstreamError::KeysUnavailable("the key set failed moments ago".into()));
         }
         tracing::info!("ID token names an unknown key id: fetching the key set again");
-        let fetched = tokio::time::timeout(JWKS_TIMEOUT, CoreJsonWebKeySet::fetch_async(latest.metadata.jwks_uri(), &self.http))
+        let fetched = tokio::time::timeout(JWKS_TIMEOUT, self.fetch_jwks(latest.metadata.jwks_uri().url().clone()))
             .await
-            .map_err(|_| format!("no answer in {} s", JWKS_TIMEOUT.as_secs()))
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .unwrap_or_else(|_| Err((format!("no answer in {} s", JWKS_TIMEOUT.as_secs()), None)));
         let jwks = match fetched {
             Ok(jwks) => jwks,
-            Err(e) => {
-                *failed_at = Some(Instant::now());
+            Err((e, wait)) => {
+                let wait = wait.unwrap_or(JWKS_RETRY).clamp(JWKS_RETRY, self.config.max_retry_after.max(JWKS_RETRY));
+                *not_before = Some(Instant::now() + wait);
+                tracing::warn!(error = %e, retry_in_secs = wait.as_secs(), "the key set could not be fetched");
                 return Err(UpstreamError::KeysUnavailable(format!("the key set could not be fetched: {e}")));
             }
         };
-        *failed_at = None;
+        *not_before = None;
         let fresh = Arc::new(Discovered { metadata: latest.metadata.clone().set_jwks(jwks), last_refetch: Some(Instant::now()) });
         *self.discovered.write().await = Some(fresh.clone());
         Ok(fresh)
+    }
+
+    /// The key set, read as it is served; an error says why, with the wait
+    /// its `Retry-After` asked for.
+    async fn fetch_jwks(&self, url: url::Url) -> Result<CoreJsonWebKeySet, (String, Option<Duration>)> {
+        let response = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| (e.without_url().to_string(), None))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err((format!("the key set answered {status}"), retry_after(response.headers())));
+        }
+        let body = response.bytes().await.map_err(|e| (e.without_url().to_string(), None))?;
+        serde_json::from_slice(&body).map_err(|e| (format!("the key set is not a JSON Web Key Set: {e}"), None))
     }
 
     async fn userinfo(&self, discovered: &Discovered, access_token: &str) -> Result<Option<Map<String, Value>>, UpstreamError> {
@@ -570,6 +623,45 @@ impl Upstream {
 
 /// Verifies the ID token's signature and claims, then its `at_hash` against
 /// the access token when the claim is present (OIDC Core 3.1.3.8).
+/// What a token endpoint's error answer means (RFC 6749 §5.2): the IdP is
+/// down or asks to wait (5xx, 429, `temporarily_unavailable`: `wait` is its
+/// `Retry-After`, handed to `asked_to_wait`), refuses the grant
+/// (`invalid_grant`) or the request (any other OAuth error), or refuses
+/// tokenhub's client (`invalid_client`, `unauthorized_client`). A 4xx that
+/// is no OAuth error says nothing about the grant: a broken answer.
+fn classify(
+    status: reqwest::StatusCode,
+    error: Option<&OAuthErrorReply>,
+    wait: Option<Duration>,
+    asked_to_wait: impl FnOnce(Duration),
+) -> UpstreamError {
+    let code = error.map(|e| e.error.as_str());
+    if status.is_server_error() || status.as_u16() == 429 || code == Some("temporarily_unavailable") {
+        if let Some(wait) = wait {
+            asked_to_wait(wait);
+        }
+        let detail = error.map(describe_oauth_error).map(|d| format!(": {d}")).unwrap_or_default();
+        return UpstreamError::Unreachable(format!("the token endpoint answered {status}{detail}"));
+    }
+    match (code, error) {
+        (Some("invalid_grant"), Some(e)) => UpstreamError::InvalidGrant(describe_oauth_error(e)),
+        (Some("invalid_client" | "unauthorized_client"), Some(e)) => UpstreamError::Misconfigured(describe_oauth_error(e)),
+        (Some(_), Some(e)) => UpstreamError::Refused(describe_oauth_error(e)),
+        _ => UpstreamError::BadResponse(format!("the token endpoint answered {status} without an OAuth error")),
+    }
+}
+
+/// A `Retry-After` header (RFC 9110 §10.2.3: seconds, or an HTTP date) as a
+/// wait from now.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
 fn check_at_hash(
     client: &Client,
     id_token: &openidconnect::core::CoreIdToken,

@@ -336,6 +336,7 @@ impl Runner {
             RefreshError::Dead(_) => KeepaliveFailure::Refused,
             RefreshError::Unavailable(_) => KeepaliveFailure::IdpUnreachable,
             RefreshError::Busy(_) => KeepaliveFailure::Busy,
+            RefreshError::Misconfigured(_) => KeepaliveFailure::Misconfigured,
             RefreshError::Vault(_) => KeepaliveFailure::Vault,
             _ => KeepaliveFailure::IdpError,
         };
@@ -349,6 +350,8 @@ impl Runner {
                 tracing::warn!(user = %username, error = %e, "keep-alive refresh failed: the identity provider cannot be reached; the lineage is kept");
                 Err(Pause::IdpUnavailable(e))
             }
+            // Every other lineage would meet the same refusal.
+            RefreshError::Misconfigured(e) => Err(Pause::IdpUnavailable(e)),
             RefreshError::Vault(e) => Err(Pause::Vault(e.to_string())),
             e => {
                 tracing::warn!(user = %username, error = %e, "keep-alive refresh failed; the lineage is kept, the round goes on");

@@ -48,6 +48,11 @@ const LEASE_WAIT: Duration = Duration::from_secs(50);
 /// attempts that got no 2xx are repeated.
 const ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest `Retry-After` a refresh waits out before its next attempt;
+/// a longer one ends the attempts, and callers are told when to come back.
+const INLINE_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// The most of an IdP's error description kept as a dead lineage's reason.
+const REASON_CHARS: usize = 300;
 
 /// What a caller asks of the tokens.
 #[derive(Debug, Clone, Copy, Default)]
@@ -96,6 +101,10 @@ pub enum RefreshError {
     /// Another replica holds the refresh lease and did not finish in time.
     #[error("another replica is refreshing: {0}")]
     Busy(String),
+    /// The IdP refused tokenhub's own client (`invalid_client`,
+    /// `unauthorized_client`): the operators must fix the registration.
+    #[error("the identity provider refused tokenhub's client: {0}")]
+    Misconfigured(String),
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -105,7 +114,7 @@ impl RefreshError {
     /// Whether the lineage is kept and a later try may succeed (callers get
     /// 503 with `Retry-After`).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Failed(_) | Self::Unverified(_) | Self::Busy(_))
+        matches!(self, Self::Unavailable(_) | Self::Failed(_) | Self::Unverified(_) | Self::Busy(_) | Self::Misconfigured(_))
     }
 }
 
@@ -248,11 +257,33 @@ impl Refresher {
         heartbeat.stop().await;
         let reply = match answer {
             Ok(reply) => reply,
-            Err(UpstreamError::InvalidGrant(reason)) => {
-                app.vault.mark_dead(username, issuer, lineage.version).await?;
-                tracing::warn!(user = %username, "refresh refused with invalid_grant: lineage marked dead");
-                app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some("the IdP refused the refresh"));
+            // A refusal of this refresh token, `invalid_grant` or another
+            // OAuth error (some IdPs answer a spent or revoked one with
+            // `invalid_request`): the lineage is dead, and the token is
+            // never sent again.
+            Err(e @ (UpstreamError::InvalidGrant(_) | UpstreamError::Refused(_))) => {
+                let reason = dead_reason(&e, &lineage);
+                app.vault.mark_dead(username, issuer, lineage.version, &reason).await?;
+                tracing::warn!(user = %username, reason = %reason, "the identity provider refused the refresh: lineage marked dead");
+                app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some(&reason));
                 return Err(RefreshError::Dead(reason));
+            }
+            Err(UpstreamError::Misconfigured(reason)) => {
+                slot.failed = Some((Instant::now(), false));
+                tracing::error!(
+                    user = %username, reason = %reason,
+                    "the identity provider refused tokenhub's client at its token endpoint: check TOKENHUB_OIDC_CLIENT_ID, \
+                     TOKENHUB_OIDC_CLIENT_SECRET, TOKENHUB_OIDC_CLIENT_AUTH_METHOD and the client's grant types at the IdP; \
+                     the lineage is kept"
+                );
+                app.audit.record(
+                    "refresh_failed",
+                    Some(username),
+                    Some(lineage.version),
+                    Some("the IdP refused tokenhub's client"),
+                );
+                app.vault.store().release_lease(username, issuer, &self.holder).await?;
+                return Err(RefreshError::Misconfigured(reason));
             }
             Err(e) => {
                 let outage = matches!(e, UpstreamError::Unreachable(_) | UpstreamError::KeysUnavailable(_));
@@ -445,9 +476,14 @@ impl Refresher {
         let mut attempt = 1;
         let result = loop {
             match app.upstream.refresh_grant(refresh_token).await {
-                Err(UpstreamError::Unreachable(e)) if attempt < ATTEMPTS => {
-                    tracing::info!(attempt, error = %e, "refresh attempt got no answer; retrying");
-                    tokio::time::sleep(backoff).await;
+                // A `Retry-After` longer than a caller should wait ends the
+                // attempts; a short one is waited out.
+                Err(UpstreamError::Unreachable(e))
+                    if attempt < ATTEMPTS && app.upstream.wait_asked().is_none_or(|w| w <= INLINE_RETRY_AFTER) =>
+                {
+                    let wait = app.upstream.wait_asked().map_or(backoff, |w| w.max(backoff));
+                    tracing::info!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "refresh attempt got no answer; retrying");
+                    tokio::time::sleep(wait).await;
                     backoff *= 2;
                     attempt += 1;
                 }
@@ -466,8 +502,27 @@ fn outcome(result: &Result<crate::oauth::upstream::TokenReply, UpstreamError>) -
         Err(UpstreamError::InvalidGrant(_)) => RefreshOutcome::InvalidGrant,
         Err(UpstreamError::Unreachable(_) | UpstreamError::KeysUnavailable(_)) => RefreshOutcome::Unavailable,
         Err(UpstreamError::AnswerLost(_)) => RefreshOutcome::AnswerLost,
-        Err(UpstreamError::Refused(_) | UpstreamError::BadResponse(_) | UpstreamError::BadIdToken(_)) => RefreshOutcome::Error,
+        Err(UpstreamError::Refused(_)) => RefreshOutcome::Refused,
+        Err(UpstreamError::Misconfigured(_)) => RefreshOutcome::Misconfigured,
+        Err(UpstreamError::BadResponse(_) | UpstreamError::BadIdToken(_)) => RefreshOutcome::Error,
     }
+}
+
+/// Why the IdP refused the lineage's refresh, as stored and shown: its
+/// error and description, shortened, with no token value in it (an IdP
+/// could echo the token).
+fn dead_reason(e: &UpstreamError, lineage: &Lineage) -> String {
+    let (UpstreamError::InvalidGrant(d) | UpstreamError::Refused(d)) = e else {
+        return e.to_string();
+    };
+    let mut reason: String = d.chars().take(REASON_CHARS).collect();
+    for secret in [lineage.tokens.refresh_token.as_ref(), Some(&lineage.tokens.access_token)].into_iter().flatten() {
+        let secret = secrecy::ExposeSecret::expose_secret(secret);
+        if !secret.is_empty() {
+            reason = reason.replace(secret, "[token]");
+        }
+    }
+    format!("the identity provider refused the refresh: {reason}")
 }
 
 /// The outcome of asking for the database's refresh lease.

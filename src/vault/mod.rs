@@ -66,6 +66,8 @@ pub struct Lineage {
     pub pending_id_token: Option<SecretString>,
     /// The nonce of the login that began the lineage.
     pub login_nonce: Option<String>,
+    /// Why the IdP refused the last refresh, when the lineage is dead.
+    pub dead_reason: Option<String>,
 }
 
 /// Why the vault failed.
@@ -152,10 +154,11 @@ impl Vault {
         Ok(lineage)
     }
 
-    /// Marks the lineage dead if it is still at `version`.
-    pub async fn mark_dead(&self, username: &str, issuer: &str, version: i64) -> Result<bool, VaultError> {
+    /// Marks the lineage dead if it is still at `version`, saying why (no
+    /// token value may be in `reason`: it is shown).
+    pub async fn mark_dead(&self, username: &str, issuer: &str, version: i64, reason: &str) -> Result<bool, VaultError> {
         self.forget(username, issuer);
-        Ok(self.store.mark_dead(username, issuer, version, now()).await?)
+        Ok(self.store.mark_dead(username, issuer, version, now(), reason).await?)
     }
 
     /// Deletes the lineage (and the hub's tokens for it).
@@ -201,6 +204,7 @@ impl Vault {
             rotated_at: None,
             pending_id_token: None,
             login_nonce: Some(nonce.to_string()),
+            dead_reason: None,
         };
         self.forget(username, issuer);
         Ok(self.store.replace_lineage(&row).await?)
@@ -245,6 +249,7 @@ impl Vault {
             rotated_at: if rotated { Some(now) } else { lineage.rotated_at },
             pending_id_token: pending_id_token.map(|t| seal("pending_id_token", t.expose_secret())),
             login_nonce: lineage.login_nonce.clone(),
+            dead_reason: None,
         };
         self.forget(username, issuer);
         match self.store.store_refresh(&row).await? {
@@ -345,6 +350,7 @@ impl Vault {
                 .map(|t| open("pending_id_token", t).map(SecretString::from))
                 .transpose()?,
             login_nonce: row.login_nonce,
+            dead_reason: row.dead_reason,
             username: row.username,
             issuer: row.issuer,
             subject: row.subject,

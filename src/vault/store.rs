@@ -72,6 +72,9 @@ pub struct LineageRow {
     pub pending_id_token: Option<Vec<u8>>,
     /// The nonce of the login that began the lineage.
     pub login_nonce: Option<String>,
+    /// Why the IdP refused the last refresh, when the lineage is dead (set
+    /// by [`Store::mark_dead`] only).
+    pub dead_reason: Option<String>,
 }
 
 /// An authorization code issued to the hub (stored by hash).
@@ -179,6 +182,7 @@ fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
         rotated_at: row.try_get("rotated_at")?,
         pending_id_token: row.try_get("pending_id_token")?,
         login_nonce: row.try_get("login_nonce")?,
+        dead_reason: row.try_get("dead_reason")?,
     })
 }
 
@@ -312,7 +316,7 @@ impl Store {
                created_at = excluded.created_at, updated_at = excluded.updated_at, \
                refreshed_at = excluded.refreshed_at, previous_refresh_hash = NULL, \
                rotated_at = NULL, lease_holder = NULL, lease_until = NULL, \
-               pending_id_token = NULL, login_nonce = excluded.login_nonce \
+               pending_id_token = NULL, login_nonce = excluded.login_nonce, dead_reason = NULL \
              RETURNING version"
         );
         let version: i64 = sqlx::query_scalar(&sql)
@@ -337,7 +341,7 @@ impl Store {
 
     /// The user's lineage for `issuer`, if there is one.
     pub async fn lineage(&self, username: &str, issuer: &str) -> Result<Option<LineageRow>, StoreError> {
-        let sql = format!("SELECT {LINEAGE_COLUMNS} FROM lineages WHERE username = $1 AND issuer = $2");
+        let sql = format!("SELECT {LINEAGE_COLUMNS}, dead_reason FROM lineages WHERE username = $1 AND issuer = $2");
         let row = sqlx::query(&sql).bind(username).bind(issuer).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(lineage_from_row).transpose()?)
     }
@@ -401,16 +405,24 @@ impl Store {
     }
 
     /// Marks the lineage dead (the IdP said `invalid_grant`), if still at `version`.
-    pub async fn mark_dead(&self, username: &str, issuer: &str, version: i64, now: i64) -> Result<bool, StoreError> {
+    pub async fn mark_dead(
+        &self,
+        username: &str,
+        issuer: &str,
+        version: i64,
+        now: i64,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE lineages SET status = 'dead', version = version + 1, updated_at = $4, \
-             lease_holder = NULL, lease_until = NULL \
+             lease_holder = NULL, lease_until = NULL, dead_reason = $5 \
              WHERE username = $1 AND issuer = $2 AND version = $3",
         )
         .bind(username)
         .bind(issuer)
         .bind(version)
         .bind(now)
+        .bind(reason)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -796,10 +808,12 @@ pub struct LineageSummary {
     pub created_at: i64,
     /// Last change.
     pub updated_at: i64,
+    /// Why the IdP refused the last refresh, when dead.
+    pub dead_reason: Option<String>,
 }
 
 const SUMMARY_COLUMNS: &str = "username, issuer, subject, status, refresh_token IS NOT NULL AS has_refresh, scope, \
-     access_expires_at, refresh_expires_at, refreshed_at, version, created_at, updated_at";
+     access_expires_at, refresh_expires_at, refreshed_at, version, created_at, updated_at, dead_reason";
 
 fn summary_from_row(row: &AnyRow) -> Result<LineageSummary, sqlx::Error> {
     let has_refresh_token = match row.try_get::<bool, _>("has_refresh") {
@@ -819,6 +833,7 @@ fn summary_from_row(row: &AnyRow) -> Result<LineageSummary, sqlx::Error> {
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        dead_reason: row.try_get("dead_reason")?,
     })
 }
 

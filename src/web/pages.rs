@@ -52,6 +52,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
             subject: l.subject.clone(),
             scopes: l.tokens.scope.split_whitespace().map(str::to_string).collect(),
             active: l.active,
+            dead_reason: l.dead_reason.clone(),
             access_expires: l.tokens.access_expires_at.map(|t| format!("{} ({})", timestamp(t), relative(t))),
             id_token_expires: fabric::id_token_expiry(l).map(|t| format!("{} ({})", timestamp(t), relative(t))),
             started: format!("{} ({})", timestamp(l.created_at), relative(l.created_at)),

@@ -49,6 +49,8 @@ pub struct LineageView {
     pub scopes: Vec<String>,
     /// False once the IdP refused a refresh.
     pub active: bool,
+    /// Why the IdP refused it, when it said.
+    pub dead_reason: Option<String>,
     /// Access-token expiry, formatted.
     pub access_expires: Option<String>,
     /// ID-token expiry, formatted.

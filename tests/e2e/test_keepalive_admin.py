@@ -198,7 +198,8 @@ def test_the_operators_page_lists_users_refuses_others_and_revokes(stack, hub, p
     assert set(rows) == {"alice", "bob", "admin-kim", "operator-oz"}, rows
     assert rows["alice"]["state"] == "active"
     assert rows["alice"]["keepalive"].startswith("on:"), rows["alice"]
-    assert rows["bob"]["state"].startswith("dead: the identity provider refused a refresh (invalid_grant)")
+    # The IdP's own error and description are the reason.
+    assert rows["bob"]["state"].startswith("dead: the identity provider refused the refresh: invalid_grant"), rows["bob"]
     assert rows["bob"]["keepalive"].startswith("none:")
     assert "alice" in admin_page.locator("tr.lineage[data-user=alice]").inner_text()
     # What keep-alive did, as in /metrics: rounds ran, alice was refreshed.
@@ -283,7 +284,7 @@ def test_metrics_show_what_happened(stack):
     alice_and_bob_refreshes = idp_refreshes(stack, "alice") + idp_refreshes(stack, "bob")
     assert m["tokenhub_logins_total"] == 4
     assert m["tokenhub_keepalive_refreshes_total"] >= 3
-    for cause in ("idp_unreachable", "idp_error", "refused", "busy", "vault"):
+    for cause in ("idp_unreachable", "idp_error", "refused", "busy", "misconfigured", "vault"):
         assert m[f'tokenhub_keepalive_failures_total{{cause="{cause}"}}'] == 0, cause
     assert m["tokenhub_keepalive_rounds_total"] >= 1
     assert m["tokenhub_keepalive_last_round_timestamp"] > 0

@@ -88,7 +88,13 @@ async fn admin_json_lists_states_filters_sorts_and_pages() {
     save(&app, "alive").await;
     save(&app, "gone").await;
     let version = app.state().vault.load("gone", &issuer).await.unwrap().unwrap().version;
-    assert!(app.state().vault.mark_dead("gone", &issuer, version).await.unwrap());
+    assert!(
+        app.state()
+            .vault
+            .mark_dead("gone", &issuer, version, "the identity provider refused the refresh: invalid_grant (test)")
+            .await
+            .unwrap()
+    );
 
     let admin = hub_token(&hub, "boss", true, &[]).await;
     let page = list_ok(&app, &admin, "").await;
@@ -269,7 +275,13 @@ async fn admin_listing_on_postgres() {
         save(&app, user).await;
     }
     let version = app.state().vault.load("pg-b", &issuer).await.unwrap().unwrap().version;
-    assert!(app.state().vault.mark_dead("pg-b", &issuer, version).await.unwrap());
+    assert!(
+        app.state()
+            .vault
+            .mark_dead("pg-b", &issuer, version, "the identity provider refused the refresh: invalid_grant (test)")
+            .await
+            .unwrap()
+    );
     let admin = hub_token(&hub, "boss", true, &[]).await;
     let all = list_ok(&app, &admin, "user=pg-").await;
     assert_eq!(users(&all), ["pg-a", "pg-b", "pg-c"]);

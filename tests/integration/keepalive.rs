@@ -90,7 +90,7 @@ async fn a_running_server_keeps_the_lineage_alive_and_an_idle_user_is_let_go() {
 
     let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains(&format!("tokenhub_keepalive_refreshes_total {refreshes}")), "{metrics}");
-    for cause in ["idp_unreachable", "idp_error", "refused", "busy", "vault"] {
+    for cause in ["idp_unreachable", "idp_error", "refused", "busy", "misconfigured", "vault"] {
         assert!(metrics.contains(&format!("tokenhub_keepalive_failures_total{{cause=\"{cause}\"}} 0")), "{metrics}");
     }
     assert!(metrics.contains("tokenhub_keepalive_rounds_total "), "{metrics}");

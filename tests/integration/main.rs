@@ -8,6 +8,7 @@ mod custody;
 mod faults;
 mod hardening;
 mod id_token;
+mod idp_answers;
 mod idp_variants;
 mod keepalive;
 mod login_flow;
