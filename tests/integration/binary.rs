@@ -71,20 +71,8 @@ async fn serve_logs_no_secrets_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .arg("serve")
         .env_clear()
-        .envs([
-            ("TOKENHUB_BIND", format!("127.0.0.1:{port}")),
-            ("TOKENHUB_OIDC_ISSUER", idp.issuer.clone()),
-            ("TOKENHUB_OIDC_CLIENT_ID", IDP_CLIENT_ID.into()),
-            ("TOKENHUB_OIDC_CLIENT_SECRET", IDP_CLIENT_SECRET.into()),
-            ("TOKENHUB_OIDC_REDIRECT_URI", UPSTREAM_REDIRECT_URI.into()),
-            ("TOKENHUB_HUB_CLIENT_ID", HUB_CLIENT_ID.into()),
-            ("TOKENHUB_HUB_CLIENT_SECRET", HUB_CLIENT_SECRET.into()),
-            ("TOKENHUB_HUB_REDIRECT_URI", HUB_REDIRECT_URI.into()),
-            ("JUPYTERHUB_CRYPT_KEY", CRYPT_KEY.into()),
-            ("TOKENHUB_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("th.sqlite").display())),
-            ("TOKENHUB_LOG", "debug,hyper=info,h2=info,rustls=info".into()),
-            ("TOKENHUB_LOG_FORMAT", "json".into()),
-        ])
+        .envs(serve_env(&idp.issuer, port, &format!("sqlite://{}?mode=rwc", dir.path().join("th.sqlite").display())))
+        .envs([("TOKENHUB_LOG", "debug,hyper=info,h2=info,rustls=info"), ("TOKENHUB_LOG_FORMAT", "json")])
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()

@@ -197,19 +197,10 @@ async fn a_killed_replicas_lease_is_taken_over_within_seconds() {
     let mut a = Command::new(env!("CARGO_BIN_EXE_tokenhub"))
         .arg("serve")
         .env_clear()
+        .envs(serve_env(&idp.issuer, port, &database))
         .envs([
-            ("TOKENHUB_BIND", format!("127.0.0.1:{port}")),
-            ("TOKENHUB_OIDC_ISSUER", idp.issuer.clone()),
-            ("TOKENHUB_OIDC_CLIENT_ID", IDP_CLIENT_ID.into()),
-            ("TOKENHUB_OIDC_CLIENT_SECRET", IDP_CLIENT_SECRET.into()),
-            ("TOKENHUB_OIDC_REDIRECT_URI", UPSTREAM_REDIRECT_URI.into()),
-            ("TOKENHUB_HUB_CLIENT_ID", HUB_CLIENT_ID.into()),
-            ("TOKENHUB_HUB_CLIENT_SECRET", HUB_CLIENT_SECRET.into()),
-            ("TOKENHUB_HUB_REDIRECT_URI", HUB_REDIRECT_URI.into()),
             ("JUPYTERHUB_API_URL", format!("{}/hub/api", hub.server.uri())),
             ("JUPYTERHUB_API_TOKEN", "tokenhub-service-token".into()),
-            ("JUPYTERHUB_CRYPT_KEY", CRYPT_KEY.into()),
-            ("TOKENHUB_DATABASE_URL", database),
             ("TOKENHUB_KEEPALIVE_INTERVAL", "0".into()),
         ])
         .stdout(Stdio::null())

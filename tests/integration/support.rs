@@ -206,6 +206,23 @@ impl TestAppBuilder {
     }
 }
 
+/// The environment `tokenhub serve` (the binary) needs to run against
+/// `issuer` on `port` with `database` (the test clients' settings).
+pub fn serve_env(issuer: &str, port: u16, database: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TOKENHUB_BIND", format!("127.0.0.1:{port}")),
+        ("TOKENHUB_OIDC_ISSUER", issuer.to_string()),
+        ("TOKENHUB_OIDC_CLIENT_ID", IDP_CLIENT_ID.into()),
+        ("TOKENHUB_OIDC_CLIENT_SECRET", IDP_CLIENT_SECRET.into()),
+        ("TOKENHUB_OIDC_REDIRECT_URI", UPSTREAM_REDIRECT_URI.into()),
+        ("TOKENHUB_HUB_CLIENT_ID", HUB_CLIENT_ID.into()),
+        ("TOKENHUB_HUB_CLIENT_SECRET", HUB_CLIENT_SECRET.into()),
+        ("TOKENHUB_HUB_REDIRECT_URI", HUB_REDIRECT_URI.into()),
+        ("JUPYTERHUB_CRYPT_KEY", CRYPT_KEY.into()),
+        ("TOKENHUB_DATABASE_URL", database.to_string()),
+    ]
+}
+
 // ---------------------------------------------------------------- the IdP
 
 /// An oidc-provider process: the shared one of this test binary, or one a
