@@ -1,4 +1,5 @@
-//! The command line: `tokenhub serve` and `tokenhub keygen`.
+//! The command line: `tokenhub serve`, and the operator's commands
+//! `keygen`, `migrate`, `keys` and `rekey` (docs/operations.md).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, LogFormat, Settings};
 use crate::state::App;
 use crate::vault::crypto::KeyRing;
+use crate::vault::rekey;
+use crate::vault::store::Store;
 
 /// OpenID Connect login, token vault and token service for JupyterHub.
 ///
@@ -28,6 +31,96 @@ enum Command {
     Serve(Box<Settings>),
     /// Print a new random encryption key for TOKENHUB_CRYPT_KEY.
     Keygen,
+    /// Bring the database's schema up to this tokenhub's, then exit (safe
+    /// while older replicas serve: see docs/operations.md).
+    Migrate(VaultArgs),
+    /// Count the stored values each key of TOKENHUB_CRYPT_KEY sealed (and
+    /// any key not in the list), changing nothing.
+    Keys(VaultArgs),
+    /// Seal every stored value again under the first key of TOKENHUB_CRYPT_KEY
+    /// (safe while replicas serve), then count as `keys` does.
+    Rekey(VaultArgs),
+}
+
+/// The vault's settings, for the commands that need only the database (the
+/// same variables `serve` reads).
+#[derive(Debug, clap::Args)]
+struct VaultArgs {
+    /// The vault's database (default sqlite://tokenhub.sqlite?mode=rwc).
+    #[arg(long, env = "TOKENHUB_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The encryption keys, `;`-separated; falls back to JUPYTERHUB_CRYPT_KEY.
+    #[arg(long, env = "TOKENHUB_CRYPT_KEY", hide_env_values = true)]
+    crypt_key: Option<SecretString>,
+}
+
+impl VaultArgs {
+    fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| crate::config::DEFAULT_DATABASE_URL.to_string())
+    }
+
+    fn keys(&self) -> Result<KeyRing, String> {
+        use secrecy::ExposeSecret as _;
+        let list = self
+            .crypt_key
+            .clone()
+            .or_else(|| std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from))
+            .ok_or("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY) is not set")?;
+        KeyRing::parse(list.expose_secret()).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs one of the operator's database commands; its report goes to
+/// stdout, a failure to stderr (exit 2 for missing or bad settings, 1 for
+/// the rest).
+fn vault_command(
+    name: &str,
+    args: &VaultArgs,
+    run: impl AsyncFnOnce(Store, Option<KeyRing>) -> Result<String, String>,
+) -> ExitCode {
+    let migrate = name == "migrate";
+    let keys = if migrate {
+        None
+    } else {
+        match args.keys() {
+            Ok(keys) => Some(keys),
+            Err(e) => {
+                eprintln!("tokenhub {name}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+    let result = runtime.block_on(async {
+        let store = Store::open(&args.database_url(), migrate).await.map_err(|e| e.to_string())?;
+        run(store, keys).await
+    });
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokenhub {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(store: Store, _: Option<KeyRing>) -> Result<String, String> {
+    let (database, binary) = store.schema_versions().await.map_err(|e| e.to_string())?;
+    Ok(format!("the schema is at migration {} (this tokenhub's newest: {binary})", database.unwrap_or(0)))
+}
+
+async fn keys(store: Store, keys: Option<KeyRing>) -> Result<String, String> {
+    let keys = keys.expect("keys are read for this command");
+    Ok(rekey::usage(&store).await.map_err(|e| e.to_string())?.report(&keys))
+}
+
+async fn reseal(store: Store, keys: Option<KeyRing>) -> Result<String, String> {
+    let keys = keys.expect("keys are read for this command");
+    let done = rekey::rekey(&store, &keys).await.map_err(|e| e.to_string())?;
+    Ok(format!("{} rows sealed again under key #1\n{}", done.rows_changed, done.usage.report(&keys)))
 }
 
 /// Entry point of the binary.
@@ -38,6 +131,9 @@ pub fn main() -> ExitCode {
             println!("{}", KeyRing::generate_key());
             ExitCode::SUCCESS
         }
+        Command::Migrate(args) => vault_command("migrate", &args, migrate),
+        Command::Keys(args) => vault_command("keys", &args, keys),
+        Command::Rekey(args) => vault_command("rekey", &args, reseal),
         Command::Serve(settings) => {
             let jupyterhub_key = std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from);
             let config = match settings.with_file().and_then(|s| s.into_config(jupyterhub_key)) {

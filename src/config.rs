@@ -491,6 +491,8 @@ pub struct Config {
 }
 
 const DEFAULT_SCOPES: &str = "openid email profile offline_access";
+/// The vault's database when none is set.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://tokenhub.sqlite?mode=rwc";
 
 impl Settings {
     /// Fills every unset field from `file` (lower precedence).
@@ -645,10 +647,7 @@ impl Settings {
                 redirect_uri: self.hub_redirect_uri.ok_or(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI"))?,
                 token_ttl: self.hub_token_ttl.unwrap_or(3600),
             },
-            vault: VaultConfig {
-                database_url: self.database_url.unwrap_or_else(|| "sqlite://tokenhub.sqlite?mode=rwc".into()),
-                crypt_key,
-            },
+            vault: VaultConfig { database_url: self.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()), crypt_key },
             keepalive: KeepaliveConfig {
                 interval: match self.keepalive_interval.unwrap_or(60) {
                     0 => None,

@@ -130,6 +130,25 @@ impl KeyRing {
         key.cipher.decrypt(nonce, Payload { msg: &envelope[HEADER_LEN..], aad }).map_err(|_| CryptoError::Tampered)
     }
 
+    /// The key ids of the list, in order (hex; the first one seals).
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| hex::encode(k.id)).collect()
+    }
+
+    /// The id of the key that sealed `envelope` (hex), if it is one.
+    pub fn envelope_key_id(envelope: &[u8]) -> Option<String> {
+        (envelope.len() >= HEADER_LEN && envelope[0] == VERSION).then(|| hex::encode(&envelope[1..1 + KEY_ID_LEN]))
+    }
+
+    /// `envelope` sealed again under the first key, or `None` when it
+    /// already is (for `tokenhub rekey`).
+    pub fn reseal(&self, envelope: &[u8], aad: &[u8]) -> Result<Option<Vec<u8>>, CryptoError> {
+        if envelope.get(1..1 + KEY_ID_LEN) == Some(&self.keys[0].id[..]) {
+            return Ok(None);
+        }
+        Ok(Some(self.seal(&self.open(envelope, aad)?, aad)))
+    }
+
     /// Seals a string and encodes it for a cookie or URL (base64url).
     pub fn seal_text(&self, plaintext: &str, aad: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(self.seal(plaintext.as_bytes(), aad))

@@ -7,6 +7,7 @@
 //! the sealed envelope) and [`store`] (the rows in SQLite or PostgreSQL).
 
 pub mod crypto;
+pub mod rekey;
 pub mod store;
 
 use std::sync::Arc;

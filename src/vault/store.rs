@@ -22,6 +22,28 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A newer tokenhub migrated the database: this one would misread it.
+    #[error(
+        "the database's schema is at migration {database}, newer than this tokenhub knows ({binary}): \
+         run a tokenhub at least as new as the one that migrated it"
+    )]
+    SchemaNewer {
+        /// The newest migration applied to the database.
+        database: i64,
+        /// The newest migration this build has.
+        binary: i64,
+    },
+    /// The database lacks migrations this build has (for the commands that
+    /// do not migrate).
+    #[error(
+        "the database's schema is at migration {database}, older than this tokenhub's ({binary}): run `tokenhub migrate` first"
+    )]
+    SchemaOlder {
+        /// The newest migration applied to the database (0: none).
+        database: i64,
+        /// The newest migration this build has.
+        binary: i64,
+    },
 }
 
 /// Which database is behind the pool.
@@ -215,6 +237,13 @@ fn hub_token_from_row(row: &AnyRow, kind: HubTokenKind) -> Result<HubTokenRow, s
 impl Store {
     /// Connects, creating an SQLite file if needed, and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, true).await
+    }
+
+    /// Opens the database at `url`; with `migrate`, runs the migrations it
+    /// lacks (as [`Store::connect`]), else requires its schema to be this
+    /// build's (for the commands that only read or reseal rows).
+    pub async fn open(url: &str, migrate: bool) -> Result<Self, StoreError> {
         /// The vault file holds sealed tokens: when the URL lets SQLite
         /// create it (`mode=rwc`) and it is missing, it is created here,
         /// readable and writable by tokenhub's user only (0600). SQLite gives
@@ -282,11 +311,41 @@ impl Store {
             })
             .connect(url)
             .await?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        let store = Self { pool, backend };
+        let (database, binary) = store.schema_versions().await?;
+        if database.is_some_and(|d| d > binary) {
+            return Err(StoreError::SchemaNewer { database: database.unwrap_or(0), binary });
         }
-        Ok(Self { pool, backend })
+        if !migrate {
+            return match database {
+                Some(d) if d == binary => Ok(store),
+                _ => Err(StoreError::SchemaOlder { database: database.unwrap_or(0), binary }),
+            };
+        }
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&store.pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&store.pool).await?,
+        }
+        Ok(store)
+    }
+
+    /// The newest migration applied to the database (`None` before the
+    /// first), and the newest this build has.
+    pub async fn schema_versions(&self) -> Result<(Option<i64>, i64), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let binary = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        // sqlx's own table; absent until the first migration ran.
+        let applied: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await;
+        let database = match applied {
+            Ok(version) => version,
+            Err(sqlx::Error::Database(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((database, binary))
     }
 
     /// The backend in use.
@@ -850,6 +909,79 @@ impl LineageFilter {
 }
 
 impl Store {
+    /// One page of lineage rows as stored (sealed), after `(username,
+    /// issuer)` in that order; for `tokenhub rekey` and `tokenhub keys`.
+    pub async fn sealed_lineages(&self, after: &(String, String), limit: i64) -> Result<Vec<LineageRow>, StoreError> {
+        let sql = format!(
+            "SELECT {LINEAGE_COLUMNS}, dead_reason FROM lineages \
+             WHERE username > $1 OR (username = $1 AND issuer > $2) ORDER BY username, issuer LIMIT $3"
+        );
+        let rows = sqlx::query(&sql).bind(&after.0).bind(&after.1).bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(lineage_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces a lineage's sealed values with the same values sealed
+    /// again, if the lineage is still at `row.version` (the version is
+    /// kept: nothing in the tokens changed). False when it moved on.
+    pub async fn reseal_lineage(&self, row: &LineageRow) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE lineages SET access_token = $4, id_token = $5, refresh_token = $6, claims = $7, pending_id_token = $8 \
+             WHERE username = $1 AND issuer = $2 AND version = $3",
+        )
+        .bind(&row.username)
+        .bind(&row.issuer)
+        .bind(row.version)
+        .bind(&row.access_token)
+        .bind(&row.id_token)
+        .bind(&row.refresh_token)
+        .bind(&row.claims)
+        .bind(&row.pending_id_token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// One page of servers' sealed hub tokens `(user, server, sealed)`,
+    /// after `(user, server)`.
+    pub async fn sealed_server_credentials(
+        &self,
+        after: &(String, String),
+        limit: i64,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT username, server_name, token FROM server_credentials \
+             WHERE username > $1 OR (username = $1 AND server_name > $2) ORDER BY username, server_name LIMIT $3",
+        )
+        .bind(&after.0)
+        .bind(&after.1)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("username")?, r.try_get("server_name")?, r.try_get("token")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// Replaces a server's sealed token with `new` if it still is `old`.
+    pub async fn reseal_server_credential(
+        &self,
+        username: &str,
+        server: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE server_credentials SET token = $4 WHERE username = $1 AND server_name = $2 AND token = $3")
+                .bind(username)
+                .bind(server)
+                .bind(old)
+                .bind(new)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// One page of every user's lineages for the operator, with the number
     /// matching the filter. Paged in the database (LIMIT/OFFSET, ties broken
     /// by user and issuer so pages neither overlap nor skip).

@@ -1,0 +1,155 @@
+//! The operator's database commands, run as the binary: `migrate` (twice is
+//! harmless; a schema from a newer tokenhub is refused by `migrate`,
+//! `serve` and `keys`, naming both versions), and `rekey` while two
+//! replicas on PostgreSQL serve a steady stream of callers.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tokenhub::vault::crypto::KeyRing;
+
+use crate::refresh_safety::Caller;
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenhub");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN).args(args).env_clear().envs(env.iter().copied()).stdin(Stdio::null()).output().unwrap()
+}
+
+/// A database command on `database` with the key list `keys`, off the
+/// test's runtime (replicas keep serving meanwhile).
+async fn in_background(args: &[&'static str], database: &str, keys: &str) -> Output {
+    let (args, database, keys) = (args.to_vec(), database.to_string(), keys.to_string());
+    tokio::task::spawn_blocking(move || run(&args, &[("TOKENHUB_DATABASE_URL", &database), ("TOKENHUB_CRYPT_KEY", &keys)]))
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn migrate_twice_is_harmless_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("vault.sqlite").display());
+    let env = [("TOKENHUB_DATABASE_URL", url.as_str()), ("TOKENHUB_CRYPT_KEY", CRYPT_KEY)];
+    for _ in 0..2 {
+        let out = run(&["migrate"], &env);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("the schema is at migration 6 (this tokenhub's newest: 6)"), "{}", text(&out.stdout));
+    }
+    let out = run(&["keys"], &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("key #1 ("), "{}", text(&out.stdout));
+
+    // A newer tokenhub migrated the database further.
+    use sqlx::Connection as _;
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer tokenhub', 1, x'00', 0)",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    let said = "the database's schema is at migration 9999, newer than this tokenhub knows (6)";
+    for command in ["migrate", "keys"] {
+        let out = run(&[command], &env);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        assert!(text(&out.stderr).contains(said), "{command}: {}", text(&out.stderr));
+    }
+    let port = free_port();
+    let serve_env = serve_env(&Idp::shared().issuer, port, &url);
+    let serve_env: Vec<(&str, &str)> = serve_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run(&["serve"], &serve_env);
+    assert!(!out.status.success(), "serve refuses to start");
+    assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+}
+
+/// Replicas move from key list `old` to `new;old`; `rekey` runs while both
+/// serve callers (reads and forced refreshes); then `keys` says the old key
+/// seals nothing, and a replica with `new` alone serves every user.
+#[tokio::test]
+async fn rekey_while_two_replicas_serve_loses_nothing() {
+    let idp = Idp::shared();
+    let hub = HubMock::start().await;
+    let database = Postgres::shared().new_database().await;
+    let (old, new) = (CRYPT_KEY.to_string(), KeyRing::generate_key());
+    let replica = async |keys: &str| {
+        let keys = keys.to_string();
+        TestApp::builder(&idp.issuer)
+            .hub(&hub)
+            .database(database.clone())
+            .settings(|s| s.crypt_key = Some(keys.into()))
+            .spawn()
+            .await
+    };
+    let users: Vec<String> = (0..12).map(|i| format!("rekey{i:02}")).collect();
+    {
+        let before = replica(&old).await;
+        for user in &users {
+            let (code, login) = Hub::login_at(&before, idp, &Browser::new(), user).await;
+            assert_eq!(Hub::exchange_code(&before, &code, &login).await.status(), StatusCode::OK);
+            hub.running(&before, user).await;
+        }
+    }
+    let both = format!("{new};{old}");
+    let (b, c) = (replica(&both).await, replica(&both).await);
+    let mut callers = Vec::new();
+    for user in &users {
+        callers.push(Caller::new(if callers.len() % 2 == 0 { &b } else { &c }, &hub, user).await);
+    }
+
+    // A steady stream of callers on both replicas while rekey runs.
+    let (stop, served, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stream = {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let caller = &callers[i % callers.len()];
+                let response = if i % 7 == 0 { caller.force().await } else { caller.get("").await };
+                if response.status() == StatusCode::OK {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("failed: {} {}", response.status(), response.text().await.unwrap_or_default());
+                }
+                i += 1;
+            }
+        }
+    };
+    let stream = tokio::spawn(stream);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = in_background(&["rekey"], &database, &both).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    stream.await.unwrap();
+
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no caller failed");
+    assert!(served.load(Ordering::Relaxed) >= 20, "{} calls served", served.load(Ordering::Relaxed));
+    let rows: u64 = report.split(' ').next().unwrap().parse().unwrap();
+    assert!(rows >= users.len() as u64, "{report}");
+    let ids = KeyRing::parse(&both).unwrap().key_ids();
+    assert!(
+        report.contains(&format!("key #2 ({}): 0 stored values; seals nothing stored: it can be removed", ids[1])),
+        "{report}"
+    );
+    let keys = text(&in_background(&["keys"], &database, &both).await.stdout);
+    assert!(keys.contains(&format!("key #2 ({}): 0 stored values", ids[1])), "{keys}");
+
+    // The old key dropped: every user's tokens are still served.
+    let after = replica(&new).await;
+    for user in &users {
+        let response = Caller::new(&after, &hub, user).await.get("").await;
+        assert_eq!(response.status(), StatusCode::OK, "{user}: {}", response.text().await.unwrap());
+    }
+}
