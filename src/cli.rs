@@ -92,7 +92,8 @@ fn vault_command(
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
     let result = runtime.block_on(async {
-        let store = Store::open(&args.database_url(), migrate).await.map_err(|e| e.to_string())?;
+        let options = crate::vault::store::DatabaseOptions::default();
+        let store = Store::open(&args.database_url(), migrate, &options).await.map_err(|e| e.to_string())?;
         run(store, keys).await
     });
     match result {

@@ -175,6 +175,20 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_DATABASE_URL", help_heading = "Vault")]
     pub database_url: Option<String>,
 
+    /// Database connections kept open (default 10 for PostgreSQL, 4 for SQLite).
+    #[arg(long, env = "TOKENHUB_DATABASE_POOL_SIZE", help_heading = "Vault")]
+    pub database_pool_size: Option<u32>,
+
+    /// Seconds a request waits for a database connection, connecting
+    /// included, before it is answered 503 (default 5).
+    #[arg(long, env = "TOKENHUB_DATABASE_CONNECT_TIMEOUT", help_heading = "Vault")]
+    pub database_connect_timeout: Option<u64>,
+
+    /// Seconds one statement may run (PostgreSQL's statement_timeout;
+    /// SQLite's wait for a busy writer), default 10.
+    #[arg(long, env = "TOKENHUB_DATABASE_STATEMENT_TIMEOUT", help_heading = "Vault")]
+    pub database_statement_timeout: Option<u64>,
+
     /// Encryption keys, `;`-separated, 32 bytes each as hex or base64; the first
     /// encrypts, all decrypt. Falls back to JUPYTERHUB_CRYPT_KEY.
     #[arg(long, env = "TOKENHUB_CRYPT_KEY", hide_env_values = true, help_heading = "Vault")]
@@ -420,6 +434,8 @@ pub struct HubClientConfig {
 pub struct VaultConfig {
     /// Database URL.
     pub database_url: String,
+    /// Pool size and timeouts.
+    pub database: crate::vault::store::DatabaseOptions,
     /// The key list, unparsed.
     pub crypt_key: SecretString,
 }
@@ -531,6 +547,9 @@ impl Settings {
             share_check_interval,
             service_url,
             database_url,
+            database_pool_size,
+            database_connect_timeout,
+            database_statement_timeout,
             crypt_key,
             keepalive_interval,
             keepalive_idle_timeout,
@@ -647,7 +666,15 @@ impl Settings {
                 redirect_uri: self.hub_redirect_uri.ok_or(ConfigError::Missing("TOKENHUB_HUB_REDIRECT_URI"))?,
                 token_ttl: self.hub_token_ttl.unwrap_or(3600),
             },
-            vault: VaultConfig { database_url: self.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()), crypt_key },
+            vault: VaultConfig {
+                database_url: self.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+                database: crate::vault::store::DatabaseOptions {
+                    pool_size: self.database_pool_size.filter(|n| *n > 0),
+                    connect_timeout: std::time::Duration::from_secs(self.database_connect_timeout.unwrap_or(5).max(1)),
+                    statement_timeout: std::time::Duration::from_secs(self.database_statement_timeout.unwrap_or(10).max(1)),
+                },
+                crypt_key,
+            },
             keepalive: KeepaliveConfig {
                 interval: match self.keepalive_interval.unwrap_or(60) {
                     0 => None,

@@ -54,6 +54,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/api/v1/admin/lineages"), get(admin::api::lineages))
         .route(&at("/api/v1/admin/names/{name}"), post(admin::names::move_name))
         .route(&at("/healthz"), get(healthz))
+        .route(&at("/readyz"), get(readyz))
         .route(&at("/metrics"), get(metrics))
         .route(&at("/.well-known/openid-configuration"), get(oauth::provider::discovery))
         .route(&at("/oauth2/authorize"), get(oauth::login::authorize))
@@ -102,8 +103,24 @@ pub fn no_store(mut response: axum::response::Response) -> axum::response::Respo
     response
 }
 
-/// `GET /healthz`: 200 when the database answers.
-async fn healthz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+/// `GET /healthz` (liveness): 200 while the process serves, saying whether
+/// the database answers. A database outage must not get every replica
+/// restarted: that is what readiness is for.
+async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let database = match app.vault.store().ping().await {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: the database does not answer");
+            "unavailable"
+        }
+    };
+    Json(json!({ "status": "ok", "database": database }))
+}
+
+/// `GET /readyz` (readiness): 200 when the database answers, else 503 with
+/// `Retry-After`, so the Service stops sending requests this replica cannot
+/// serve, without a restart.
+async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     app.vault.store().ping().await?;
     Ok(Json(json!({ "status": "ok" })))
 }

@@ -80,7 +80,7 @@ impl App {
     /// Opens the vault and prepares the upstream client.
     pub async fn new(config: Config) -> Result<AppState, StartError> {
         let keys = Arc::new(KeyRing::parse(config.vault.crypt_key.expose_secret())?);
-        let store = Store::connect(&config.vault.database_url).await?;
+        let store = Store::open(&config.vault.database_url, true, &config.vault.database).await?;
         let http = http_client()?;
         let upstream = Upstream::new(config.upstream.clone(), http.clone());
         let metrics = Metrics::new();

@@ -211,6 +211,15 @@ pub struct UserInfo {
 /// Answer of `/healthz`.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Health {
+    /// `ok`: the process serves.
+    pub status: String,
+    /// `ok` or `unavailable`: whether the database answers.
+    pub database: String,
+}
+
+/// Answer of `/readyz`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Ready {
     /// `ok`.
     pub status: String,
 }
@@ -315,12 +324,18 @@ fn discovery() {}
 
 #[utoipa::path(
     get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "the process serves (liveness); says whether the database answers", body = Health)),
+)]
+fn healthz() {}
+
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "the database answers", body = Health),
+        (status = 200, description = "the database answers (readiness)", body = Ready),
         (status = 503, description = "the database does not answer", body = ErrorBody),
     ),
 )]
-fn healthz() {}
+fn readyz() {}
 
 #[utoipa::path(
     get, path = "/api/v1/openapi.json", tag = "operations",
@@ -391,7 +406,7 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tokenhub", description = "Upstream tokens for JupyterHub users' notebooks, and tokenhub's OAuth provider for the hub."),
-    paths(tokens, force_refresh, spawn, admin_lineages, admin_move_name, token, userinfo, userinfo_post, discovery, healthz, openapi_json),
+    paths(tokens, force_refresh, spawn, admin_lineages, admin_move_name, token, userinfo, userinfo_post, discovery, healthz, readyz, openapi_json),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -6,6 +6,8 @@
 //! driver. Each backend has its own migrations folder. This module knows
 //! nothing of encryption: the [`crate::vault`] seals values before they get here.
 
+use std::time::Duration;
+
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
@@ -44,6 +46,26 @@ pub enum StoreError {
         /// The newest migration this build has.
         binary: i64,
     },
+}
+
+/// How the pool connects: its size and timeouts.
+#[derive(Debug, Clone)]
+pub struct DatabaseOptions {
+    /// Connections kept (`None`: 10 for PostgreSQL, 4 for SQLite).
+    pub pool_size: Option<u32>,
+    /// How long a caller waits for a connection, connecting included:
+    /// while the database is away, requests fail after this (503), they do
+    /// not pile up.
+    pub connect_timeout: Duration,
+    /// How long one statement may run (PostgreSQL `statement_timeout`,
+    /// SQLite `busy_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for DatabaseOptions {
+    fn default() -> Self {
+        Self { pool_size: None, connect_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(10) }
+    }
 }
 
 /// Which database is behind the pool.
@@ -237,13 +259,13 @@ fn hub_token_from_row(row: &AnyRow, kind: HubTokenKind) -> Result<HubTokenRow, s
 impl Store {
     /// Connects, creating an SQLite file if needed, and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::open(url, true).await
+        Self::open(url, true, &DatabaseOptions::default()).await
     }
 
     /// Opens the database at `url`; with `migrate`, runs the migrations it
     /// lacks (as [`Store::connect`]), else requires its schema to be this
     /// build's (for the commands that only read or reseal rows).
-    pub async fn open(url: &str, migrate: bool) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, migrate: bool, options: &DatabaseOptions) -> Result<Self, StoreError> {
         /// The vault file holds sealed tokens: when the URL lets SQLite
         /// create it (`mode=rwc`) and it is missing, it is created here,
         /// readable and writable by tokenhub's user only (0600). SQLite gives
@@ -296,15 +318,19 @@ impl Store {
         if backend == Backend::Sqlite {
             create_private_file(url).map_err(sqlx::Error::Io)?;
         }
+        let statement_ms = options.statement_timeout.as_millis() as u64;
         let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
+            .max_connections(options.pool_size.unwrap_or(if backend == Backend::Sqlite { 4 } else { 10 }))
+            .acquire_timeout(options.connect_timeout)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL lets readers run beside the writer; wait for a
                         // busy writer rather than fail.
                         sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query(&format!("PRAGMA busy_timeout = {statement_ms}")).execute(&mut *conn).await?;
+                    } else {
+                        sqlx::query(&format!("SET statement_timeout = {statement_ms}")).execute(&mut *conn).await?;
                     }
                     Ok(())
                 })

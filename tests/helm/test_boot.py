@@ -43,6 +43,9 @@ NOT_FOR_THE_CHART = {
     "TOKENHUB_BODY_READ_TIMEOUT": "tokenhub's connection limits have safe defaults; extraEnv can set them",
     "TOKENHUB_MAX_CONNECTIONS": "tokenhub's connection limits have safe defaults; extraEnv can set them",
     "TOKENHUB_MAX_HEADER_BYTES": "tokenhub's connection limits have safe defaults; extraEnv can set them",
+    "TOKENHUB_DATABASE_POOL_SIZE": "the database pool has safe defaults; extraEnv can set it",
+    "TOKENHUB_DATABASE_CONNECT_TIMEOUT": "the database pool has safe defaults; extraEnv can set it",
+    "TOKENHUB_DATABASE_STATEMENT_TIMEOUT": "the database pool has safe defaults; extraEnv can set it",
 }
 
 
@@ -177,10 +180,14 @@ def test_the_rendered_chart_boots_with_sqlite(binary, chart, tmp_path):
     tokenhub = Tokenhub(binary, objects, tmp_path)
     try:
         tokenhub.wait_until_listening()
-        for path in (tokenhub.probe, tokenhub.readiness):
-            assert path == "/services/tokenhub/healthz"
+        expected = {
+            "/services/tokenhub/healthz": {"status": "ok", "database": "ok"},
+            "/services/tokenhub/readyz": {"status": "ok"},
+        }
+        assert [tokenhub.probe, tokenhub.readiness] == list(expected)
+        for path, answer in expected.items():
             status, kind, body = tokenhub.get(path)
-            assert (status, json.loads(body)) == (200, {"status": "ok"})
+            assert (status, json.loads(body)) == (200, answer)
             assert kind.startswith("application/json")
         # The ServiceMonitor's path is served too.
         monitor = find(objects, "ServiceMonitor")["spec"]["endpoints"][0]

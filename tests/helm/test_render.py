@@ -116,8 +116,8 @@ def test_the_container_is_locked_down(chart):
 def test_probes_are_under_the_public_url_path(chart):
     objects, _ = render(chart, REQUIRED)
     c = container(objects)
-    for probe in (c["livenessProbe"], c["readinessProbe"]):
-        assert probe["httpGet"] == {"path": "/services/tokenhub/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/services/tokenhub/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/services/tokenhub/readyz", "port": "http"}
     objects, _ = render(chart, VALUE_SETS["servicemonitor-ingress"])  # publicUrl at the root of its own host
     assert container(objects)["livenessProbe"]["httpGet"]["path"] == "/healthz"
 

@@ -445,7 +445,9 @@ pub async fn age_lineage(app: &TestApp, user: &str, seconds: i64) {
 /// if set, else one started from Debian's packages in a temporary directory.
 pub struct Postgres {
     url: String,
-    _child: Option<Child>,
+    /// The data directory and port of a server these tests started.
+    server: Option<(PathBuf, PathBuf, u16)>,
+    child: Mutex<Option<Child>>,
 }
 
 static POSTGRES: OnceLock<Postgres> = OnceLock::new();
@@ -477,46 +479,80 @@ unsafe extern "C" {
 }
 
 impl Postgres {
+    /// The server of this test binary: `TOKENHUB_TEST_POSTGRES_URL` if set,
+    /// else one started from Debian's packages.
     pub fn shared() -> &'static Postgres {
-        POSTGRES.get_or_init(|| {
-            if let Ok(url) = std::env::var("TOKENHUB_TEST_POSTGRES_URL") {
-                return Postgres { url, _child: None };
-            }
-            let dir = tempfile::tempdir().unwrap().keep();
-            let data = dir.join("data");
-            let _ = Command::new("chown").arg("-R").arg("postgres").arg(&dir).status();
-            let status = as_postgres_user(&postgres_bin("initdb"))
-                .arg("-D")
-                .arg(&data)
-                .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-                .stdout(Stdio::null())
-                .status()
-                .expect("initdb runs (apt-get install postgresql)");
-            assert!(status.success(), "initdb failed");
-            let port = free_port();
-            // The shell loop stops the server when this test process is gone (it
-            // runs as another user, so it watches /proc rather than signalling).
-            let script = format!(
-                "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c full_page_writes=off -c max_connections=200 & pg=$!; \
-                 while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; kill $pg",
-                parent = std::process::id()
-            );
-            let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
-            let mut command = as_postgres_user(Path::new("sh"));
-            let child = command
-                .arg("-c")
-                .arg(script)
-                .arg(postgres_bin("postgres"))
-                .arg(&data)
-                .arg(&dir)
-                .stdout(Stdio::from(log.try_clone().unwrap()))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("postgres starts");
-            wait_for_port(port, "PostgreSQL");
-            Postgres { url: format!("postgres://postgres@127.0.0.1:{port}"), _child: Some(child) }
+        POSTGRES.get_or_init(|| match std::env::var("TOKENHUB_TEST_POSTGRES_URL") {
+            Ok(url) => Postgres { url, server: None, child: Mutex::new(None) },
+            Err(_) => Postgres::private(),
         })
+    }
+
+    /// A server of the calling test's own, in a temporary directory (it may
+    /// stop and start it).
+    pub fn private() -> Postgres {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let data = dir.join("data");
+        let _ = Command::new("chown").arg("-R").arg("postgres").arg(&dir).status();
+        let status = as_postgres_user(&postgres_bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("initdb runs (apt-get install postgresql)");
+        assert!(status.success(), "initdb failed");
+        let port = free_port();
+        let postgres = Postgres {
+            url: format!("postgres://postgres@127.0.0.1:{port}"),
+            server: Some((dir, data, port)),
+            child: Mutex::new(None),
+        };
+        postgres.start_again();
+        postgres
+    }
+
+    /// Starts the server (again) on its port and data.
+    pub fn start_again(&self) {
+        let (dir, data, port) = self.server.as_ref().expect("a server these tests started");
+        // The shell loop stops the server when this test process is gone (it
+        // runs as another user, so it watches /proc rather than signalling).
+        let script = format!(
+            "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c full_page_writes=off -c max_connections=200 & pg=$!; \
+             while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; kill $pg",
+            parent = std::process::id()
+        );
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("postgres.log")).unwrap();
+        let child = as_postgres_user(Path::new("sh"))
+            .arg("-c")
+            .arg(script)
+            .arg(postgres_bin("postgres"))
+            .arg(data)
+            .arg(dir)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("postgres starts");
+        *self.child.lock().unwrap() = Some(child);
+        wait_for_port(*port, "PostgreSQL");
+    }
+
+    /// Stops the server at once, as a crash or a failover would (`pg_ctl
+    /// stop -m immediate`).
+    pub fn stop(&self) {
+        let (_, data, _) = self.server.as_ref().expect("a server these tests started");
+        let status = as_postgres_user(&postgres_bin("pg_ctl"))
+            .arg("-D")
+            .arg(data)
+            .args(["stop", "-m", "immediate", "-w"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl stop");
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.wait();
+        }
     }
 
     /// A new, empty database; returns its URL.
