@@ -40,6 +40,21 @@ enum Command {
     /// Seal every stored value again under the first key of TOKENHUB_CRYPT_KEY
     /// (safe while replicas serve), then count as `keys` does.
     Rekey(VaultArgs),
+    /// Copy a SQLite vault into the database of TOKENHUB_DATABASE_URL
+    /// (PostgreSQL, for a hub that outgrows one replica); rows already
+    /// there are kept.
+    ImportSqlite(ImportArgs),
+}
+
+/// `import-sqlite`: where from.
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// The SQLite vault to copy, e.g. sqlite:///data/tokenhub.sqlite (its
+    /// schema must be this tokenhub's: `tokenhub migrate` it first).
+    #[arg(long)]
+    from: String,
+    #[command(flatten)]
+    vault: VaultArgs,
 }
 
 /// The vault's settings, for the commands that need only the database (the
@@ -78,7 +93,7 @@ fn vault_command(
     args: &VaultArgs,
     run: impl AsyncFnOnce(Store, Option<KeyRing>) -> Result<String, String>,
 ) -> ExitCode {
-    let migrate = name == "migrate";
+    let migrate = matches!(name, "migrate" | "import-sqlite");
     let keys = if migrate {
         None
     } else {
@@ -113,6 +128,17 @@ async fn migrate(store: Store, _: Option<KeyRing>) -> Result<String, String> {
     Ok(format!("the schema is at migration {} (this tokenhub's newest: {binary})", database.unwrap_or(0)))
 }
 
+async fn import(target: Store, from: &str) -> Result<String, String> {
+    if !from.starts_with("sqlite:") {
+        return Err(format!("--from must be a sqlite:// URL, not {from:?}"));
+    }
+    let options = crate::vault::store::DatabaseOptions::default();
+    let source = Store::open(from, false, &options).await.map_err(|e| format!("{from}: {e}"))?;
+    let copied = target.import_from(&source).await.map_err(|e| e.to_string())?;
+    let counts: Vec<String> = copied.iter().map(|(table, n)| format!("{n} {table}")).collect();
+    Ok(format!("copied {}", counts.join(", ")))
+}
+
 async fn keys(store: Store, keys: Option<KeyRing>) -> Result<String, String> {
     let keys = keys.expect("keys are read for this command");
     Ok(rekey::usage(&store).await.map_err(|e| e.to_string())?.report(&keys))
@@ -135,6 +161,10 @@ pub fn main() -> ExitCode {
         Command::Migrate(args) => vault_command("migrate", &args, migrate),
         Command::Keys(args) => vault_command("keys", &args, keys),
         Command::Rekey(args) => vault_command("rekey", &args, reseal),
+        Command::ImportSqlite(args) => {
+            let from = args.from.clone();
+            vault_command("import-sqlite", &args.vault, async move |store, _| import(store, &from).await)
+        }
         Command::Serve(settings) => {
             let jupyterhub_key = std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from);
             let config = match settings.with_file().and_then(|s| s.into_config(jupyterhub_key)) {

@@ -68,6 +68,88 @@ impl Default for DatabaseOptions {
     }
 }
 
+/// A column's type, for copying rows between backends.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Text,
+    Int,
+    Blob,
+}
+
+/// A table `import_from` copies: its columns and primary key.
+struct Imported {
+    name: &'static str,
+    columns: &'static [(&'static str, Kind)],
+    key: &'static [&'static str],
+}
+
+/// What moves from one database to another; hub codes (a minute long) and
+/// leases do not.
+const IMPORTED: [Imported; 4] = [
+    Imported {
+        name: "lineages",
+        columns: &[
+            ("username", Kind::Text),
+            ("issuer", Kind::Text),
+            ("subject", Kind::Text),
+            ("access_token", Kind::Blob),
+            ("id_token", Kind::Blob),
+            ("refresh_token", Kind::Blob),
+            ("claims", Kind::Blob),
+            ("scope", Kind::Text),
+            ("access_expires_at", Kind::Int),
+            ("version", Kind::Int),
+            ("status", Kind::Text),
+            ("created_at", Kind::Int),
+            ("updated_at", Kind::Int),
+            ("refreshed_at", Kind::Int),
+            ("previous_refresh_hash", Kind::Text),
+            ("rotated_at", Kind::Int),
+            ("pending_id_token", Kind::Blob),
+            ("login_nonce", Kind::Text),
+            ("refresh_expires_at", Kind::Int),
+            ("dead_reason", Kind::Text),
+        ],
+        key: &["username", "issuer"],
+    },
+    Imported {
+        name: "name_bindings",
+        columns: &[
+            ("username", Kind::Text),
+            ("issuer", Kind::Text),
+            ("subject", Kind::Text),
+            ("created_at", Kind::Int),
+            ("moved_by", Kind::Text),
+        ],
+        key: &["username", "issuer"],
+    },
+    Imported {
+        name: "hub_tokens",
+        columns: &[
+            ("token_hash", Kind::Text),
+            ("kind", Kind::Text),
+            ("username", Kind::Text),
+            ("issuer", Kind::Text),
+            ("client_id", Kind::Text),
+            ("scope", Kind::Text),
+            ("expires_at", Kind::Int),
+            ("created_at", Kind::Int),
+        ],
+        key: &["token_hash"],
+    },
+    Imported {
+        name: "server_credentials",
+        columns: &[
+            ("username", Kind::Text),
+            ("server_name", Kind::Text),
+            ("token_hash", Kind::Text),
+            ("token", Kind::Blob),
+            ("created_at", Kind::Int),
+        ],
+        key: &["username", "server_name"],
+    },
+];
+
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -935,6 +1017,50 @@ impl LineageFilter {
 }
 
 impl Store {
+    /// Copies every lineage, hub token, server token and name binding of
+    /// `source` into this database, as stored (sealed values stay sealed:
+    /// they are bound to user and issuer, not to a database), in batches; a
+    /// row already here is kept. Leases are not copied. Returns the rows
+    /// copied per table. For `tokenhub import-sqlite`.
+    pub async fn import_from(&self, source: &Store) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let mut copied = Vec::new();
+        for table in IMPORTED {
+            let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+            let (list, order) = (columns.join(", "), table.key.join(", "));
+            let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+            let insert = format!(
+                "INSERT INTO {} ({list}) VALUES ({}) ON CONFLICT ({order}) DO NOTHING",
+                table.name,
+                placeholders.join(", ")
+            );
+            let mut n = 0;
+            let mut offset = 0i64;
+            loop {
+                let select = format!("SELECT {list} FROM {} ORDER BY {order} LIMIT 500 OFFSET $1", table.name);
+                let rows = sqlx::query(&select).bind(offset).fetch_all(&source.pool).await?;
+                let mut tx = self.pool.begin().await?;
+                for row in &rows {
+                    let mut query = sqlx::query(&insert);
+                    for (i, (_, kind)) in table.columns.iter().enumerate() {
+                        query = match kind {
+                            Kind::Text => query.bind(row.try_get::<Option<String>, _>(i)?),
+                            Kind::Int => query.bind(row.try_get::<Option<i64>, _>(i)?),
+                            Kind::Blob => query.bind(row.try_get::<Option<Vec<u8>>, _>(i)?),
+                        };
+                    }
+                    n += query.execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                if rows.len() < 500 {
+                    break;
+                }
+                offset += 500;
+            }
+            copied.push((table.name, n));
+        }
+        Ok(copied)
+    }
+
     /// One page of lineage rows as stored (sealed), after `(username,
     /// issuer)` in that order; for `tokenhub rekey` and `tokenhub keys`.
     pub async fn sealed_lineages(&self, after: &(String, String), limit: i64) -> Result<Vec<LineageRow>, StoreError> {

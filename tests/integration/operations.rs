@@ -229,3 +229,58 @@ async fn a_database_that_goes_away_and_comes_back_costs_only_503s() {
         assert_eq!(app.state().vault.load(user, &idp.issuer).await.unwrap().unwrap().version, before.version + 1);
     }
 }
+
+/// A SQLite vault of 1,000 lineages moved into PostgreSQL by the binary:
+/// every user's tokens open from PostgreSQL afterwards (and are served
+/// through the API), the name bindings came along, and a second run copies
+/// nothing twice.
+#[tokio::test]
+async fn import_sqlite_moves_a_thousand_lineages_to_postgresql() {
+    use secrecy::ExposeSecret as _;
+    use tokenhub::vault::{TokenSet, Vault};
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("vault.sqlite").display());
+    let issuer = Idp::shared().issuer.clone();
+    {
+        let store = tokenhub::vault::store::Store::connect(&sqlite).await.unwrap();
+        let vault = Vault::new(store.clone(), Arc::new(KeyRing::parse(CRYPT_KEY).unwrap()));
+        for i in 0..1000 {
+            let user = format!("moved{i:04}");
+            let tokens = TokenSet {
+                access_token: format!("access-{user}").into(),
+                id_token: format!("id-{user}").into(),
+                refresh_token: Some(format!("refresh-{user}").into()),
+                access_expires_at: Some(tokenhub::time::now() + 3600),
+                scope: "openid offline_access".into(),
+            };
+            let claims = serde_json::json!({ "preferred_username": user }).as_object().unwrap().clone();
+            // As a sign-in does: the name bound to the subject, the tokens stored.
+            store.bind_name(&user, &issuer, &format!("sub-{user}"), tokenhub::time::now()).await.unwrap();
+            vault.save_login(&user, &issuer, &format!("sub-{user}"), &tokens, &claims, "nonce").await.unwrap();
+        }
+    }
+    let postgres = Postgres::shared().new_database().await;
+    let env = [("TOKENHUB_DATABASE_URL", postgres.as_str())];
+    let out = run(&["import-sqlite", "--from", &sqlite], &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("copied 1000 lineages, 1000 name_bindings"), "{}", text(&out.stdout));
+    let again = run(&["import-sqlite", "--from", &sqlite], &env);
+    assert!(text(&again.stdout).contains("copied 0 lineages, 0 name_bindings"), "{}", text(&again.stdout));
+
+    let hub = HubMock::start().await;
+    let app = TestApp::builder(&issuer).hub(&hub).database(postgres).spawn().await;
+    let binding = app.state().vault.store().name_binding("moved0042", &issuer).await.unwrap().expect("the name's binding moved");
+    assert_eq!(binding.subject, "sub-moved0042");
+    for i in 0..1000 {
+        let user = format!("moved{i:04}");
+        let lineage = app.state().vault.load(&user, &issuer).await.unwrap().expect("moved");
+        assert_eq!(lineage.tokens.refresh_token.unwrap().expose_secret(), format!("refresh-{user}"));
+        assert_eq!(lineage.subject, format!("sub-{user}"));
+    }
+    for user in ["moved0000", "moved0500", "moved0999"] {
+        let response = Caller::new(&app, &hub, user).await.get("").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["access_token"], format!("access-{user}"));
+    }
+}
