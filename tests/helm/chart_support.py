@@ -54,6 +54,14 @@ VALUE_SETS = {
         REQUIRED,
         {"replicas": 2, "database": {"url": "postgres://tokenhub:pw@db.example.org:5432/tokenhub"}},
     ),
+    "postgresql-jobs": merged(
+        REQUIRED,
+        {
+            "replicas": 2,
+            "database": {"url": "postgres://tokenhub:pw@db.example.org:5432/tokenhub"},
+            "jobs": {"migrate": True, "rekey": True},
+        },
+    ),
     "existing-secret": merged(
         REQUIRED,
         {

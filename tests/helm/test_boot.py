@@ -232,6 +232,7 @@ OPTIONAL = {
     "TOKENHUB_OIDC_REDIRECT_URI": {"oidc": {"redirectUri": "https://hub.example.org/services/tokenhub/callback"}},
     "TOKENHUB_OIDC_CLIENT_AUTH_METHOD": {"oidc": {"clientAuthMethod": "client_secret_post"}},
     "TOKENHUB_OIDC_AUTH_PARAMS": {"oidc": {"authParams": "prompt=consent"}},
+    "TOKENHUB_OIDC_MAX_RETRY_AFTER": {"oidc": {"maxRetryAfter": 120}},
     "TOKENHUB_USERNAME_CLAIM": {"oidc": {"usernameClaim": "email"}},
     "TOKENHUB_GROUPS_CLAIM": {"oidc": {"groupsClaim": "isMemberOf"}},
     "TOKENHUB_HUB_TOKEN_TTL": {"jupyterhub": {"tokenTtl": 600}},
@@ -333,8 +334,8 @@ def test_replicas_share_postgresql(binary, chart, tmp_path, postgres):
             assert replica.env["TOKENHUB_DATABASE_URL"] == postgres
         for replica in replicas:
             replica.wait_until_listening()
-            status, _, body = replica.get(replica.probe)
-            assert (status, json.loads(body)) == (200, {"status": "ok"})
+            status, _, body = replica.get(replica.readiness)
+            assert (status, json.loads(body)) == (200, {"status": "ok"}), "ready: PostgreSQL answers"
     finally:
         for replica in replicas:
             replica.stop()

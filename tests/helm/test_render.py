@@ -306,3 +306,27 @@ def test_missing_settings_are_named(chart, values, message):
     with pytest.raises(helm.HelmError) as failure:
         render(chart, values)
     assert message in str(failure.value)
+
+
+def test_database_jobs_run_the_commands_with_the_vaults_settings(chart):
+    """jobs.migrate and jobs.rekey: Helm hook Jobs running `tokenhub migrate`
+    before an upgrade and `tokenhub rekey` after one, with the Deployment's
+    image, security context and vault settings; PostgreSQL only."""
+    objects, _ = render(chart, VALUE_SETS["postgresql-jobs"])
+    deployment = pod_spec(objects)["containers"][0]
+    hooks = {"migrate": "pre-upgrade", "rekey": "post-upgrade"}
+    for command, hook in hooks.items():
+        job = find(objects, "Job", f"{RELEASE}-{command}")
+        assert job["metadata"]["annotations"]["helm.sh/hook"] == hook
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["args"] == [command]
+        assert container["image"] == deployment["image"]
+        assert container["securityContext"] == deployment["securityContext"]
+        assert spec["securityContext"] == pod_spec(objects)["securityContext"]
+        assert spec["automountServiceAccountToken"] is False
+        refs = {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]) for e in container["env"]}
+        assert refs == {"TOKENHUB_CRYPT_KEY": (RELEASE, "crypt-key"), "TOKENHUB_DATABASE_URL": (RELEASE, "database-url")}
+    # Off by default, and never for SQLite (the file belongs to the one pod).
+    assert "Job" not in kinds(render(chart, VALUE_SETS["postgresql-url"])[0])
+    assert "Job" not in kinds(render(chart, merged(REQUIRED, {"jobs": {"migrate": True, "rekey": True}}))[0])

@@ -117,3 +117,26 @@ sqlite:///data/tokenhub.sqlite?mode=rwc
 {{- fail (printf "\n\ntokenhub needs these values:\n  - %s" (join "\n  - " $missing)) -}}
 {{- end -}}
 {{- end }}
+
+{{- /* The vault's settings from the Secrets (the crypt keys, and the
+  PostgreSQL URL when there is one): the Deployment and the Jobs share them. */}}
+{{- define "tokenhub.vaultEnv" -}}
+- name: TOKENHUB_CRYPT_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tokenhub.secret.fullname" . }}
+      key: crypt-key
+{{- if .Values.database.existingSecret.name }}
+- name: TOKENHUB_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret.name }}
+      key: {{ .Values.database.existingSecret.key }}
+{{- else if .Values.database.url }}
+- name: TOKENHUB_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tokenhub.fullname" . }}
+      key: database-url
+{{- end }}
+{{- end }}
