@@ -151,6 +151,11 @@ fn effective_min_valid(lineage: &Lineage, min_valid: i64) -> i64 {
     }
 }
 
+/// The `min_valid` honoured, when it is less than the one asked for.
+fn capped_by(want: Want) -> impl Fn(&Lineage) -> Option<i64> {
+    move |l| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m))
+}
+
 fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
     if want.force {
         return true;
@@ -178,7 +183,7 @@ fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
 impl Refresher {
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
-        let fresh = self.fresh_inner(app, username, want, None, Settle::Now, &mut false).await?;
+        let (fresh, _) = self.fresh_inner(app, username, want, None, Settle::Now).await?;
         servable(&fresh.lineage)?;
         Ok(fresh)
     }
@@ -199,9 +204,7 @@ impl Refresher {
         want: Want,
         seen_version: i64,
     ) -> Result<(Fresh, bool), RefreshError> {
-        let mut made = false;
-        let fresh = self.fresh_inner(app, username, want, Some(seen_version), Settle::Later, &mut made).await?;
-        Ok((fresh, made))
+        self.fresh_inner(app, username, want, Some(seen_version), Settle::Later).await
     }
 
     async fn fresh_inner(
@@ -211,20 +214,45 @@ impl Refresher {
         want: Want,
         seen_version: Option<i64>,
         settle: Settle,
-        made: &mut bool,
-    ) -> Result<Fresh, RefreshError> {
+    ) -> Result<(Fresh, bool), RefreshError> {
         let issuer = app.upstream.issuer();
         let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
-        let capped = |l: &Lineage| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m));
+        let capped = capped_by(want);
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
         }
         let nothing_held = self.unsaved.load(Ordering::Acquire) == 0;
         if nothing_held && lineage.pending_id_token.is_none() && !needs_refresh(&lineage, want) {
             let capped_min_valid = capped(&lineage);
-            return Ok(Fresh { lineage, refreshed: false, capped_min_valid });
+            return Ok((Fresh { lineage, refreshed: false, capped_min_valid }, false));
         }
         let seen_version = seen_version.unwrap_or(lineage.version);
+        // The rest runs as a task of its own: a caller that goes away (its
+        // connection closed) must not cancel a refresh between the IdP's
+        // answer and its storing, which would lose the rotated token.
+        let (app, user) = (app.clone(), username.to_string());
+        tokio::spawn(async move {
+            let mut made = false;
+            let fresh = app.refresher.refresh_locked(&app, &user, want, seen_version, settle, &mut made).await?;
+            Ok((fresh, made))
+        })
+        .await
+        .unwrap_or_else(|e| Err(RefreshError::Failed(format!("the refresh task ended: {e}"))))
+    }
+
+    /// The slow path of [`Refresher::fresh`], under the lineage's lock:
+    /// share a refresh made meanwhile, or make one.
+    async fn refresh_locked(
+        &self,
+        app: &AppState,
+        username: &str,
+        want: Want,
+        seen_version: i64,
+        settle: Settle,
+        made: &mut bool,
+    ) -> Result<Fresh, RefreshError> {
+        let issuer = app.upstream.issuer();
+        let capped = capped_by(want);
         let asked_at = Instant::now();
 
         let slot = self.slot_for(&lineage_key(username, issuer));

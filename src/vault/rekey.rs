@@ -89,62 +89,69 @@ fn lineage_fields(row: &mut LineageRow) -> impl Iterator<Item = (&'static str, &
         .filter_map(|(name, value)| value.map(|v| (name, v)))
 }
 
-/// Counts the stored values by the key that sealed them.
-pub async fn usage(store: &Store) -> Result<KeyUsage, RekeyError> {
-    let mut usage = KeyUsage::default();
+/// A stored row with sealed values.
+enum Sealed {
+    Lineage(LineageRow),
+    ServerToken { user: String, server: String, token: Vec<u8> },
+}
+
+/// Visits every row with sealed values, a batch at a time: the lineages,
+/// then the servers' hub tokens.
+async fn each_sealed(store: &Store, mut visit: impl AsyncFnMut(Sealed) -> Result<(), RekeyError>) -> Result<(), RekeyError> {
     let mut after = (String::new(), String::new());
     loop {
-        let mut page = store.sealed_lineages(&after, BATCH).await?;
-        for row in &mut page {
-            lineage_fields(row).for_each(|(_, value)| usage.count(value));
-        }
-        match page.last() {
-            Some(last) => after = (last.username.clone(), last.issuer.clone()),
-            None => break,
+        let page = store.sealed_lineages(&after, BATCH).await?;
+        let Some(last) = page.last() else { break };
+        after = (last.username.clone(), last.issuer.clone());
+        for row in page {
+            visit(Sealed::Lineage(row)).await?;
         }
     }
     let mut after = (String::new(), String::new());
     loop {
         let page = store.sealed_server_credentials(&after, BATCH).await?;
-        page.iter().for_each(|(_, _, token)| usage.count(token));
-        match page.last() {
-            Some((user, server, _)) => after = (user.clone(), server.clone()),
-            None => break,
+        let Some((user, server, _)) = page.last() else { break };
+        after = (user.clone(), server.clone());
+        for (user, server, token) in page {
+            visit(Sealed::ServerToken { user, server, token }).await?;
         }
     }
+    Ok(())
+}
+
+/// Counts the stored values by the key that sealed them.
+pub async fn usage(store: &Store) -> Result<KeyUsage, RekeyError> {
+    let mut usage = KeyUsage::default();
+    each_sealed(store, async |row| {
+        match row {
+            Sealed::Lineage(mut row) => lineage_fields(&mut row).for_each(|(_, value)| usage.count(value)),
+            Sealed::ServerToken { token, .. } => usage.count(&token),
+        }
+        Ok(())
+    })
+    .await?;
     Ok(usage)
 }
 
 /// Seals every stored value again under the first key, in batches.
 pub async fn rekey(store: &Store, keys: &KeyRing) -> Result<Rekeyed, RekeyError> {
     let mut changed = 0;
-    let mut after = (String::new(), String::new());
-    loop {
-        let page = store.sealed_lineages(&after, BATCH).await?;
-        for row in &page {
-            changed += rekey_lineage(store, keys, row.clone()).await? as u64;
-        }
-        match page.last() {
-            Some(last) => after = (last.username.clone(), last.issuer.clone()),
-            None => break,
-        }
-    }
-    let mut after = (String::new(), String::new());
-    loop {
-        let page = store.sealed_server_credentials(&after, BATCH).await?;
-        for (user, server, token) in &page {
-            let place = || format!("the hub token of server {server:?} of {user}");
-            let crypto = |error| RekeyError::Crypto { place: place(), error };
-            if let Some(new) = keys.reseal(token, &server_aad(user, server)).map_err(crypto)? {
-                // A server token replaced meanwhile was sealed by its writer.
-                changed += store.reseal_server_credential(user, server, token, &new).await? as u64;
+    each_sealed(store, async |row| {
+        match row {
+            Sealed::Lineage(row) => changed += rekey_lineage(store, keys, row).await? as u64,
+            Sealed::ServerToken { user, server, token } => {
+                let place = format!("the hub token of server {server:?} of {user}");
+                let new =
+                    keys.reseal(&token, &server_aad(&user, &server)).map_err(|error| RekeyError::Crypto { place, error })?;
+                if let Some(new) = new {
+                    // A server token replaced meanwhile was sealed by its writer.
+                    changed += store.reseal_server_credential(&user, &server, &token, &new).await? as u64;
+                }
             }
         }
-        match page.last() {
-            Some((user, server, _)) => after = (user.clone(), server.clone()),
-            None => break,
-        }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(Rekeyed { rows_changed: changed, usage: usage(store).await? })
 }
 

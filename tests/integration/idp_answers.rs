@@ -32,7 +32,7 @@ impl Respond for Timed {
 struct Setup {
     idp: MockIdp,
     /// Kept: a dropped mock server goes back to wiremock's pool, reset.
-    _hub: HubMock,
+    hub: HubMock,
     app: TestApp,
     caller: Caller,
     at: Arc<Mutex<Vec<Instant>>>,
@@ -51,7 +51,7 @@ async fn setup(answer: ResponseTemplate) -> Setup {
         .respond_with(Timed { answer, at: at.clone() })
         .mount(&idp.server)
         .await;
-    Setup { idp, _hub: hub, app, caller, at }
+    Setup { idp, hub, app, caller, at }
 }
 
 fn sign_login(idp: &MockIdp, nonce: &str) -> String {
@@ -234,4 +234,24 @@ async fn a_failing_or_hanging_key_set_is_fetched_once_and_holds_no_caller_up() {
         }
         assert!(s.lineage().await.pending_id_token.is_some(), "the new ID token waits");
     }
+}
+
+/// A caller that gives up (its connection closed) while the IdP is slow to
+/// answer its refresh: the refresh goes on and its answer is stored (the
+/// refresh token it replaced may be spent), and the next caller gets the
+/// new tokens without another refresh.
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_refresh_loses_nothing() {
+    use secrecy::ExposeSecret as _;
+    let s = setup(refresh_reply("access-2", "refresh-2", None).set_delay(Duration::from_secs(2))).await;
+    let token = s.hub.server_token("mockuser").await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let request = impatient.post(s.app.url("/api/v1/tokens/refresh")).header("authorization", format!("token {token}"));
+    assert!(request.send().await.is_err(), "the caller gave up");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lineage = s.lineage().await;
+    assert_eq!(lineage.tokens.refresh_token.as_ref().unwrap().expose_secret(), "refresh-2", "the IdP's answer was stored");
+    let body: Value = s.caller.get("").await.json().await.unwrap();
+    assert_eq!(body["refresh_token"], "refresh-2");
+    assert_eq!(s.requests().len(), 1, "one refresh at the IdP");
 }
