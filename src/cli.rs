@@ -69,6 +69,11 @@ struct VaultArgs {
     crypt_key: Option<SecretString>,
 }
 
+/// JupyterHub's own key list, which every command falls back to.
+fn jupyterhub_crypt_key() -> Option<SecretString> {
+    std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from)
+}
+
 impl VaultArgs {
     fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| crate::config::DEFAULT_DATABASE_URL.to_string())
@@ -79,7 +84,7 @@ impl VaultArgs {
         let list = self
             .crypt_key
             .clone()
-            .or_else(|| std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from))
+            .or_else(jupyterhub_crypt_key)
             .ok_or("TOKENHUB_CRYPT_KEY (or JUPYTERHUB_CRYPT_KEY) is not set")?;
         KeyRing::parse(list.expose_secret()).map_err(|e| e.to_string())
     }
@@ -166,8 +171,7 @@ pub fn main() -> ExitCode {
             vault_command("import-sqlite", &args.vault, async move |store, _| import(store, &from).await)
         }
         Command::Serve(settings) => {
-            let jupyterhub_key = std::env::var("JUPYTERHUB_CRYPT_KEY").ok().map(SecretString::from);
-            let config = match settings.with_file().and_then(|s| s.into_config(jupyterhub_key)) {
+            let config = match settings.with_file().and_then(|s| s.into_config(jupyterhub_crypt_key())) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("tokenhub: {e}");

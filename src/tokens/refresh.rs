@@ -296,31 +296,34 @@ impl Refresher {
                 app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some(&reason));
                 return Err(RefreshError::Dead(reason));
             }
-            Err(UpstreamError::Misconfigured(reason)) => {
-                slot.failed = Some((Instant::now(), false));
-                tracing::error!(
-                    user = %username, reason = %reason,
-                    "the identity provider refused tokenhub's client at its token endpoint: check TOKENHUB_OIDC_CLIENT_ID, \
-                     TOKENHUB_OIDC_CLIENT_SECRET, TOKENHUB_OIDC_CLIENT_AUTH_METHOD and the client's grant types at the IdP; \
-                     the lineage is kept"
-                );
-                app.audit.record(
-                    "refresh_failed",
-                    Some(username),
-                    Some(lineage.version),
-                    Some("the IdP refused tokenhub's client"),
-                );
-                app.vault.store().release_lease(username, issuer, &self.holder).await?;
-                return Err(RefreshError::Misconfigured(reason));
-            }
+            // Anything else keeps the lineage: an outage, an unusable
+            // answer, or tokenhub's own client refused (the operators'
+            // matter, said as an error).
             Err(e) => {
                 let outage = matches!(e, UpstreamError::Unreachable(_) | UpstreamError::KeysUnavailable(_));
                 slot.failed = Some((Instant::now(), outage));
-                tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
-                let why = if outage { "the IdP is unavailable" } else { "the IdP's answer could not be used" };
+                let why = match &e {
+                    UpstreamError::Misconfigured(reason) => {
+                        tracing::error!(
+                            user = %username, reason = %reason,
+                            "the identity provider refused tokenhub's client at its token endpoint: check TOKENHUB_OIDC_CLIENT_ID, \
+                             TOKENHUB_OIDC_CLIENT_SECRET, TOKENHUB_OIDC_CLIENT_AUTH_METHOD and the client's grant types at the IdP; \
+                             the lineage is kept"
+                        );
+                        "the IdP refused tokenhub's client"
+                    }
+                    e => {
+                        tracing::warn!(user = %username, error = %e, "refresh failed; the lineage is kept");
+                        if outage { "the IdP is unavailable" } else { "the IdP's answer could not be used" }
+                    }
+                };
                 app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some(why));
                 app.vault.store().release_lease(username, issuer, &self.holder).await?;
-                return Err(if outage { RefreshError::Unavailable(e.to_string()) } else { RefreshError::Failed(e.to_string()) });
+                return Err(match e {
+                    UpstreamError::Misconfigured(reason) => RefreshError::Misconfigured(reason),
+                    e if outage => RefreshError::Unavailable(e.to_string()),
+                    e => RefreshError::Failed(e.to_string()),
+                });
             }
         };
 

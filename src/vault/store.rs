@@ -1165,3 +1165,28 @@ impl Store {
         Ok((rows.iter().map(summary_from_row).collect::<Result<_, _>>()?, total))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `import_from` copies every column of the tables it moves (but the
+    /// refresh lease): a migration that adds a column must add it there too.
+    #[tokio::test]
+    async fn the_import_names_every_column_of_its_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", dir.path().join("s.sqlite").display())).await.unwrap();
+        for table in &IMPORTED {
+            let rows = sqlx::query(&format!("SELECT name FROM pragma_table_info('{}')", table.name))
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            let mut columns: Vec<String> = rows.iter().map(|r| r.try_get("name").unwrap()).collect();
+            columns.retain(|c| !c.starts_with("lease_"));
+            columns.sort();
+            let mut imported: Vec<String> = table.columns.iter().map(|(name, _)| name.to_string()).collect();
+            imported.sort();
+            assert_eq!(imported, columns, "{}", table.name);
+        }
+    }
+}
