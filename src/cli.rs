@@ -19,7 +19,7 @@ use crate::vault::store::Store;
 /// Every setting of `serve` can be given as a flag, as the environment
 /// variable shown, or in the TOML file named by --config.
 #[derive(Debug, Parser)]
-#[command(name = "tokenhub", version)]
+#[command(name = "tokenhub", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TOKENHUB_COMMIT"), ")"))]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -5,6 +5,7 @@ Kubernetes objects."""
 import base64
 import copy
 import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -117,3 +118,14 @@ def secret_data(secret):
 def alert_rules(rule_file: dict) -> list[dict]:
     """Every rule of a Prometheus rule file (`groups: [{rules: [...]}]`)."""
     return [rule for group in rule_file["groups"] for rule in group["rules"]]
+
+
+# Figures the tests measured, printed at the end of the run (conftest.py).
+FIGURES: dict[str, str] = {}
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,11 +18,9 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from chart_support import REQUIRED, ROOT, VALUE_SETS, alert_rules, find, merged, render, secret_data
+from chart_support import REQUIRED, ROOT, VALUE_SETS, alert_rules, find, free_port, merged, render, secret_data
 
 BINARY = Path(os.environ.get("TOKENHUB_BIN", ROOT / "target" / "debug" / "tokenhub"))
 HUB_SECRET = {"hub": {"hub.services.tokenhub.apiToken": "z2jh-generated-test-token"}}
@@ -60,12 +58,6 @@ def die_with_parent():
     """In the child before exec: SIGTERM when the test process is gone, even
     if it is killed (Linux prctl PR_SET_PDEATHSIG)."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_values(**override):
@@ -269,53 +261,6 @@ def test_every_setting_of_tokenhub_serve_is_in_the_chart(binary, chart):
         rendered.add(variable)
     missing = known - rendered - set(NOT_FOR_THE_CHART)
     assert not missing, f"settings of tokenhub serve the chart cannot set: {sorted(missing)}"
-
-
-def postgres_bin(name):
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    for bin_dir in reversed(versions):
-        if (bin_dir / name).exists():
-            return str(bin_dir / name)
-    return shutil.which(name) or pytest.fail(f"{name} not found: apt-get install postgresql")
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL on 127.0.0.1 (as the Rust tests start one)."""
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
-    base = Path(tempfile.mkdtemp(prefix="tokenhub-helm-pg-"))
-    data = base / "data"
-    if as_postgres:
-        shutil.chown(base, "postgres")
-    subprocess.run(
-        [*as_postgres, postgres_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    port = free_port()
-    # The shell loop stops the server once this test process is gone, even
-    # if it is killed (the server runs as another user: it watches /proc).
-    script = (
-        f'"$0" -D "$1" -p {port} -k "$2" -c listen_addresses=127.0.0.1 -c fsync=off & pg=$!; '
-        f"while [ -d /proc/{os.getpid()} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; kill $pg"
-    )
-    server = subprocess.Popen(
-        [*as_postgres, "sh", "-c", script, postgres_bin("postgres"), str(data), str(base)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
-            time.sleep(0.2)
-    yield f"postgres://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run([*as_postgres, postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], stdout=subprocess.DEVNULL, check=False)
-    server.wait(20)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_replicas_share_postgresql(binary, chart, tmp_path, postgres):

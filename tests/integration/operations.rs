@@ -156,21 +156,68 @@ async fn rekey_while_two_replicas_serve_loses_nothing() {
 
 /// PostgreSQL stopped at once (as a crash or a failover) and started again
 /// while callers keep coming: while it is down, callers get JSON 503s with
-/// `Retry-After` (or tokens still in the caches), never another error;
-/// within a few seconds of its return every user is served again, a
-/// forced refresh works for each (no lease left stuck) and no lineage is lost.
+/// `Retry-After` (or tokens still in the caches), never another error, and
+/// the replica reports itself not ready (alive, saying why); within a few
+/// seconds of its return every user is served again, a forced refresh works
+/// for each (no lease left stuck) and no lineage is lost.
 #[tokio::test]
 async fn a_database_that_goes_away_and_comes_back_costs_only_503s() {
     let idp = Idp::shared();
     let hub = HubMock::start().await;
     let postgres = Postgres::private();
     let app = TestApp::builder(&idp.issuer).hub(&hub).database(postgres.new_database().await).spawn().await;
-    let users: Vec<String> = (0..6).map(|i| format!("outage{i}")).collect();
+    let outage = Outage { begin: Box::new(|| postgres.stop()), end: Box::new(|| postgres.start_again()), unready: true };
+    through_an_outage(&app, &hub, "outage", outage).await;
+}
+
+/// The SQLite file's disk fills up (a tmpfs of the test's own, filled to
+/// the last byte) and is freed again while callers keep coming: the same
+/// promise as for PostgreSQL: only 200s and JSON 503s with `Retry-After`,
+/// normal service after, no stuck lease, no lineage lost. Reads still
+/// work on a full disk, so the replica stays ready: it can still serve
+/// tokens that need no refresh. Needs root (mount); fails, never skips.
+#[tokio::test]
+async fn a_full_disk_under_sqlite_costs_only_503s() {
+    let disk = SmallDisk::mount(8);
+    let idp = Idp::shared();
+    let hub = HubMock::start().await;
+    let url = format!("sqlite://{}?mode=rwc", disk.path.join("vault.sqlite").display());
+    let app = TestApp::builder(&idp.issuer).hub(&hub).database(url).spawn().await;
+    let filler = disk.path.join("filler");
+    let outage = Outage {
+        begin: Box::new(|| {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 64 * 1024];
+            // Byte by byte at the end, so not one free block is left.
+            while file.write_all(&block).is_ok() {}
+            while file.write_all(&[0]).is_ok() {}
+            let _ = file.sync_all();
+        }),
+        end: Box::new(|| std::fs::remove_file(&filler).unwrap()),
+        unready: false,
+    };
+    through_an_outage(&app, &hub, "fulldisk", outage).await;
+}
+
+/// How a test's database goes away and comes back.
+struct Outage<'a> {
+    begin: Box<dyn FnOnce() + 'a>,
+    end: Box<dyn FnOnce() + 'a>,
+    /// Whether `/readyz` says 503 meanwhile (and `/healthz` says why).
+    unready: bool,
+}
+
+/// Six users' callers keep asking (every third call a forced refresh)
+/// while `outage` happens; then the promise above is checked.
+async fn through_an_outage(app: &TestApp, hub: &HubMock, prefix: &str, outage: Outage<'_>) {
+    let idp = Idp::shared();
+    let users: Vec<String> = (0..6).map(|i| format!("{prefix}{i}")).collect();
     let mut callers = Vec::new();
     for user in &users {
-        let (code, login) = Hub::login_at(&app, idp, &Browser::new(), user).await;
-        assert_eq!(Hub::exchange_code(&app, &code, &login).await.status(), StatusCode::OK);
-        callers.push(Caller::new(&app, &hub, user).await);
+        let (code, login) = Hub::login_at(app, idp, &Browser::new(), user).await;
+        assert_eq!(Hub::exchange_code(app, &code, &login).await.status(), StatusCode::OK);
+        callers.push(Caller::new(app, hub, user).await);
     }
     let callers = Arc::new(callers);
     let stop = Arc::new(AtomicBool::new(false));
@@ -193,13 +240,15 @@ async fn a_database_that_goes_away_and_comes_back_costs_only_503s() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    postgres.stop();
+    (outage.begin)();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let down = reqwest::get(app.url("/readyz")).await.unwrap();
-    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE, "not ready while the database is down");
-    let health: serde_json::Value = reqwest::get(app.url("/healthz")).await.unwrap().json().await.unwrap();
-    assert_eq!(health, serde_json::json!({"status": "ok", "database": "unavailable"}), "alive, and says why");
-    postgres.start_again();
+    if outage.unready {
+        let down = reqwest::get(app.url("/readyz")).await.unwrap();
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE, "not ready while the database is down");
+        let health: serde_json::Value = reqwest::get(app.url("/healthz")).await.unwrap().json().await.unwrap();
+        assert_eq!(health, serde_json::json!({"status": "ok", "database": "unavailable"}), "alive, and says why");
+    }
+    (outage.end)();
     let back = std::time::Instant::now();
     wait_until(Duration::from_secs(15), "ready again", async || {
         reqwest::get(app.url("/readyz")).await.unwrap().status() == StatusCode::OK
@@ -227,6 +276,32 @@ async fn a_database_that_goes_away_and_comes_back_costs_only_503s() {
         let response = caller.force().await;
         assert_eq!(response.status(), StatusCode::OK, "{user}: {}", response.text().await.unwrap());
         assert_eq!(app.state().vault.load(user, &idp.issuer).await.unwrap().unwrap().version, before.version + 1);
+    }
+}
+
+/// A tmpfs of `megabytes` mounted on a temporary directory for one test,
+/// unmounted when dropped: a disk that can really fill up.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m,mode=0700"), "tokenhub-test"])
+            .arg(dir.path())
+            .output()
+            .expect("mount(8) runs");
+        assert!(out.status.success(), "this test mounts a small tmpfs (as root, as CI runs): {}", text(&out.stderr));
+        Self { path: dir.path().to_path_buf(), _dir: dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("--lazy").arg(&self.path).status();
     }
 }
 
