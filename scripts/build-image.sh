@@ -79,5 +79,7 @@ echo "building $image (tokenhub $version, commit $commit)" >&2
 buildah bud --quiet --pull=never --isolation chroot --layers \
   -v "$cert:/etc/ssl/certs/ca-certificates.crt:ro" \
   --build-arg "COMMIT=$commit" \
+  --annotation "org.opencontainers.image.version=$version" \
+  --annotation "org.opencontainers.image.revision=$commit" \
   -t "$image" . >&2
 echo "$image"

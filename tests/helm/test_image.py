@@ -117,6 +117,10 @@ def test_the_image_names_its_version_and_commit(image):
     commit = run("git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD").stdout.strip()
     assert labels["org.opencontainers.image.version"] == VERSION
     assert labels["org.opencontainers.image.revision"].removesuffix("-modified") == commit
+    # The same as OCI annotations on the image's manifest (the build script's).
+    annotations = config["Annotations"]
+    assert annotations["org.opencontainers.image.version"] == VERSION
+    assert annotations["org.opencontainers.image.revision"] == labels["org.opencontainers.image.revision"]
     assert config["Config"]["User"] == "65532:65532"
     assert config["Config"]["Entrypoint"] == ["/usr/local/bin/tokenhub"] and config["Config"]["Cmd"] == ["serve"]
     out = podman_run(image, "--version", timeout=60)
