@@ -3,10 +3,17 @@
 //! GET requests for a fixed time and prints requests per second, p50 and p99.
 //!
 //! Targets come from the environment, `BENCH_TARGETS` = JSON list of
-//! `{"name": …, "url": …, "auth": "token …"}`; the url `builtin` is the
-//! ceiling: a minimal axum handler returning a body of `BENCH_CEILING_BYTES`
-//! bytes, run as a process of its own like tokenhub, so both compete with the
-//! load generator for the CPU in the same way.
+//! `{"name": …, "url": …, "auth": "token …", "pid": …}`; the url `builtin` is
+//! the ceiling: a minimal axum handler returning a body of
+//! `BENCH_CEILING_BYTES` bytes, run as a process of its own like tokenhub, so
+//! both compete with the load generator for the CPU in the same way.
+//!
+//! The targets take turns, `BENCH_ROUNDS` times (default 3), and each row
+//! is the round with the median requests per second: a machine whose speed
+//! drifts during the run then affects every target alike. Where the
+//! server's pid is known (the ceiling's, and `pid` in a target), the row
+//! also gives the server's CPU time per request (user + system, from
+//! /proc), which the load generator's share of the CPU does not blur.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +26,11 @@ struct Target {
     url: String,
     #[serde(default)]
     auth: Option<String>,
+    #[serde(default)]
+    pid: Option<u32>,
 }
 
+#[derive(Clone, Copy)]
 struct Result {
     rps: f64,
     p50_ms: f64,
@@ -69,6 +79,21 @@ async fn run(url: &str, auth: Option<&str>, concurrency: usize, duration: Durati
     Result { rps: all.len() as f64 / duration.as_secs_f64(), p50_ms: pct(0.50), p99_ms: pct(0.99), errors }
 }
 
+/// The process's CPU time so far (user + system, all threads), in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): utime and
+    // stime are the 14th and 15th of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    static PER_SECOND: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+        let out = std::process::Command::new("getconf").arg("CLK_TCK").output().ok();
+        out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
+    });
+    Some(ticks / *PER_SECOND)
+}
+
 fn rss_mb(pid: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
@@ -115,15 +140,32 @@ fn main() {
         if let Some(pid) = &pid {
             println!("tokenhub resident memory before load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
         }
-        println!("\n| target | connections | requests/s | p50 ms | p99 ms | errors |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("\n| target | connections | requests/s | p50 ms | p99 ms | server CPU µs/request | errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        let url_of = |target: &Target| if target.url == "builtin" { ceiling.clone() } else { target.url.clone() };
+        let pid_of = |target: &Target| if target.url == "builtin" { Some(server.id()) } else { target.pid };
         for target in &targets {
-            let url = if target.url == "builtin" { ceiling.clone() } else { target.url.clone() };
             // Warm up (connections, caches) before measuring.
-            run(&url, target.auth.as_deref(), 4, Duration::from_millis(500)).await;
-            for &c in &levels {
-                let r = run(&url, target.auth.as_deref(), c, Duration::from_secs(seconds)).await;
-                println!("| {} | {c} | {:.0} | {:.2} | {:.2} | {} |", target.name, r.rps, r.p50_ms, r.p99_ms, r.errors);
+            run(&url_of(target), target.auth.as_deref(), 4, Duration::from_millis(500)).await;
+        }
+        for &c in &levels {
+            let mut seen: Vec<Vec<(Result, Option<f64>)>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (i, target) in targets.iter().enumerate() {
+                    let before = pid_of(target).and_then(cpu_seconds);
+                    let r = run(&url_of(target), target.auth.as_deref(), c, Duration::from_secs(seconds)).await;
+                    let after = pid_of(target).and_then(cpu_seconds);
+                    let served = r.rps * seconds as f64;
+                    let cpu = before.zip(after).filter(|_| served > 0.0).map(|(b, a)| (a - b) / served * 1e6);
+                    seen[i].push((r, cpu));
+                }
+            }
+            for (target, mut rows) in targets.iter().zip(seen) {
+                rows.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
+                let (r, cpu) = rows[rows.len() / 2];
+                let cpu = cpu.map_or("".to_string(), |c| format!("{c:.1}"));
+                println!("| {} | {c} | {:.0} | {:.2} | {:.2} | {cpu} | {} |", target.name, r.rps, r.p50_ms, r.p99_ms, r.errors);
             }
         }
         if let Some(pid) = &pid {

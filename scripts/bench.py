@@ -8,13 +8,16 @@ machine (see README, "Benchmark"):
   - the ceiling: a minimal axum handler returning a body of the same size.
 
 Prints requests/s, p50 and p99 per concurrency level, and tokenhub's
-resident memory. Run it with scripts/bench.sh.
+resident memory. Run it with scripts/bench.sh. With BENCH_PROFILE=<file>,
+perf records tokenhub's stacks during the load into <file>
+(scripts/profile.sh turns that into a flame graph).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ from stack import Stack, free_port  # noqa: E402
 
 
 def main() -> None:
-    release = ROOT / "target" / "release" / "tokenhub"
+    release = Path(os.environ.get("BENCH_TOKENHUB_BIN", ROOT / "target" / "release" / "tokenhub"))
     tokenhub_port = free_port()
     stack = Stack(
         state_dir=Path(tempfile.mkdtemp(prefix="tokenhub-bench-")),
@@ -58,8 +61,8 @@ def main() -> None:
         pid = subprocess.run(["pgrep", "-f", f"{release} serve"], capture_output=True, text=True).stdout.split()[0]
         time.sleep(3)  # let tokenhub settle before reading its idle memory
         targets = [
-            {"name": "tokenhub /api/v1/tokens (direct)", "url": direct, "auth": f"token {server_token}"},
-            {"name": "tokenhub /api/v1/tokens (via proxy)", "url": f"{stack.tokenhub_url}/api/v1/tokens", "auth": f"token {server_token}"},
+            {"name": "tokenhub /api/v1/tokens (direct)", "url": direct, "auth": f"token {server_token}", "pid": int(pid)},
+            {"name": "tokenhub /api/v1/tokens (via proxy)", "url": f"{stack.tokenhub_url}/api/v1/tokens", "auth": f"token {server_token}", "pid": int(pid)},
             {"name": "hub REST /hub/api/users/{name} + auth_state", "url": f"{stack.hub_url}/hub/api/users/bench", "auth": f"token {stack.admin_token}"},
             {"name": "ceiling: minimal axum handler", "url": "builtin"},
         ]
@@ -70,7 +73,20 @@ def main() -> None:
             "BENCH_CEILING_BYTES": str(size),
             "TOKENHUB_PID": pid,
         }
-        subprocess.run(["cargo", "bench", "--bench", "token_fetch", "-q"], cwd=ROOT, env=env, check=True)
+        profile = os.environ.get("BENCH_PROFILE")
+        recorder = None
+        if profile:
+            # perf samples tokenhub for the whole load (software clock: no
+            # hardware counters needed), with DWARF call stacks.
+            recorder = subprocess.Popen(
+                ["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-p", pid, "-o", profile]
+            )
+        try:
+            subprocess.run(["cargo", "bench", "--bench", "token_fetch", "-q"], cwd=ROOT, env=env, check=True)
+        finally:
+            if recorder:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(60)
     finally:
         stack.stop()
 

@@ -14,7 +14,7 @@ use crate::config::HubClientConfig;
 use crate::errors::ApiError;
 use crate::hub::Verdict;
 use crate::state::AppState;
-use crate::vault::crypto::constant_time_eq;
+use crate::vault::crypto::{constant_time_eq, digest_hex};
 
 /// Checks the hub's client credentials, from the Basic header or, failing
 /// that, from `form_id`/`form_secret` (client_secret_post).
@@ -75,13 +75,23 @@ pub fn hub_client(app: &AppState, headers: &HeaderMap, form_id: Option<&str>, fo
     })
 }
 
+/// A caller the hub vouched for.
+#[derive(Debug)]
+pub struct Caller {
+    /// The hub user the token belongs to.
+    pub username: String,
+    /// SHA-256 (hex) of the token presented: what tokenhub's caches and
+    /// tables know a token by.
+    pub token_digest: String,
+}
+
 /// Identifies the caller of a notebook endpoint through the hub. A token
 /// the hub vouched for in the last minute passes without the limiter (a
 /// server known to be good is not slowed down by others failing behind the
 /// same address); anything else meets the limiter first, then the hub (or
 /// the cache of refused tokens). Every refusal counts as a failure of the
 /// client and is audited with its reason.
-pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let client = crate::audit::client();
     let Some(token) = presented_token(headers) else {
         app.limiter.check(client.as_deref())?;
@@ -89,15 +99,16 @@ pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<String, ApiEr
         app.audit.record("refused", None, None, Some("no token"));
         return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
     };
-    let verdict = match app.hub.cached(token) {
-        Some(Verdict::User(identity)) => return Ok(identity.username),
+    let token_digest = digest_hex(token);
+    let verdict = match app.hub.cached(&token_digest) {
+        Some(Verdict::User(identity)) => return Ok(Caller { username: identity.username, token_digest }),
         _ => {
             app.limiter.check(client.as_deref())?;
-            app.hub.identify(token).await?
+            app.hub.identify(token, &token_digest).await?
         }
     };
     let (error, reason) = match verdict {
-        Verdict::User(identity) => return Ok(identity.username),
+        Verdict::User(identity) => return Ok(Caller { username: identity.username, token_digest }),
         Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
         Verdict::NotAUser => (ApiError::invalid_token("this token belongs to a service, not to a user"), "token of a service"),
         Verdict::MissingScope(scope) => (

@@ -209,11 +209,11 @@ impl HubApi {
         &self.required_scope
     }
 
-    /// What the hub's cache already knows about `token`, without calling
-    /// the hub (lets a known caller through while its address is slowed down).
-    pub fn cached(&self, token: &str) -> Option<Verdict> {
-        let key = digest_hex(token);
-        self.identities.get(&key).map(Verdict::User).or_else(|| self.refused.get(&key))
+    /// What the hub's cache already knows about the token whose digest
+    /// ([`digest_hex`]) is `token_digest`, without calling the hub (lets a
+    /// known caller through while its address is slowed down).
+    pub fn cached(&self, token_digest: &str) -> Option<Verdict> {
+        self.identities.get(token_digest).map(Verdict::User).or_else(|| self.refused.get(token_digest))
     }
 
     /// Who a hub API token (a server's `JUPYTERHUB_API_TOKEN`, or any user
@@ -223,11 +223,12 @@ impl HubApi {
     /// Without that check, any token naming a user (a narrow personal token,
     /// a token issued for the user to another service or to another user's
     /// server) would read that user's upstream tokens.
-    pub async fn identify(&self, token: &str) -> Result<Verdict, HubError> {
-        if let Some(verdict) = self.cached(token) {
+    /// `token_digest` is the token's [`digest_hex`], its key in the caches.
+    pub async fn identify(&self, token: &str, token_digest: &str) -> Result<Verdict, HubError> {
+        if let Some(verdict) = self.cached(token_digest) {
             return Ok(verdict);
         }
-        let key = digest_hex(token);
+        let key = token_digest.to_string();
         let verdict = match self.whoami(token, HubCall::Identify).await? {
             Some(user) => self.judge(user),
             None => Verdict::Unknown,

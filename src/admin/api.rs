@@ -19,10 +19,13 @@ use crate::state::AppState;
 /// hub's word that it is an admin's or holds [`ADMIN_SCOPE`]. Returns the
 /// operator's user name.
 pub async fn operator(app: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let username = crate::auth::caller(app, headers).await?;
+    let caller = crate::auth::caller(app, headers).await?;
+    let username = caller.username;
     // `caller` just had the hub vouch for the token, so this is its cache.
     let admin = match presented_token(headers) {
-        Some(token) => matches!(app.hub.identify(token).await?, Verdict::User(identity) if identity.admin),
+        Some(token) => {
+            matches!(app.hub.identify(token, &caller.token_digest).await?, Verdict::User(identity) if identity.admin)
+        }
         None => false,
     };
     if admin {

@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::no_store;
 use crate::auth::caller;
@@ -23,26 +22,49 @@ use crate::vault::crypto::{constant_time_eq, digest_hex};
 /// How long a refresh token rotated away still gets the current set back.
 pub const ROTATION_GRACE_SECS: i64 = 120;
 
-fn tokens_json(app: &AppState, fresh: &Fresh) -> Value {
+/// The JSON answer of the notebook API, serialized straight from the
+/// lineage it borrows (this is the hot path: no intermediate JSON tree).
+#[derive(Serialize)]
+struct TokensAnswer<'a> {
+    refreshed: bool,
+    min_valid_capped_to: Option<i64>,
+    user: &'a str,
+    issuer: &'a str,
+    subject: &'a str,
+    token_type: &'static str,
+    access_token: &'a str,
+    id_token: &'a str,
+    refresh_token: Option<&'a str>,
+    expires_at: Option<i64>,
+    expires_in: Option<i64>,
+    scope: &'a str,
+    version: i64,
+    refreshed_at: Option<i64>,
+    reauth_url: &'a str,
+}
+
+fn tokens_json(app: &AppState, fresh: &Fresh) -> Response {
     let lineage = &fresh.lineage;
     let t = &lineage.tokens;
-    json!({
-        "refreshed": fresh.refreshed,
-        "min_valid_capped_to": fresh.capped_min_valid,
-        "user": lineage.username,
-        "issuer": lineage.issuer,
-        "subject": lineage.subject,
-        "token_type": "Bearer",
-        "access_token": t.access_token.expose_secret(),
-        "id_token": t.id_token.expose_secret(),
-        "refresh_token": t.refresh_token.as_ref().map(|r| r.expose_secret()),
-        "expires_at": t.access_expires_at,
-        "expires_in": t.access_expires_at.map(|e| (e - now()).max(0)),
-        "scope": t.scope,
-        "version": lineage.version,
-        "refreshed_at": lineage.refreshed_at,
-        "reauth_url": app.reauth_url,
-    })
+    let answer = TokensAnswer {
+        refreshed: fresh.refreshed,
+        min_valid_capped_to: fresh.capped_min_valid,
+        user: &lineage.username,
+        issuer: &lineage.issuer,
+        subject: &lineage.subject,
+        token_type: "Bearer",
+        access_token: t.access_token.expose_secret(),
+        id_token: t.id_token.expose_secret(),
+        refresh_token: t.refresh_token.as_ref().map(|r| r.expose_secret()),
+        expires_at: t.access_expires_at,
+        expires_in: t.access_expires_at.map(|e| (e - now()).max(0)),
+        scope: &t.scope,
+        version: lineage.version,
+        refreshed_at: lineage.refreshed_at,
+        reauth_url: &app.reauth_url,
+    };
+    let body = serde_json::to_vec(&answer).expect("the answer serializes");
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
 /// The API's answer when fresh tokens cannot be had.
@@ -87,10 +109,10 @@ fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
 
 /// The answer in the asked format (checked by the caller: `fabric` or JSON).
 fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Response {
-    no_store(match format {
-        Some("fabric") => fabric::document(&fresh.lineage),
-        _ => tokens_json(app, fresh),
-    })
+    match format {
+        Some("fabric") => no_store(fabric::document(&fresh.lineage)),
+        _ => crate::no_store(tokens_json(app, fresh)),
+    }
 }
 
 /// `GET /api/v1/tokens`: the caller's current tokens; `min_valid=N` makes
@@ -111,8 +133,9 @@ pub async fn tokens(
     if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
         return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
-    let username = caller(&app, &headers).await?;
-    sharing::refuse_shared_server(&app, &headers, &username).await?;
+    let caller = caller(&app, &headers).await?;
+    sharing::refuse_shared_server(&app, &caller).await?;
+    let username = caller.username;
     let fresh =
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
@@ -147,8 +170,9 @@ pub async fn force_refresh(
         serde_json::from_slice(&body)
             .map_err(|_| ApiError::invalid_request("the body must be JSON like {\"refresh_token\": \"…\"}"))?
     };
-    let username = caller(&app, &headers).await?;
-    sharing::refuse_shared_server(&app, &headers, &username).await?;
+    let caller = caller(&app, &headers).await?;
+    sharing::refuse_shared_server(&app, &caller).await?;
+    let username = caller.username;
     if let Some(held) = &request.refresh_token {
         let lineage = app
             .vault

@@ -12,14 +12,13 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde_json::Value;
 
-use crate::auth::presented_token;
+use crate::auth::Caller;
 use crate::errors::ApiError;
 use crate::hub::HubError;
 use crate::state::AppState;
-use crate::vault::crypto::digest_hex;
 
 /// Whether tokenhub withholds the user's tokens from one of their servers:
 /// it is shared (shares or share codes) and its owner is in none of the
@@ -59,14 +58,13 @@ pub fn note(username: &str, app: &AppState) -> String {
 
 /// Refuses a notebook call made with the own token of a server whose tokens
 /// are withheld: 403 `access_denied`, saying why.
-pub async fn refuse_shared_server(app: &AppState, headers: &HeaderMap, username: &str) -> Result<(), ApiError> {
-    let Some(token) = presented_token(headers) else { return Ok(()) };
-    let digest = digest_hex(token);
-    let server = match app.deliveries.server_of_token(&digest) {
+pub async fn refuse_shared_server(app: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let (username, digest) = (caller.username.as_str(), &caller.token_digest);
+    let server = match app.deliveries.server_of_token(digest) {
         Some(server) => server,
         None => {
-            let server = app.vault.store().server_of_token(username, &digest).await?;
-            app.deliveries.remember_server_of_token(digest, server.clone());
+            let server = app.vault.store().server_of_token(username, digest).await?;
+            app.deliveries.remember_server_of_token(digest.clone(), server.clone());
             server
         }
     };

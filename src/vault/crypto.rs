@@ -171,7 +171,10 @@ pub fn random_token() -> String {
 
 /// SHA-256 of `value`, hex: how codes and tokens issued to the hub are stored.
 pub fn digest_hex(value: &str) -> String {
-    hex::encode(Sha256::digest(value.as_bytes()))
+    // Into a buffer, not char by char: every notebook call digests its token.
+    let mut buf = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut buf).expect("64 hex digits for 32 bytes");
+    String::from_utf8(buf.to_vec()).expect("hex is ASCII")
 }
 
 /// The PKCE S256 challenge of `verifier` (RFC 7636 4.2).
