@@ -10,7 +10,11 @@ machine (see README, "Benchmark"):
 Prints requests/s, p50 and p99 per concurrency level, and tokenhub's
 resident memory. Run it with scripts/bench.sh. With BENCH_PROFILE=<file>,
 perf records tokenhub's stacks during the load into <file>
-(scripts/profile.sh turns that into a flame graph).
+(scripts/profile.sh turns that into a flame graph). With
+BENCH_INSTRUCTIONS=1, tokenhub and the ceiling run under callgrind instead,
+and it prints the instructions each executes per request (at 1 and 16
+connections, BENCH_SECONDS each): a count that does not drift with the
+machine's load, for comparing two builds.
 """
 
 from __future__ import annotations
@@ -34,8 +38,91 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 from stack import Stack, free_port  # noqa: E402
 
 
+def callgrind_wrapper(binary: Path, out_dir: Path) -> Path:
+    """A script that runs `binary` under callgrind, counting nothing until
+    told to (callgrind_control -i on): the stack starts it as tokenhub."""
+    wrapper = out_dir / "tokenhub-under-callgrind"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'exec valgrind --quiet --tool=callgrind --instr-atstart=no --callgrind-out-file={out_dir}/callgrind.%p "{binary}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def instructions(pid: str, out_dir: Path, measure) -> int:
+    """Instructions the process under callgrind `pid` executed while
+    `measure()` ran."""
+    subprocess.run(["callgrind_control", "--instr=on", pid], check=True, capture_output=True)
+    measure()
+    subprocess.run(["callgrind_control", "--instr=off", pid], check=True, capture_output=True)
+    for dump in out_dir.glob(f"callgrind.{pid}*"):
+        dump.unlink()
+    subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
+    dumps = sorted(out_dir.glob(f"callgrind.{pid}*"))
+    assert dumps, f"no callgrind dump for {pid} in {out_dir}"
+    total = 0
+    for dump in dumps:
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
+def served(output: str, name: str, connections: int, seconds: int) -> int:
+    """Requests answered for one row of the load generator's table."""
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] == name and cells[1] == str(connections):
+            return round(float(cells[2]) * seconds)
+    raise AssertionError(f"no row for {name} at {connections} connections in:\n{output}")
+
+
+def count_instructions(stack, release, out_dir, direct, server_token, size) -> None:
+    """Instructions per request, tokenhub's hot path against the ceiling,
+    both under callgrind (repeatable whatever else the machine does)."""
+    built = subprocess.run(
+        ["cargo", "bench", "--bench", "token_fetch", "--no-run", "--message-format=json", "-q"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    artifacts = [json.loads(line) for line in built.splitlines() if line.startswith("{")]
+    bench = next(a["executable"] for a in artifacts if a.get("target", {}).get("name") == "token_fetch" and a.get("executable"))
+    ceiling = subprocess.Popen(
+        ["valgrind", "--quiet", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/callgrind.%p",
+         bench, "--serve-ceiling", str(size)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    port = ceiling.stdout.readline().strip()
+    pid = subprocess.run(["pgrep", "-f", f"{release} serve"], capture_output=True, text=True).stdout.split()[0]
+    seconds = int(os.environ.get("BENCH_SECONDS", "10"))
+    servers = {
+        "tokenhub /api/v1/tokens": (pid, {"url": direct, "auth": f"token {server_token}"}),
+        "ceiling: minimal axum handler": (str(ceiling.pid), {"url": f"http://127.0.0.1:{port}/tokens"}),
+    }
+    print("\n| target | connections | requests | instructions per request |\n|---|---:|---:|---:|")
+    try:
+        for connections in (1, 16):
+            for name, (server_pid, target) in servers.items():
+                env = {
+                    **os.environ, "BENCH_TARGETS": json.dumps([{"name": name, **target}]),
+                    "BENCH_CONCURRENCY": str(connections), "BENCH_ROUNDS": "1", "BENCH_SECONDS": str(seconds),
+                }
+                out = {}
+
+                def load():
+                    out["stdout"] = subprocess.run([bench], env=env, capture_output=True, text=True, check=True).stdout
+
+                total = instructions(server_pid, out_dir, load)
+                requests = served(out["stdout"], name, connections, seconds)
+                print(f"| {name} | {connections} | {requests} | {total / requests:,.0f} |", flush=True)
+    finally:
+        ceiling.kill()
+
+
 def main() -> None:
     release = Path(os.environ.get("BENCH_TOKENHUB_BIN", ROOT / "target" / "release" / "tokenhub"))
+    out_dir = Path(tempfile.mkdtemp(prefix="tokenhub-bench-"))
+    counting = os.environ.get("BENCH_INSTRUCTIONS") == "1"
     tokenhub_port = free_port()
     stack = Stack(
         state_dir=Path(tempfile.mkdtemp(prefix="tokenhub-bench-")),
@@ -44,7 +131,7 @@ def main() -> None:
         proxy_api_port=free_port(),
         idp_port=free_port(),
         tokenhub_port=tokenhub_port,
-        tokenhub_bin=release,
+        tokenhub_bin=callgrind_wrapper(release, out_dir) if counting else release,
         extra_env={"TOKENHUB_LOG": "warn"},
     )
     stack.start()
@@ -58,6 +145,8 @@ def main() -> None:
         direct = f"http://127.0.0.1:{tokenhub_port}/services/tokenhub/api/v1/tokens"
         with urllib.request.urlopen(urllib.request.Request(direct, headers={"Authorization": f"token {server_token}"})) as r:
             size = len(r.read())
+        if counting:
+            return count_instructions(stack, release, out_dir, direct, server_token, size)
         pid = subprocess.run(["pgrep", "-f", f"{release} serve"], capture_output=True, text=True).stdout.split()[0]
         time.sleep(3)  # let tokenhub settle before reading its idle memory
         targets = [
