@@ -177,7 +177,7 @@ async fn a_database_that_goes_away_and_comes_back_costs_only_503s() {
 /// work on a full disk, so the replica stays ready: it can still serve
 /// tokens that need no refresh. Needs root (mount); fails, never skips.
 ///
-/// Not run by default yet: in one CI run (of ten runs here) a caller got a
+/// Not run by default yet: in one CI run (of nine runs here) a caller got a
 /// 401 during the outage, which the promise forbids, and the cause is not
 /// found (issue 16's note: a refresh presenting a refresh token read from a
 /// stale snapshot, then answered 401 though the lineage had moved on, is the
