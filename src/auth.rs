@@ -80,9 +80,18 @@ pub fn hub_client(app: &AppState, headers: &HeaderMap, form_id: Option<&str>, fo
 pub struct Caller {
     /// The hub user the token belongs to.
     pub username: String,
+    /// Whether the hub says the token may use the operator's view (see
+    /// [`crate::hub::Identity::admin`]).
+    pub admin: bool,
     /// SHA-256 (hex) of the token presented: what tokenhub's caches and
     /// tables know a token by.
     pub token_digest: String,
+}
+
+impl Caller {
+    fn vouched(identity: crate::hub::Identity, token_digest: String) -> Self {
+        Self { username: identity.username, admin: identity.admin, token_digest }
+    }
 }
 
 /// Identifies the caller of a notebook endpoint through the hub. A token
@@ -101,14 +110,14 @@ pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiEr
     };
     let token_digest = digest_hex(token);
     let verdict = match app.hub.cached(&token_digest) {
-        Some(Verdict::User(identity)) => return Ok(Caller { username: identity.username, token_digest }),
+        Some(Verdict::User(identity)) => return Ok(Caller::vouched(identity, token_digest)),
         _ => {
             app.limiter.check(client.as_deref())?;
             app.hub.identify(token, &token_digest).await?
         }
     };
     let (error, reason) = match verdict {
-        Verdict::User(identity) => return Ok(Caller { username: identity.username, token_digest }),
+        Verdict::User(identity) => return Ok(Caller::vouched(identity, token_digest)),
         Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
         Verdict::NotAUser => (ApiError::invalid_token("this token belongs to a service, not to a user"), "token of a service"),
         Verdict::MissingScope(scope) => (
