@@ -5,6 +5,12 @@
 //! placeholders, `ON CONFLICT`, `RETURNING`), and run through sqlx's `Any`
 //! driver. Each backend has its own migrations folder. This module knows
 //! nothing of encryption: the [`crate::vault`] seals values before they get here.
+//!
+//! A write with `RETURNING` is always read with `fetch_all`, never
+//! `fetch_one`/`fetch_optional`: sqlx's SQLite driver stops stepping a
+//! statement once it has the one row asked for, and the error of the
+//! statement's implicit COMMIT (a full disk) is then lost while SQLite rolls
+//! the write back, so the caller would believe a write that never happened.
 
 use std::time::Duration;
 
@@ -501,8 +507,10 @@ impl Store {
             .bind(row.updated_at)
             .bind(row.refreshed_at)
             .bind(&row.login_nonce)
-            .fetch_one(&self.pool)
-            .await?;
+            .fetch_all(&self.pool)
+            .await?
+            .pop()
+            .ok_or(sqlx::Error::RowNotFound)?;
         Ok(version)
     }
 
@@ -538,8 +546,9 @@ impl Store {
         .bind(row.rotated_at)
         .bind(row.version)
         .bind(&row.pending_id_token)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_all(&self.pool)
+        .await?
+        .pop();
         Ok(version)
     }
 
@@ -566,8 +575,9 @@ impl Store {
         .bind(version)
         .bind(verified)
         .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_all(&self.pool)
+        .await?
+        .pop();
         Ok(version)
     }
 
@@ -801,8 +811,9 @@ impl Store {
              client_id, redirect_uri, code_challenge, scope, expires_at",
         )
         .bind(code_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_all(&self.pool)
+        .await?
+        .pop();
         Ok(row.as_ref().map(hub_code_from_row).transpose()?)
     }
 
@@ -830,7 +841,7 @@ impl Store {
         let verb = if take { "DELETE FROM hub_tokens" } else { "SELECT * FROM hub_tokens" };
         let returning = if take { " RETURNING *" } else { "" };
         let sql = format!("{verb} WHERE token_hash = $1 AND kind = $2{returning}");
-        let row = sqlx::query(&sql).bind(token_hash).bind(kind.as_str()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql).bind(token_hash).bind(kind.as_str()).fetch_all(&self.pool).await?.pop();
         Ok(row.as_ref().map(|r| hub_token_from_row(r, kind)).transpose()?)
     }
 
