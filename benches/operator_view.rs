@@ -53,6 +53,7 @@ fn lineage(rng: &mut impl Rng, i: usize, now: i64) -> LineageRow {
         rotated_at: None,
         pending_id_token: None,
         login_nonce: Some("n".repeat(22)),
+        dead_reason: None,
     }
 }
 

@@ -38,10 +38,19 @@
 // secret IDP_POST_CLIENT_SECRET) and `<id>-symbols` (client_secret_basic,
 // secret IDP_SYMBOLS_CLIENT_SECRET, full of characters Basic must encode).
 //   IDP_PARENT_PID         exit when this process is gone (tests that start us)
+//   IDP_RESOURCE_SERVER    a second resource server (RFC 8707 resource
+//                          indicators, default https://storage.example):
+//                          access tokens for it are JWTs (RS256, this
+//                          provider's keys) with its audience and its scopes
+//                          (storage.read storage.modify storage.create),
+//                          had with `resource` on a refresh grant (the login
+//                          must have asked for the resource) or by an RFC
+//                          8693 token exchange of an access token (`audience`
+//                          or `resource`), a grant type registered here.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.env.IDP_PORT || 9000);
 const issuer = `http://127.0.0.1:${port}`;
@@ -127,6 +136,21 @@ function groupsFor(user) {
   return groups;
 }
 
+const resourceServer = process.env.IDP_RESOURCE_SERVER || 'https://storage.example';
+const resourceScopes = ['storage.read', 'storage.modify', 'storage.create'];
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+function resourceServerInfo(resource) {
+  if (resource !== resourceServer) throw new errors.InvalidTarget();
+  return {
+    scope: resourceScopes.join(' '),
+    audience: resourceServer,
+    accessTokenTTL: accessTtl,
+    accessTokenFormat: 'jwt',
+    jwt: { sign: { alg: 'RS256' } },
+  };
+}
+
 const configuration = {
   adapter: FileAdapter,
   jwks: loadKeys(),
@@ -138,7 +162,7 @@ const configuration = {
     client_id: id,
     client_secret: secret,
     redirect_uris: redirectUris,
-    grant_types: ['authorization_code', 'refresh_token'],
+    grant_types: ['authorization_code', 'refresh_token', TOKEN_EXCHANGE],
     response_types: ['code'],
     token_endpoint_auth_method: method,
   })),
@@ -169,6 +193,13 @@ const configuration = {
     devInteractions: { enabled: false },
     revocation: { enabled: true },
     userinfo: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      // Without `resource`, tokens stay what they were: opaque, for userinfo.
+      defaultResource: () => undefined,
+      useGrantedResource: () => false,
+      getResourceServerInfo: (_ctx, resource) => resourceServerInfo(resource),
+    },
   },
   // Every user consents to what the relying party asks: no consent screen.
   loadExistingGrant: async (ctx) => {
@@ -179,6 +210,11 @@ const configuration = {
       grant = new ctx.oidc.provider.Grant({ accountId: ctx.oidc.session.accountId, clientId: ctx.oidc.client.clientId });
     }
     grant.addOIDCScope(ctx.oidc.requestParamScopes ? [...ctx.oidc.requestParamScopes].join(' ') : 'openid');
+    // A resource asked for is granted the resource scopes asked for.
+    for (const resource of [ctx.oidc.params.resource].flat().filter(Boolean)) {
+      const asked = [...(ctx.oidc.requestParamScopes || [])].filter((s) => resourceScopes.includes(s));
+      if (asked.length) grant.addResourceScope(resource, asked.join(' '));
+    }
     await grant.save();
     return grant;
   },
@@ -208,9 +244,38 @@ const configuration = {
 
 const provider = new Provider(issuer, configuration);
 
+// RFC 8693 token exchange: an access token this provider issued (to the
+// same client, still valid) for one for the resource server, with scopes
+// the login's grant holds for it. No refresh token comes with it (as at
+// Cognito): a client asks again with a fresh access token.
+provider.registerGrantType(TOKEN_EXCHANGE, async (ctx) => {
+  const { params, client } = ctx.oidc;
+  if (!params.subject_token) throw new errors.InvalidRequest('missing required parameter subject_token');
+  if (params.subject_token_type !== ACCESS_TOKEN_TYPE) throw new errors.InvalidRequest('unsupported subject_token_type');
+  const subject = await provider.AccessToken.find(params.subject_token);
+  if (!subject || subject.isExpired || subject.clientId !== client.clientId) {
+    throw new errors.InvalidGrant('subject_token is not a valid access token of this client');
+  }
+  const target = params.audience || params.resource;
+  const info = resourceServerInfo(target);
+  const grant = await provider.Grant.find(subject.grantId);
+  if (!grant) throw new errors.InvalidGrant('the grant of the subject_token is gone');
+  const asked = params.scope ? params.scope.split(' ').filter(Boolean) : resourceScopes;
+  const granted = grant.getResourceScopeFiltered(target, asked);
+  const missing = asked.filter((s) => !granted.split(' ').includes(s));
+  if (missing.length) throw new errors.InvalidScope('requested scope is not granted', missing.join(' '));
+  const at = new provider.AccessToken({ accountId: subject.accountId, client, grantId: subject.grantId, gty: 'token_exchange', scope: granted });
+  at.resourceServer = new provider.ResourceServer(target, info);
+  const value = await at.save();
+  counters.token_exchange += 1;
+  byAccount[subject.accountId] ??= { authorization_code: 0, refresh_token: 0 };
+  byAccount[subject.accountId].token_exchange = (byAccount[subject.accountId].token_exchange ?? 0) + 1;
+  ctx.body = { access_token: value, issued_token_type: ACCESS_TOKEN_TYPE, token_type: 'Bearer', expires_in: at.expiration, scope: granted };
+}, ['subject_token', 'subject_token_type', 'audience', 'resource', 'scope', 'requested_token_type']);
+
 // Grants answered, in all and per account (tests running side by side each
 // count their own user's refreshes).
-const counters = { authorization_code: 0, refresh_token: 0, refresh_token_error: 0 };
+const counters = { authorization_code: 0, refresh_token: 0, refresh_token_error: 0, token_exchange: 0 };
 const byAccount = {};
 provider.on('grant.success', (ctx) => {
   const type = ctx.oidc.params.grant_type;

@@ -119,6 +119,31 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_GROUPS_CLAIM", help_heading = "Upstream OpenID provider")]
     pub groups_claim: Option<String>,
 
+    /// How a narrower token (`GET /api/v1/tokens?scope=…&audience=…`) is
+    /// had from the provider: `refresh` (a refresh grant with `scope` and
+    /// the audience parameter; the lineage's refresh token rotates as on
+    /// every refresh) or `exchange` (an RFC 8693 token exchange of the
+    /// lineage's access token). Default: `exchange` when the discovery
+    /// document lists the token-exchange grant, else `refresh`.
+    #[arg(long, env = "TOKENHUB_NARROW_MECHANISM", help_heading = "Narrower tokens")]
+    pub narrow_mechanism: Option<NarrowMechanism>,
+
+    /// The request parameter that names the audience asked for: `resource`
+    /// (RFC 8707: oidc-provider, CILogon's OA4MP) or `audience` (Auth0;
+    /// Keycloak's token exchange). Default: `resource` on a refresh grant,
+    /// `audience` in an exchange.
+    #[arg(long, env = "TOKENHUB_NARROW_AUDIENCE_PARAM", help_heading = "Narrower tokens")]
+    pub narrow_audience_param: Option<AudienceParam>,
+
+    /// Which scopes and audiences users may ask narrower tokens for, by hub
+    /// group: a JSON list of rules, each
+    /// `{"name": "…", "groups": ["…" or "*"], "scopes": ["…"], "audiences": ["…"]}`.
+    /// A request is allowed when one rule naming one of the user's hub
+    /// groups (or `*`) holds all its scopes and its audience. Empty
+    /// (default): no narrower tokens.
+    #[arg(long, env = "TOKENHUB_TOKEN_RULES", help_heading = "Narrower tokens")]
+    pub token_rules: Option<String>,
+
     /// Client id of the one registered client, JupyterHub.
     #[arg(long, env = "TOKENHUB_HUB_CLIENT_ID", help_heading = "JupyterHub as OAuth client")]
     pub hub_client_id: Option<String>,
@@ -142,7 +167,7 @@ pub struct Settings {
     pub hub_api_url: Option<Url>,
 
     /// tokenhub's own API token at the hub (set by the hub for a managed
-    /// service); its role needs `read:users:name` and `read:servers`.
+    /// service); its role needs `read:users:name`, `read:users:groups` and `read:servers`.
     #[arg(long, env = "JUPYTERHUB_API_TOKEN", hide_env_values = true, help_heading = "JupyterHub as OAuth client")]
     pub hub_api_token: Option<SecretString>,
 
@@ -265,6 +290,66 @@ pub enum ClientAuthMethod {
     ClientSecretBasic,
     /// `client_id` and `client_secret` in the form body.
     ClientSecretPost,
+}
+
+/// How a narrower token is had from the provider (`TOKENHUB_NARROW_MECHANISM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum NarrowMechanism {
+    /// A refresh grant asking for fewer scopes and/or an audience.
+    Refresh,
+    /// An RFC 8693 token exchange of the lineage's access token.
+    Exchange,
+}
+
+/// The parameter naming the audience asked for (`TOKENHUB_NARROW_AUDIENCE_PARAM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum AudienceParam {
+    /// RFC 8707 `resource`.
+    Resource,
+    /// `audience` (Auth0, RFC 8693).
+    Audience,
+}
+
+impl AudienceParam {
+    /// The parameter's name in a token request.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resource => "resource",
+            Self::Audience => "audience",
+        }
+    }
+}
+
+/// One of the operator's rules for narrower tokens (`TOKENHUB_TOKEN_RULES`):
+/// members of `groups` may ask for any of `scopes`, for any of `audiences`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRule {
+    /// The rule's name, said in a refusal.
+    pub name: String,
+    /// Hub groups it is for; `*` is everyone.
+    pub groups: Vec<String>,
+    /// Scopes that may be asked for.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Audiences (or resources) that may be asked for.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+}
+
+/// Narrower tokens: how they are had and who may ask for what.
+#[derive(Debug, Clone, Default)]
+pub struct NarrowConfig {
+    /// The mechanism, `None`: from discovery.
+    pub mechanism: Option<NarrowMechanism>,
+    /// The audience parameter, `None`: by mechanism.
+    pub audience_param: Option<AudienceParam>,
+    /// The operator's rules; none: no narrower tokens.
+    pub rules: Vec<TokenRule>,
 }
 
 /// A setting that is missing or wrong, named by its environment variable.
@@ -502,6 +587,8 @@ pub struct Config {
     pub vault: VaultConfig,
     /// Keep-alive.
     pub keepalive: KeepaliveConfig,
+    /// Narrower tokens.
+    pub narrow: NarrowConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -535,6 +622,9 @@ impl Settings {
             oidc_max_retry_after,
             username_claim,
             groups_claim,
+            narrow_mechanism,
+            narrow_audience_param,
+            token_rules,
             hub_client_id,
             hub_client_secret,
             hub_redirect_uri,
@@ -693,6 +783,11 @@ impl Settings {
                 grace: self.keepalive_grace.unwrap_or(0).min(i64::MAX as u64) as i64,
                 fresh_access: self.keepalive_fresh_access.unwrap_or(false),
             },
+            narrow: NarrowConfig {
+                mechanism: self.narrow_mechanism,
+                audience_param: self.narrow_audience_param,
+                rules: parse_token_rules(self.token_rules.as_deref())?,
+            },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
                 format: self.log_format.unwrap_or_default(),
@@ -700,6 +795,23 @@ impl Settings {
             },
         })
     }
+}
+
+/// The JSON list of `TOKENHUB_TOKEN_RULES`; each rule names at least one
+/// group and asks for something.
+fn parse_token_rules(text: Option<&str>) -> Result<Vec<TokenRule>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { name: "TOKENHUB_TOKEN_RULES", reason };
+    let text = text.unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(vec![]);
+    }
+    let rules: Vec<TokenRule> = serde_json::from_str(text).map_err(|e| invalid(format!("not a JSON list of rules: {e}")))?;
+    for rule in &rules {
+        if rule.groups.is_empty() || (rule.scopes.is_empty() && rule.audiences.is_empty()) {
+            return Err(invalid(format!("rule {:?} needs groups, and scopes or audiences", rule.name)));
+        }
+    }
+    Ok(rules)
 }
 
 /// `prompt=consent&access_type=offline` as pairs; the parameters tokenhub

@@ -55,6 +55,16 @@ impl ApiError {
     pub fn insufficient_scope(description: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "insufficient_scope", description)
     }
+    /// 400 `invalid_scope`: a narrower token wider than the login, or one
+    /// the IdP would not give.
+    pub fn invalid_scope(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_scope", description)
+    }
+    /// 403 `access_denied`: the operator's rules do not allow the request
+    /// (the description names the rule).
+    pub fn access_denied(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "access_denied", description)
+    }
     /// 400 `invalid_request`: a parameter is missing or malformed.
     pub fn invalid_request(description: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)

@@ -98,6 +98,9 @@ struct UserModel {
     admin: bool,
     #[serde(default)]
     servers: HashMap<String, ServerInfo>,
+    /// Visible with `read:users:groups`.
+    #[serde(default)]
+    groups: Vec<String>,
     /// The scopes of the token the request was made with (JupyterHub ≥ 2).
     #[serde(default)]
     scopes: Vec<String>,
@@ -134,6 +137,10 @@ struct NameOnly {
 /// running server withholds its tokens within this time (plus the sweep's).
 pub const SHARES_TTL: Duration = Duration::from_secs(5);
 
+/// How long a user's hub groups are remembered (the rules for narrower
+/// tokens go by them).
+pub const GROUPS_TTL: Duration = Duration::from_secs(30);
+
 /// A client of the hub's API and of users' servers.
 pub struct HubApi {
     api_url: Option<Url>,
@@ -152,6 +159,8 @@ pub struct HubApi {
     server_credentials: moka::sync::Cache<String, Result<String, String>>,
     /// Users' shared servers, by user (see [`HubApi::shared_servers`]).
     shares: moka::sync::Cache<String, HashSet<String>>,
+    /// Users' hub groups, by user (see [`HubApi::groups`]).
+    groups: moka::sync::Cache<String, Vec<String>>,
     /// How long calls take (for `/metrics`).
     timings: HubTimings,
 }
@@ -183,6 +192,7 @@ impl HubApi {
             refused: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(REFUSED_TTL).build(),
             server_credentials: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(IDENTITY_TTL).build(),
             shares: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(SHARES_TTL).build(),
+            groups: moka::sync::Cache::builder().max_capacity(CACHE_MAX).time_to_live(GROUPS_TTL).build(),
             timings,
         }
     }
@@ -273,6 +283,7 @@ impl HubApi {
         self.refused.run_pending_tasks();
         self.server_credentials.run_pending_tasks();
         self.shares.run_pending_tasks();
+        self.groups.run_pending_tasks();
     }
 
     /// `GET` a hub API path with tokenhub's own token: the JSON answer, or
@@ -326,6 +337,21 @@ impl HubApi {
                 server
             })
             .collect())
+    }
+
+    /// The user's hub groups (`GET /users/{name}` with tokenhub's own
+    /// token and its `read:users:groups`), remembered for [`GROUPS_TTL`]; a
+    /// user the hub does not know, or a hub tokenhub cannot ask, has none.
+    pub async fn groups(&self, username: &str) -> Result<Vec<String>, HubError> {
+        if !self.configured() {
+            return Ok(vec![]);
+        }
+        if let Some(groups) = self.groups.get(username) {
+            return Ok(groups);
+        }
+        let groups = self.user_model(username, HubCall::Groups).await?.map(|u| u.groups).unwrap_or_default();
+        self.groups.insert(username.to_string(), groups.clone());
+        Ok(groups)
     }
 
     /// Whether the hub says `username` is an admin (`GET /users/{name}` with

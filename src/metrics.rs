@@ -190,11 +190,14 @@ pub enum HubCall {
     ServerToken,
     /// A server's shares (`GET /hub/api/shares/<name>/<server>`).
     Shares,
+    /// A user's hub groups (`GET /hub/api/users/<name>`, for the rules of
+    /// narrower tokens; on a cache miss).
+    Groups,
 }
 
 impl HubCall {
-    const ALL: [HubCall; 6] =
-        [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin, Self::ServerToken, Self::Shares];
+    const ALL: [HubCall; 7] =
+        [Self::Identify, Self::Servers, Self::WriteTokenFile, Self::IsAdmin, Self::ServerToken, Self::Shares, Self::Groups];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -204,6 +207,7 @@ impl HubCall {
             Self::IsAdmin => "is_admin",
             Self::ServerToken => "server_token",
             Self::Shares => "shares",
+            Self::Groups => "groups",
         }
     }
 }

@@ -15,9 +15,11 @@ use crate::auth::caller;
 use crate::errors::ApiError;
 use crate::state::AppState;
 use crate::time::now;
+use crate::tokens::narrow::{self, NarrowError, NarrowRequest};
 use crate::tokens::refresh::{Fresh, RefreshError, Want};
 use crate::tokens::{fabric, sharing};
 use crate::vault::crypto::{constant_time_eq, digest_hex};
+use crate::vault::narrow::NarrowToken;
 
 /// How long a refresh token rotated away still gets the current set back.
 pub const ROTATION_GRACE_SECS: i64 = 120;
@@ -214,6 +216,9 @@ fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
         RefreshError::Busy(_) => {
             ApiError::unavailable("another tokenhub replica is still refreshing your tokens; try again shortly")
         }
+        RefreshError::NarrowRefused(reason) => {
+            ApiError::invalid_scope(format!("the identity provider would not give this token: {reason}"))
+        }
         RefreshError::Vault(e) => e.into(),
     }
 }
@@ -244,13 +249,47 @@ pub async fn tokens(
     if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
         return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
+    let narrow = NarrowRequest::parse(params.get("scope").map(String::as_str), params.get("audience").map(String::as_str))
+        .map_err(ApiError::invalid_request)?;
+    if narrow.is_some() && format.is_some_and(|f| f != "json") {
+        return Err(ApiError::invalid_request("a narrower token (scope or audience) comes only as JSON"));
+    }
     let caller = caller(&app, &headers).await?;
     sharing::refuse_shared_server(&app, &caller).await?;
     let username = caller.username;
+    if let Some(request) = narrow {
+        let token = narrow::token(&app, &username, &request, min_valid).await.map_err(|e| narrow_error(&app, e))?;
+        app.audit.record("notebook_fetch_narrow", Some(&username), None, Some(&request.key()));
+        return Ok(no_store(narrow_json(&app, &token)));
+    }
     let fresh =
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
+}
+
+/// A narrower token as the API gives it (never a refresh token).
+fn narrow_json(app: &AppState, token: &NarrowToken) -> serde_json::Value {
+    let now = now();
+    serde_json::json!({
+        "access_token": token.access_token.expose_secret(),
+        "token_type": "Bearer",
+        "expires_at": token.expires_at,
+        "expires_in": token.expires_at.map(|e| (e - now).max(0)),
+        "scope": token.scopes,
+        "audience": token.audience,
+        "issuer": app.upstream.issuer(),
+    })
+}
+
+/// The API's answer when a narrower token cannot be had.
+fn narrow_error(app: &AppState, e: NarrowError) -> ApiError {
+    match e {
+        NarrowError::NotAllowed(why) => ApiError::access_denied(why),
+        NarrowError::WiderThanLogin(why) => ApiError::invalid_scope(why),
+        NarrowError::Hub(e) => e.into(),
+        NarrowError::Refresh(e) => refresh_error(app, e),
+    }
 }
 
 /// The body of a forced refresh (JSON or form; both optional).

@@ -24,6 +24,8 @@ use crate::vault::TokenSet;
 
 type Client = CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointMaybeSet, EndpointMaybeSet>;
 
+/// The RFC 8693 token-exchange grant type.
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// How soon after one JWKS re-fetch another may happen.
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a failed discovery is remembered before trying again.
@@ -435,6 +437,19 @@ impl Upstream {
     /// the answer before anything else can fail, then verifies the ID token
     /// with [`Upstream::check_refreshed_id_token`].
     pub async fn refresh_grant(&self, refresh_token: &SecretString) -> Result<TokenReply, UpstreamError> {
+        self.narrow_refresh_grant(refresh_token, &[], None).await
+    }
+
+    /// A refresh grant asking for a narrower token: fewer `scopes` and/or
+    /// an `audience` (sent as the parameter `audience_param` names). The
+    /// refresh token rotates as on any refresh; see [`Upstream::token_call`]
+    /// for what its errors mean.
+    pub async fn narrow_refresh_grant(
+        &self,
+        refresh_token: &SecretString,
+        scopes: &[String],
+        audience: Option<(&'static str, &str)>,
+    ) -> Result<TokenReply, UpstreamError> {
         if let Some(wait) = self.wait_asked() {
             return Err(UpstreamError::Unreachable(format!(
                 "the identity provider asked to wait {} s more before the next refresh",
@@ -442,11 +457,44 @@ impl Upstream {
             )));
         }
         let discovered = self.discovered().await?;
-        self.token_call(
-            &discovered,
-            vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())],
-        )
-        .await
+        let mut form = vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())];
+        if !scopes.is_empty() {
+            form.push(("scope", scopes.join(" ")));
+        }
+        if let Some((param, audience)) = audience {
+            form.push((param, audience.to_string()));
+        }
+        self.token_call(&discovered, form).await
+    }
+
+    /// An RFC 8693 token exchange of the lineage's `access_token` for one
+    /// with `scopes` and/or for `audience`.
+    pub async fn exchange_grant(
+        &self,
+        access_token: &SecretString,
+        scopes: &[String],
+        audience: Option<(&'static str, &str)>,
+    ) -> Result<TokenReply, UpstreamError> {
+        let discovered = self.discovered().await?;
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE.into()),
+            ("subject_token", access_token.expose_secret().to_string()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token".into()),
+            ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token".into()),
+        ];
+        if !scopes.is_empty() {
+            form.push(("scope", scopes.join(" ")));
+        }
+        if let Some((param, audience)) = audience {
+            form.push((param, audience.to_string()));
+        }
+        self.token_call(&discovered, form).await
+    }
+
+    /// Whether the discovery document lists the RFC 8693 token-exchange grant.
+    pub async fn offers_token_exchange(&self) -> Result<bool, UpstreamError> {
+        let discovered = self.discovered().await?;
+        Ok(discovered.metadata.grant_types_supported().is_some_and(|g| g.iter().any(|g| g.as_ref() == TOKEN_EXCHANGE)))
     }
 
     /// How long the IdP asked to wait before the next refresh (its

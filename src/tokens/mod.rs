@@ -4,13 +4,17 @@
 //! [`refresher`]; [`keepalive`] refreshes lineages of running servers before
 //! their refresh tokens die unused; [`delivery`] writes the token file into
 //! running servers, with its book-keeping in [`deliveries`]; [`fabric`] is
-//! that file's format; [`revoke`] ends a lineage at the IdP and in the vault.
+//! that file's format; [`revoke`] ends a lineage at the IdP and in the vault;
+//! [`narrow`] has narrower tokens (fewer scopes, another audience) from a
+//! lineage through the same single flight, within the operator's [`rules`].
 
 pub mod deliveries;
 pub mod delivery;
 pub mod fabric;
 pub mod keepalive;
+pub mod narrow;
 pub mod refresh;
 pub mod refresher;
 pub mod revoke;
+pub mod rules;
 pub mod sharing;

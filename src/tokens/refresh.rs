@@ -54,6 +54,15 @@ const INLINE_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// The most of an IdP's error description kept as a dead lineage's reason.
 const REASON_CHARS: usize = 300;
 
+/// What a refresh grant asks the IdP for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ask<'a> {
+    /// The lineage's own tokens.
+    Lineage,
+    /// A narrower token: these scopes, and an audience sent as the named parameter.
+    Narrow { scopes: &'a [String], audience: Option<(&'static str, &'a str)> },
+}
+
 /// What a caller asks of the tokens.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Want {
@@ -105,6 +114,10 @@ pub enum RefreshError {
     /// `unauthorized_client`): the operators must fix the registration.
     #[error("the identity provider refused tokenhub's client: {0}")]
     Misconfigured(String),
+    /// The IdP refused a narrower token's scopes or audience (the lineage
+    /// is kept): its error and description.
+    #[error("the identity provider refused the narrower token: {0}")]
+    NarrowRefused(String),
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -280,21 +293,65 @@ impl Refresher {
             Lease::Ours => lineage,
             Lease::RefreshedElsewhere(newer) => return self.adopt(app, *newer, settle, capped).await,
         };
-        let heartbeat = Heartbeat::start(app, &lineage, &self.holder);
-        let answer = self.refresh_upstream(app, &lineage).await;
+        let reply = self.grant_under_lease(app, &lineage, &mut slot, Ask::Lineage).await?;
+
+        // The IdP answered 2xx: the old refresh token may be spent. Store the
+        // answer before anything else can fail; the ID token that came with
+        // it waits beside the last verified one until it is checked.
+        let tokens = TokenSet {
+            access_token: reply.access_token,
+            id_token: lineage.tokens.id_token.clone(),
+            refresh_token: reply.refresh_token.or_else(|| lineage.tokens.refresh_token.clone()),
+            access_expires_at: reply.expires_in.map(|d| now() + d),
+            scope: reply.scope.unwrap_or_else(|| lineage.tokens.scope.clone()),
+        };
+        let stored = self.store_answer(app, lineage, tokens, reply.id_token, &mut slot).await?;
+        tracing::info!(user = %username, version = stored.version, "tokens refreshed");
+        app.audit.record("refresh", Some(username), Some(stored.version), None);
+        *made = true;
+        app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
+        let settled = self.settle(app, stored, settle).await;
+        // Every refresh reaches the running servers (whatever the ID token's
+        // fate): the refresh token in their files was just spent.
+        self.deliver(app, username);
+        self.settled(settled?, true, capped)
+    }
+
+    /// One refresh grant at the IdP under this replica's lease (renewed
+    /// while it runs), for the lineage's own tokens or a narrower token. A
+    /// refusal of the refresh token (`invalid_grant`; for the lineage's own
+    /// tokens any OAuth error) marks the lineage dead; anything else keeps
+    /// it, gives the lease back and is remembered in the slot, so callers
+    /// queued behind share the failure.
+    pub(super) async fn grant_under_lease(
+        &self,
+        app: &AppState,
+        lineage: &Lineage,
+        slot: &mut Slot,
+        ask: Ask<'_>,
+    ) -> Result<crate::oauth::upstream::TokenReply, RefreshError> {
+        let (username, issuer) = (&lineage.username, &lineage.issuer);
+        let heartbeat = Heartbeat::start(app, lineage, &self.holder);
+        let answer = self.refresh_upstream(app, lineage, ask).await;
         heartbeat.stop().await;
-        let reply = match answer {
-            Ok(reply) => reply,
+        match answer {
+            Ok(reply) => Ok(reply),
+            // A narrower request the IdP refuses (a scope or audience it will
+            // not give) says nothing about the refresh token: it stays.
+            Err(UpstreamError::Refused(reason)) if matches!(ask, Ask::Narrow { .. }) => {
+                app.vault.store().release_lease(username, issuer, &self.holder).await?;
+                Err(RefreshError::NarrowRefused(reason))
+            }
             // A refusal of this refresh token, `invalid_grant` or another
             // OAuth error (some IdPs answer a spent or revoked one with
             // `invalid_request`): the lineage is dead, and the token is
             // never sent again.
             Err(e @ (UpstreamError::InvalidGrant(_) | UpstreamError::Refused(_))) => {
-                let reason = dead_reason(&e, &lineage);
+                let reason = dead_reason(&e, lineage);
                 app.vault.mark_dead(username, issuer, lineage.version, &reason).await?;
                 tracing::warn!(user = %username, reason = %reason, "the identity provider refused the refresh: lineage marked dead");
                 app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some(&reason));
-                return Err(RefreshError::Dead(reason));
+                Err(RefreshError::Dead(reason))
             }
             // Anything else keeps the lineage: an outage, an unusable
             // answer, or tokenhub's own client refused (the operators'
@@ -319,45 +376,38 @@ impl Refresher {
                 };
                 app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some(why));
                 app.vault.store().release_lease(username, issuer, &self.holder).await?;
-                return Err(match e {
+                Err(match e {
                     UpstreamError::Misconfigured(reason) => RefreshError::Misconfigured(reason),
                     e if outage => RefreshError::Unavailable(e.to_string()),
                     e => RefreshError::Failed(e.to_string()),
-                });
+                })
             }
-        };
+        }
+    }
 
-        // The IdP answered 2xx: the old refresh token may be spent. Store the
-        // answer before anything else can fail; the ID token that came with
-        // it waits beside the last verified one until it is checked.
-        let tokens = TokenSet {
-            access_token: reply.access_token,
-            id_token: lineage.tokens.id_token.clone(),
-            refresh_token: reply.refresh_token.or_else(|| lineage.tokens.refresh_token.clone()),
-            access_expires_at: reply.expires_in.map(|d| now() + d),
-            scope: reply.scope.unwrap_or_else(|| lineage.tokens.scope.clone()),
-        };
-        let stored = match app.vault.save_refresh(&lineage, &tokens, reply.id_token.as_ref()).await {
-            Ok(Some(stored)) => stored,
+    /// Stores what a 2xx refresh answered (the refresh token it replaced
+    /// may be spent): the new lineage, or, if the database does not take
+    /// it, the answer held in the slot for the next caller to store.
+    pub(super) async fn store_answer(
+        &self,
+        app: &AppState,
+        lineage: Lineage,
+        tokens: TokenSet,
+        pending_id_token: Option<secrecy::SecretString>,
+        slot: &mut Slot,
+    ) -> Result<Lineage, RefreshError> {
+        match app.vault.save_refresh(&lineage, &tokens, pending_id_token.as_ref()).await {
+            Ok(Some(stored)) => Ok(stored),
             // The version moved under us (our lease ran out): take what is there.
-            Ok(None) => app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?,
+            Ok(None) => app.vault.load(&lineage.username, &lineage.issuer).await?.ok_or(RefreshError::NoLineage),
             Err(e) => {
-                tracing::error!(user = %username, error = %e, "the database did not take a refresh answer; it is held in memory");
-                slot.unsaved = Some(Unsaved { base: lineage, tokens, pending_id_token: reply.id_token });
+                tracing::error!(user = %lineage.username, error = %e, "the database did not take a refresh answer; it is held in memory");
+                slot.unsaved = Some(Unsaved { base: lineage, tokens, pending_id_token });
                 self.unsaved.fetch_add(1, Ordering::AcqRel);
                 slot.failed = Some((Instant::now(), false));
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        tracing::info!(user = %username, version = stored.version, "tokens refreshed");
-        app.audit.record("refresh", Some(username), Some(stored.version), None);
-        *made = true;
-        app.vault.record_refresh_expiry(username, issuer, stored.version, reply.refresh_expires_in).await;
-        let settled = self.settle(app, stored, settle).await;
-        // Every refresh reaches the running servers (whatever the ID token's
-        // fate): the refresh token in their files was just spent.
-        self.deliver(app, username);
-        self.settled(settled?, true, capped)
+        }
     }
 
     /// Takes a lineage another caller or replica refreshed meanwhile: its
@@ -432,7 +482,7 @@ impl Refresher {
     }
 
     /// Rewrites the token file in the user's running servers, in the background.
-    fn deliver(&self, app: &AppState, username: &str) {
+    pub(super) fn deliver(&self, app: &AppState, username: &str) {
         let (app, user) = (app.clone(), username.to_string());
         tokio::spawn(async move {
             crate::tokens::delivery::write_all(&app, &user).await;
@@ -496,6 +546,7 @@ impl Refresher {
         &self,
         app: &AppState,
         lineage: &Lineage,
+        ask: Ask<'_>,
     ) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
         let refresh_token = lineage
             .tokens
@@ -506,7 +557,11 @@ impl Refresher {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         let result = loop {
-            match app.upstream.refresh_grant(refresh_token).await {
+            let answer = match ask {
+                Ask::Lineage => app.upstream.refresh_grant(refresh_token).await,
+                Ask::Narrow { scopes, audience } => app.upstream.narrow_refresh_grant(refresh_token, scopes, audience).await,
+            };
+            match answer {
                 // A `Retry-After` longer than a caller should wait ends the
                 // attempts; a short one is waited out.
                 Err(UpstreamError::Unreachable(e))

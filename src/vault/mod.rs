@@ -7,6 +7,7 @@
 //! the sealed envelope) and [`store`] (the rows in SQLite or PostgreSQL).
 
 pub mod crypto;
+pub mod narrow;
 pub mod rekey;
 pub mod store;
 
@@ -241,7 +242,13 @@ impl Vault {
             status: "active".into(),
             created_at: lineage.created_at,
             updated_at: now,
-            refreshed_at: Some(now),
+            // When the access token was issued: a grant that only rotated the
+            // refresh token (a narrower token's) keeps it.
+            refreshed_at: if tokens.access_token.expose_secret() == lineage.tokens.access_token.expose_secret() {
+                lineage.refreshed_at
+            } else {
+                Some(now)
+            },
             previous_refresh_hash: if rotated {
                 old_refresh.as_deref().map(crypto::digest_hex)
             } else {

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::crypto::{CryptoError, KeyRing};
+use super::narrow::{NarrowRow, narrow_aad};
 use super::store::{LineageRow, Store, StoreError};
 use super::{aad, server_aad};
 
@@ -76,7 +77,7 @@ impl KeyUsage {
 /// What a rekey did.
 #[derive(Debug, Default, Clone)]
 pub struct Rekeyed {
-    /// Rows written back (lineages and server tokens).
+    /// Rows written back (lineages, server tokens, narrower tokens).
     pub rows_changed: u64,
     /// Sealed values under each key afterwards.
     pub usage: KeyUsage,
@@ -93,10 +94,11 @@ fn lineage_fields(row: &mut LineageRow) -> impl Iterator<Item = (&'static str, &
 enum Sealed {
     Lineage(LineageRow),
     ServerToken { user: String, server: String, token: Vec<u8> },
+    Narrow(NarrowRow),
 }
 
 /// Visits every row with sealed values, a batch at a time: the lineages,
-/// then the servers' hub tokens.
+/// the servers' hub tokens, then the narrower tokens.
 async fn each_sealed(store: &Store, mut visit: impl AsyncFnMut(Sealed) -> Result<(), RekeyError>) -> Result<(), RekeyError> {
     let mut after = (String::new(), String::new());
     loop {
@@ -116,6 +118,15 @@ async fn each_sealed(store: &Store, mut visit: impl AsyncFnMut(Sealed) -> Result
             visit(Sealed::ServerToken { user, server, token }).await?;
         }
     }
+    let mut after = (String::new(), String::new(), String::new());
+    loop {
+        let page = store.sealed_narrow_tokens(&after, BATCH).await?;
+        let Some(last) = page.last() else { break };
+        after = (last.username.clone(), last.issuer.clone(), last.request_key.clone());
+        for row in page {
+            visit(Sealed::Narrow(row)).await?;
+        }
+    }
     Ok(())
 }
 
@@ -126,6 +137,7 @@ pub async fn usage(store: &Store) -> Result<KeyUsage, RekeyError> {
         match row {
             Sealed::Lineage(mut row) => lineage_fields(&mut row).for_each(|(_, value)| usage.count(value)),
             Sealed::ServerToken { token, .. } => usage.count(&token),
+            Sealed::Narrow(row) => usage.count(&row.access_token),
         }
         Ok(())
     })
@@ -146,6 +158,15 @@ pub async fn rekey(store: &Store, keys: &KeyRing) -> Result<Rekeyed, RekeyError>
                 if let Some(new) = new {
                     // A server token replaced meanwhile was sealed by its writer.
                     changed += store.reseal_server_credential(&user, &server, &token, &new).await? as u64;
+                }
+            }
+            Sealed::Narrow(row) => {
+                let place = format!("a narrower token of {} at {}", row.username, row.issuer);
+                let aad = narrow_aad(&row.username, &row.issuer, &row.request_key);
+                let new = keys.reseal(&row.access_token, &aad).map_err(|error| RekeyError::Crypto { place, error })?;
+                if let Some(new) = new {
+                    // One obtained again meanwhile was sealed by its writer.
+                    changed += store.reseal_narrow_token(&row, &row.access_token, &new).await? as u64;
                 }
             }
         }

@@ -283,7 +283,7 @@ pub struct HubTokenRow {
 /// The connection pool and the backend behind it.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
+    pub(super) pool: AnyPool,
     backend: Backend,
 }
 
@@ -651,11 +651,13 @@ impl Store {
 
     /// Deletes the user's lineage and every token issued to the hub for it.
     pub async fn delete_lineage(&self, username: &str, issuer: &str) -> Result<bool, StoreError> {
-        sqlx::query("DELETE FROM hub_tokens WHERE username = $1 AND issuer = $2")
-            .bind(username)
-            .bind(issuer)
-            .execute(&self.pool)
-            .await?;
+        for table in ["hub_tokens", "narrow_tokens"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE username = $1 AND issuer = $2"))
+                .bind(username)
+                .bind(issuer)
+                .execute(&self.pool)
+                .await?;
+        }
         let done = sqlx::query("DELETE FROM lineages WHERE username = $1 AND issuer = $2")
             .bind(username)
             .bind(issuer)

@@ -14,6 +14,7 @@ mod keepalive;
 mod login_flow;
 mod metrics;
 mod names;
+mod narrow;
 mod operations;
 mod outages;
 mod pages;

@@ -331,6 +331,11 @@ impl Idp {
         json_of(reqwest::Client::new().get(url)).await["refresh_token"].as_u64().unwrap()
     }
 
+    /// The IdP's counters for one account (grants by type).
+    pub async fn stats_of(&self, account: &str) -> Value {
+        json_of(reqwest::Client::new().get(format!("{}/_test/stats?account={account}", self.issuer))).await
+    }
+
     /// Kills every grant of `account` at the IdP; returns how many.
     pub async fn kill(&self, account: &str) -> u64 {
         let url = format!("{}/_test/kill?account={account}", self.issuer);
@@ -370,6 +375,19 @@ impl HubMock {
             .mount(&self.server)
             .await;
         token
+    }
+
+    /// Tells the hub that `user` is a member of `groups` (its
+    /// `/hub/api/users/<name>`, as tokenhub's `read:users:groups` sees it).
+    pub async fn member_of(&self, user: &str, groups: &[&str]) {
+        use wiremock::matchers::{method, path};
+        wiremock::Mock::given(method("GET"))
+            .and(path(format!("/hub/api/users/{}", tokenhub::hub::path_segment(user))))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "kind": "user", "name": user, "servers": {}, "groups": groups
+            })))
+            .mount(&self.server)
+            .await;
     }
 
     /// How many `/hub/api/user` calls the hub received.

@@ -1,0 +1,191 @@
+//! Narrower tokens (`GET /api/v1/tokens?scope=…&audience=…`) from the test
+//! IdP (oidc-provider with resource indicators, JWT access tokens for a
+//! second resource server, a token-exchange grant, refresh-token rotation):
+//! by a refresh grant and by an exchange, one grant for many callers, the
+//! lineage unharmed, and the operator's rules.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::refresh_safety::Caller;
+use crate::support::*;
+
+/// The IdP's second resource server.
+const STORAGE: &str = "https://storage.example";
+
+fn rules(groups: &str) -> String {
+    serde_json::json!([{
+        "name": "storage",
+        "groups": [groups],
+        "scopes": ["storage.read", "storage.modify", "storage.create"],
+        "audiences": [STORAGE],
+    }])
+    .to_string()
+}
+
+/// tokenhub asking the IdP for the storage scopes and resource at login,
+/// with `mechanism` for narrower tokens and rules for `groups`.
+async fn app(hub: &HubMock, mechanism: tokenhub::config::NarrowMechanism, groups: &str) -> TestApp {
+    let rules = rules(groups);
+    TestApp::builder(&Idp::shared().issuer)
+        .hub(hub)
+        .settings(|s| {
+            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
+            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
+            s.narrow_mechanism = Some(mechanism);
+            s.token_rules = Some(rules);
+        })
+        .spawn()
+        .await
+}
+
+async fn signed_in(app: &TestApp, hub: &HubMock, user: &str) -> Caller {
+    let (code, login) = Hub::login_at(app, Idp::shared(), &Browser::new(), user).await;
+    assert_eq!(Hub::exchange_code(app, &code, &login).await.status(), StatusCode::OK);
+    Caller::new(app, hub, user).await
+}
+
+fn jwt_claims(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).expect("a JWT access token");
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+async fn json(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+fn storage_query(scope: &str) -> String {
+    format!("?scope={scope}&audience={}", url::form_urlencoded::byte_serialize(STORAGE.as_bytes()).collect::<String>())
+}
+
+/// By a refresh grant: the token is for the second audience with the scope
+/// asked for; a second call is answered from the vault; a scope the login
+/// never held is refused (400 `invalid_scope`), one outside the rules gets
+/// 403 naming the rule; the lineage's rotated refresh token refreshes after.
+#[tokio::test]
+async fn a_narrower_scope_for_the_second_audience_by_a_refresh_grant() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let app = app(&hub, NarrowMechanism::Refresh, "*").await;
+    let caller = signed_in(&app, &hub, "narrow-refresh").await;
+    let before = idp.refreshes("narrow-refresh").await;
+
+    let (status, body) = json(caller.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claims = jwt_claims(body["access_token"].as_str().unwrap());
+    assert_eq!(claims["aud"], STORAGE, "{claims}");
+    assert_eq!(claims["scope"], "storage.read", "{claims}");
+    assert_eq!(claims["iss"], idp.issuer.as_str());
+    assert_eq!(body["audience"], STORAGE);
+    assert!(body.get("refresh_token").is_none(), "a narrower token comes without a refresh token");
+    assert_eq!(idp.refreshes("narrow-refresh").await, before + 1);
+
+    let (status, again) = json(caller.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["access_token"], body["access_token"], "answered from the vault");
+    assert_eq!(idp.refreshes("narrow-refresh").await, before + 1);
+
+    let (status, wider) = json(caller.get(&storage_query("storage.create")).await).await;
+    assert_eq!((status, wider["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scope")), "{wider}");
+    let (status, refused) = json(caller.get(&storage_query("compute.run")).await).await;
+    assert_eq!((status, refused["error"].as_str()), (StatusCode::FORBIDDEN, Some("access_denied")), "{refused}");
+    assert!(refused["error_description"].as_str().unwrap().contains("rule \"storage\""), "{refused}");
+    let (status, other) = json(caller.get("?scope=storage.read&audience=https://elsewhere.example").await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{other}");
+
+    // The grant rotated the lineage's refresh token; the new one works.
+    let response = caller.force().await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    let lineage = app.state().vault.load("narrow-refresh", &idp.issuer).await.unwrap().unwrap();
+    assert!(lineage.active);
+}
+
+/// Fifty callers at once asking for the same token cause one grant at the
+/// IdP; all get the same token; the lineage refreshes afterwards.
+#[tokio::test]
+async fn fifty_concurrent_callers_cause_one_grant() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let app = app(&hub, NarrowMechanism::Refresh, "*").await;
+    let caller = Arc::new(signed_in(&app, &hub, "narrow-storm").await);
+    let before = idp.refreshes("narrow-storm").await;
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let caller = caller.clone();
+            tokio::spawn(async move { json(caller.get(&storage_query("storage.modify storage.read")).await).await })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.insert(body["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(tokens.len(), 1, "every caller got the one token obtained");
+    assert_eq!(idp.refreshes("narrow-storm").await, before + 1, "one grant at the IdP");
+    let response = caller.force().await;
+    assert_eq!(response.status(), StatusCode::OK, "no invalid_grant: {}", response.text().await.unwrap());
+}
+
+/// By an RFC 8693 exchange: the token is for the second audience, many
+/// callers cause one exchange, and the lineage's refresh token is untouched.
+#[tokio::test]
+async fn the_second_audience_by_a_token_exchange() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let app = app(&hub, NarrowMechanism::Exchange, "*").await;
+    let caller = Arc::new(signed_in(&app, &hub, "narrow-exchange").await);
+    let refreshes = idp.refreshes("narrow-exchange").await;
+    let exchanges = || async { idp.stats_of("narrow-exchange").await["token_exchange"].as_u64().unwrap_or(0) };
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let caller = caller.clone();
+            tokio::spawn(async move { json(caller.get(&storage_query("storage.read")).await).await })
+        })
+        .collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let claims = jwt_claims(body["access_token"].as_str().unwrap());
+        assert_eq!((claims["aud"].as_str(), claims["scope"].as_str()), (Some(STORAGE), Some("storage.read")), "{claims}");
+    }
+    assert_eq!(exchanges().await, 1, "one exchange for all");
+    assert_eq!(idp.refreshes("narrow-exchange").await, refreshes, "the lineage's refresh token was not used");
+    // A scope the login's grant does not hold for the resource: the IdP refuses, the lineage stays.
+    let (status, refused) = json(caller.get(&storage_query("storage.create")).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(caller.force().await.status(), StatusCode::OK);
+}
+
+/// Rules go by hub group: a user outside the rule's group is refused (403,
+/// naming the groups), a member is served; a user's held token never
+/// answers another user.
+#[tokio::test]
+async fn rules_go_by_hub_group_and_a_token_answers_only_its_user() {
+    use tokenhub::config::NarrowMechanism;
+    let hub = HubMock::start().await;
+    let app = app(&hub, NarrowMechanism::Refresh, "physics").await;
+    hub.member_of("narrow-physicist", &["physics"]).await;
+    hub.member_of("narrow-chemist", &["chemistry"]).await;
+    hub.member_of("narrow-colleague", &["physics"]).await;
+    let colleague = signed_in(&app, &hub, "narrow-colleague").await;
+    let physicist = signed_in(&app, &hub, "narrow-physicist").await;
+    let chemist = signed_in(&app, &hub, "narrow-chemist").await;
+
+    let (status, refused) = json(chemist.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert!(refused["error_description"].as_str().unwrap().contains("chemistry"), "{refused}");
+
+    let (status, mine) = json(physicist.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK, "{mine}");
+    assert_eq!(jwt_claims(mine["access_token"].as_str().unwrap())["sub"], "narrow-physicist");
+    // Another member asking for the same: their own token, never the one held for the first.
+    let (status, theirs) = json(colleague.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK, "{theirs}");
+    assert_ne!(theirs["access_token"], mine["access_token"]);
+    assert_eq!(jwt_claims(theirs["access_token"].as_str().unwrap())["sub"], "narrow-colleague");
+}
