@@ -101,6 +101,28 @@ pub enum TokensAnswer {
     Tokens(TokensResponse),
     /// `format=fabric`.
     Fabric(FabricDocument),
+    /// With `scope` or `audience`: a narrower token.
+    Narrow(NarrowAnswer),
+}
+
+/// A narrower token (`GET /api/v1/tokens?scope=…&audience=…`): an access
+/// token alone, never a refresh token.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct NarrowAnswer {
+    /// The access token.
+    pub access_token: String,
+    /// `Bearer`.
+    pub token_type: String,
+    /// When it expires (unix seconds), if the IdP said.
+    pub expires_at: Option<i64>,
+    /// Seconds it stays valid, if the IdP said.
+    pub expires_in: Option<i64>,
+    /// Its scopes, space-separated.
+    pub scope: String,
+    /// The audience asked for, if any.
+    pub audience: Option<String>,
+    /// The IdP that issued it.
+    pub issuer: String,
 }
 
 /// Body of `POST /api/v1/tokens/refresh` (optional; JSON or form).
@@ -229,12 +251,14 @@ pub struct Ready {
     params(
         ("min_valid" = Option<u32>, Query, description = "seconds the access token must stay valid (refreshes when needed)"),
         ("format" = Option<String>, Query, description = "`json` (default) or `fabric`"),
+        ("scope" = Option<String>, Query, description = "space-separated scopes: a narrower token with these (never wider than the login's)"),
+        ("audience" = Option<String>, Query, description = "a narrower token for this audience or resource"),
     ),
     responses(
-        (status = 200, description = "the caller's tokens", body = TokensAnswer),
-        (status = 400, description = "bad parameter", body = ErrorBody),
+        (status = 200, description = "the caller's tokens, or with `scope` or `audience` a narrower token", body = TokensAnswer),
+        (status = 400, description = "bad parameter, or a scope the login does not hold or the IdP will not give (`invalid_scope`)", body = ErrorBody),
         (status = 401, description = "no or unknown token (`invalid_token`), or the login is dead (`invalid_grant`)", body = ErrorBody),
-        (status = 403, description = "the token lacks `access:services!service=<name>` (`insufficient_scope`), or is the own token of a shared server (`access_denied`)", body = ErrorBody),
+        (status = 403, description = "the token lacks `access:services!service=<name>` (`insufficient_scope`), is the own token of a shared server, or asks for a narrower token outside the operator's rules (`access_denied`, naming the rule)", body = ErrorBody),
         (status = 429, description = "too many failed attempts from this address", body = ErrorBody),
         (status = 503, description = "the hub or the IdP is not answering", body = ErrorBody),
     ),

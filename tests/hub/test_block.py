@@ -94,7 +94,7 @@ def check_common(app: JupyterHub, token: str, url: str) -> None:
     assert orm.APIToken.find(app.db, token).service.name == "tokenhub"
     assert orm.Service.find(app.db, "tokenhub").url == url
     role = named(app.load_roles, "tokenhub")
-    assert {"read:users:name", "read:servers", "read:shares"} <= set(role["scopes"])
+    assert {"read:users:name", "read:users:groups", "read:servers", "read:shares"} <= set(role["scopes"])
     # tokenhub reaches no server with its own token: it writes each token
     # file with that server's own token.
     assert not any(s.startswith("access:servers") for s in role["scopes"])

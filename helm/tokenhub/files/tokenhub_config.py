@@ -201,7 +201,8 @@ if "command" not in _th_service and not _th_service.get("api_token"):
 
 # --- Roles. tokenhub's own, merged into a role of that name the operator
 # defined: read:users:name (a user's name and admin flag, for the operator's
-# view), read:servers (which servers run, and where: tokenhub writes token
+# view), read:users:groups (a user's hub groups: the operator's rules for
+# narrower tokens go by them), read:servers (which servers run, and where: tokenhub writes token
 # files into ready ones). No access:servers: tokenhub writes a server's token
 # file with that server's own token, which the spawn hook hands over, so no
 # credential reaching other servers is ever shown to a server (its owner
@@ -210,7 +211,10 @@ if "command" not in _th_service and not _th_service.get("api_token"):
 # with other people gets no tokens, since they run code in it.
 _th_role = _th_named("load_roles", _th_name)
 _th_role.setdefault("description", "tokenhub: find users' servers (token files are written with each server's own token)")
-_th_add_scopes(_th_role, ["read:users:name", "read:servers", *(["read:shares"] if "read:shares" in _th_scope_definitions else [])])
+_th_add_scopes(
+    _th_role,
+    ["read:users:name", "read:users:groups", "read:servers", *(["read:shares"] if "read:shares" in _th_scope_definitions else [])],
+)
 _th_role["services"] = sorted({*_th_role.get("services", []), _th_name})
 # Users hold the scope that lets their tokens reach tokenhub…
 _th_add_scopes(_th_named("load_roles", "user"), [_th_scope])
