@@ -108,6 +108,7 @@ pub enum TokensAnswer {
 /// A narrower token (`GET /api/v1/tokens?scope=…&audience=…`): an access
 /// token alone, never a refresh token.
 #[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)] // so the lineage's own answer never reads as one
 pub struct NarrowAnswer {
     /// The access token.
     pub access_token: String,
