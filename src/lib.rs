@@ -48,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/refresh"), get(web::pages::refresh))
         .route(&at("/tokens.json"), get(web::pages::download))
         .route(&at("/revoke"), post(web::pages::revoke))
+        .route(&at("/narrow/drop"), post(web::pages::drop_narrow))
         .route(&at("/admin"), get(admin::page::admin_page))
         .route(&at("/admin/revoke"), post(admin::page::revoke))
         .route(&at("/admin/names"), post(admin::names::move_name_form))

@@ -45,6 +45,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
     let lineage = lineage_of(&app, &session.username).await?;
     let deliveries = app.deliveries.of(&session.username).await;
     let withheld = app.deliveries.withheld(&session.username).await;
+    let narrow = app.vault.narrow_held(&session.username, app.upstream.issuer()).await?;
     let view = TokenPage {
         username: &session.username,
         lineage: lineage.as_ref().map(|l| views::LineageView {
@@ -69,6 +70,17 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
             })
             .collect(),
         withheld: withheld.into_iter().map(|s| if s.is_empty() { "default server".into() } else { s }).collect(),
+        narrow: narrow
+            .into_iter()
+            .map(|n| views::NarrowRow {
+                key: n.request_key,
+                scopes: if n.scopes.is_empty() { "the identity provider's default".into() } else { n.scopes },
+                audience: n.audience.unwrap_or_else(|| "none".into()),
+                expires: n.expires_at.map_or_else(|| "not said".into(), |t| format!("{} ({})", timestamp(t), relative(t))),
+                obtained: format!("{} ({})", timestamp(n.obtained_at), relative(n.obtained_at)),
+            })
+            .collect(),
+        narrow_drop_url: app.url("/narrow/drop").to_string(),
         csrf: &session.csrf,
         refresh_url: app.url("/refresh").to_string(),
         download_url: app.url("/tokens.json").to_string(),
@@ -165,6 +177,24 @@ pub async fn revoke(
     let message = format!("tokenhub deleted your tokens. {idp_note} Signing in again starts a new lineage.");
     let info = InfoPage { title: "Tokens revoked", message: &message, links: vec![("Back to JupyterHub", app.hub_home())] };
     Ok((session::end(&app, jar), page(views::render(&info))).into_response())
+}
+
+/// `POST /narrow/drop`: drops the user's narrower tokens (one, by `key`,
+/// or all); the next request for one obtains it again.
+pub async fn drop_narrow(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, PageError> {
+    crate::security::same_origin_post(&headers, &app.origin)
+        .inspect_err(|_| app.audit.record("refused", None, None, Some("drop form from another origin")))?;
+    let session = signed_in(&app, &jar)?;
+    session.check_csrf(&form, "Token page", app.url("/").to_string())?;
+    let key = form.get("key").map(String::as_str).filter(|k| !k.is_empty());
+    let dropped = app.vault.drop_narrow(&session.username, app.upstream.issuer(), key).await?;
+    app.audit.record("narrow_dropped", Some(&session.username), None, Some(&format!("{dropped} narrower token(s) dropped")));
+    Ok(Redirect::to(app.url("/").as_str()).into_response())
 }
 
 /// The page for a revoke that could not run: the vault failed, or another

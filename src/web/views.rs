@@ -75,6 +75,20 @@ pub struct DeliveryRow {
     pub at: String,
 }
 
+/// A narrower token held for the user (never its value).
+pub struct NarrowRow {
+    /// Its request key (what the drop form names).
+    pub key: String,
+    /// Scopes, space-separated (or "the IdP's default").
+    pub scopes: String,
+    /// Audience, or "none".
+    pub audience: String,
+    /// Expiry, formatted.
+    pub expires: String,
+    /// When obtained, formatted.
+    pub obtained: String,
+}
+
 /// The signed-in user's token page.
 #[derive(Template)]
 #[template(path = "tokens.html")]
@@ -87,6 +101,10 @@ pub struct TokenPage<'a> {
     pub deliveries: Vec<DeliveryRow>,
     /// Servers whose tokens are withheld because they are shared.
     pub withheld: Vec<String>,
+    /// Narrower tokens held.
+    pub narrow: Vec<NarrowRow>,
+    /// `/narrow/drop`.
+    pub narrow_drop_url: String,
     /// Anti-forgery value for the revoke form.
     pub csrf: &'a str,
     /// `/refresh`.

@@ -189,3 +189,43 @@ async fn rules_go_by_hub_group_and_a_token_answers_only_its_user() {
     assert_ne!(theirs["access_token"], mine["access_token"]);
     assert_eq!(jwt_claims(theirs["access_token"].as_str().unwrap())["sub"], "narrow-colleague");
 }
+
+/// The token page lists the narrower tokens held (scope, audience, expiry;
+/// never a value) and drops them by a same-origin form with its CSRF value;
+/// the next request obtains a new one.
+#[tokio::test]
+async fn the_token_page_lists_narrower_tokens_without_values_and_drops_them() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let app = app(&hub, NarrowMechanism::Exchange, "*").await;
+    let browser = Browser::new();
+    let (code, login) = Hub::login_at(&app, idp, &browser, "narrow-page").await;
+    assert_eq!(Hub::exchange_code(&app, &code, &login).await.status(), StatusCode::OK);
+    let caller = Caller::new(&app, &hub, "narrow-page").await;
+    let (status, body) = json(caller.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let value = body["access_token"].as_str().unwrap().to_string();
+
+    let page = html(browser.get(app.url("/")).await).await;
+    assert!(page.contains("storage.read") && page.contains(STORAGE), "{page}");
+    assert!(!page.contains(&value), "a narrower token's value is in the page");
+    let held = async || app.state().vault.narrow_held("narrow-page", &idp.issuer).await.unwrap().len();
+    assert_eq!(held().await, 1);
+
+    let origin = origin_of(&app);
+    let forged = browser.http.post(app.url("/narrow/drop")).header("origin", &origin).form(&[("csrf", "guess")]);
+    assert_error_page(forged.send().await.unwrap(), StatusCode::FORBIDDEN).await;
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let elsewhere = browser.http.post(app.url("/narrow/drop")).header("origin", "http://evil.example");
+    assert_error_page(elsewhere.form(&[("csrf", csrf.as_str())]).send().await.unwrap(), StatusCode::FORBIDDEN).await;
+    assert_eq!(held().await, 1, "refused drops drop nothing");
+
+    let dropped = browser.http.post(app.url("/narrow/drop")).header("origin", &origin).form(&[("csrf", csrf.as_str())]);
+    let dropped = dropped.send().await.unwrap();
+    assert_eq!(dropped.status(), StatusCode::SEE_OTHER);
+    assert_eq!(held().await, 0);
+    assert!(html(browser.get(app.url("/")).await).await.contains("No narrower token is held"));
+    let (status, again) = json(caller.get(&storage_query("storage.read")).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(again["access_token"].as_str(), Some(value.as_str()), "obtained anew");
+}
