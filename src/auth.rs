@@ -101,25 +101,13 @@ impl Caller {
 /// the cache of refused tokens). Every refusal counts as a failure of the
 /// client and is audited with its reason.
 pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let client = crate::audit::client();
-    let Some(token) = presented_token(headers) else {
-        app.limiter.check(client.as_deref())?;
-        app.limiter.failed(client.as_deref());
-        app.audit.record("refused", None, None, Some("no token"));
-        return Err(ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"));
-    };
-    let token_digest = digest_hex(token);
-    let verdict = match app.hub.cached(&token_digest) {
-        Some(Verdict::User(identity)) => return Ok(Caller::vouched(identity, token_digest)),
-        _ => {
-            app.limiter.check(client.as_deref())?;
-            app.hub.identify(token, &token_digest).await?
-        }
-    };
+    let (verdict, token_digest) = verdict_of(app, headers).await?;
     let (error, reason) = match verdict {
         Verdict::User(identity) => return Ok(Caller::vouched(identity, token_digest)),
         Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
-        Verdict::NotAUser => (ApiError::invalid_token("this token belongs to a service, not to a user"), "token of a service"),
+        Verdict::NotAUser | Verdict::Service(_) => {
+            (ApiError::invalid_token("this token belongs to a service, not to a user"), "token of a service")
+        }
         Verdict::MissingScope(scope) => (
             ApiError::insufficient_scope(format!(
                 "this token may not call tokenhub: it needs the scope {scope} (a server's own JUPYTERHUB_API_TOKEN has it; \
@@ -128,9 +116,56 @@ pub async fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiEr
             "token lacks the access:services scope",
         ),
     };
-    app.limiter.failed(client.as_deref());
+    Err(refuse(app, error, reason))
+}
+
+/// Identifies a hub service calling the delegation endpoint, refused (and
+/// counted, and audited) like [`caller`] otherwise; a user's token is
+/// refused there whatever its scopes.
+pub async fn service_caller(app: &AppState, headers: &HeaderMap) -> Result<crate::hub::ServiceIdentity, ApiError> {
+    let (verdict, _) = verdict_of(app, headers).await?;
+    let (error, reason) = match verdict {
+        Verdict::Service(service) => return Ok(service),
+        Verdict::Unknown => (ApiError::invalid_token("the hub does not know this token"), "unknown token"),
+        Verdict::NotAUser => (ApiError::invalid_token("this token belongs to neither a service nor a user"), "unknown kind"),
+        Verdict::User(_) | Verdict::MissingScope(_) => (
+            ApiError::access_denied(
+                "only a hub service's token may fetch another user's tokens; a user's own are at /api/v1/tokens",
+            ),
+            "a user's token at the delegation endpoint",
+        ),
+    };
+    Err(refuse(app, error, reason))
+}
+
+/// What the hub says about the request's token, and the token's digest. A
+/// token the hub vouched for in the last minute passes without the limiter;
+/// anything else meets the limiter first, then the hub (or the cache of
+/// refused tokens).
+async fn verdict_of(app: &AppState, headers: &HeaderMap) -> Result<(Verdict, String), ApiError> {
+    let client = crate::audit::client();
+    let Some(token) = presented_token(headers) else {
+        app.limiter.check(client.as_deref())?;
+        return Err(refuse(
+            app,
+            ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"),
+            "no token",
+        ));
+    };
+    let token_digest = digest_hex(token);
+    if let Some(verdict @ Verdict::User(_)) = app.hub.cached(&token_digest) {
+        return Ok((verdict, token_digest));
+    }
+    app.limiter.check(client.as_deref())?;
+    let verdict = app.hub.identify(token, &token_digest).await?;
+    Ok((verdict, token_digest))
+}
+
+/// Counts a refusal against the client and audits it with its reason.
+fn refuse(app: &AppState, error: ApiError, reason: &str) -> ApiError {
+    app.limiter.failed(crate::audit::client().as_deref());
     app.audit.record("refused", None, None, Some(reason));
-    Err(error)
+    error
 }
 
 /// Property tests of credential parsing.

@@ -144,6 +144,16 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_TOKEN_RULES", help_heading = "Narrower tokens")]
     pub token_rules: Option<String>,
 
+    /// Hub services that may fetch a named user's narrower tokens
+    /// (`GET /api/v1/users/{name}/tokens?scope=…&audience=…`), each with its
+    /// cap: a JSON list of `{"service": "…", "scopes": ["…"], "audiences": ["…"]}`.
+    /// The service's hub token must also hold the custom scope
+    /// `custom:<TOKENHUB_SERVICE_NAME>:delegate` (the hub's `!user=` and
+    /// `!group=` filters say for whom), and the user's rules apply too.
+    /// Default: no service may.
+    #[arg(long, env = "TOKENHUB_DELEGATION", help_heading = "Narrower tokens")]
+    pub delegation: Option<String>,
+
     /// Client id of the one registered client, JupyterHub.
     #[arg(long, env = "TOKENHUB_HUB_CLIENT_ID", help_heading = "JupyterHub as OAuth client")]
     pub hub_client_id: Option<String>,
@@ -350,6 +360,22 @@ pub struct NarrowConfig {
     pub audience_param: Option<AudienceParam>,
     /// The operator's rules; none: no narrower tokens.
     pub rules: Vec<TokenRule>,
+    /// Services that may fetch users' narrower tokens, with their caps.
+    pub delegation: Vec<DelegationCap>,
+}
+
+/// What one hub service may fetch for users (`TOKENHUB_DELEGATION`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationCap {
+    /// The hub service's name.
+    pub service: String,
+    /// Scopes it may ask for.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Audiences it may ask for.
+    #[serde(default)]
+    pub audiences: Vec<String>,
 }
 
 /// A setting that is missing or wrong, named by its environment variable.
@@ -625,6 +651,7 @@ impl Settings {
             narrow_mechanism,
             narrow_audience_param,
             token_rules,
+            delegation,
             hub_client_id,
             hub_client_secret,
             hub_redirect_uri,
@@ -787,6 +814,7 @@ impl Settings {
                 mechanism: self.narrow_mechanism,
                 audience_param: self.narrow_audience_param,
                 rules: parse_token_rules(self.token_rules.as_deref())?,
+                delegation: parse_json_list(self.delegation.as_deref(), "TOKENHUB_DELEGATION")?,
             },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
@@ -801,17 +829,22 @@ impl Settings {
 /// group and asks for something.
 fn parse_token_rules(text: Option<&str>) -> Result<Vec<TokenRule>, ConfigError> {
     let invalid = |reason: String| ConfigError::Invalid { name: "TOKENHUB_TOKEN_RULES", reason };
-    let text = text.unwrap_or("").trim();
-    if text.is_empty() {
-        return Ok(vec![]);
-    }
-    let rules: Vec<TokenRule> = serde_json::from_str(text).map_err(|e| invalid(format!("not a JSON list of rules: {e}")))?;
+    let rules: Vec<TokenRule> = parse_json_list(text, "TOKENHUB_TOKEN_RULES")?;
     for rule in &rules {
         if rule.groups.is_empty() || (rule.scopes.is_empty() && rule.audiences.is_empty()) {
             return Err(invalid(format!("rule {:?} needs groups, and scopes or audiences", rule.name)));
         }
     }
     Ok(rules)
+}
+
+/// A JSON list setting (empty: none).
+fn parse_json_list<T: serde::de::DeserializeOwned>(text: Option<&str>, name: &'static str) -> Result<Vec<T>, ConfigError> {
+    let text = text.unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(vec![]);
+    }
+    serde_json::from_str(text).map_err(|e| ConfigError::Invalid { name, reason: format!("not a JSON list as documented: {e}") })
 }
 
 /// `prompt=consent&access_type=offline` as pairs; the parameters tokenhub

@@ -56,6 +56,15 @@ pub struct Identity {
     pub admin: bool,
 }
 
+/// A hub service, as the hub reports its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceIdentity {
+    /// The service's name.
+    pub name: String,
+    /// The token's scopes, as the hub expands them (with their filters).
+    pub scopes: Vec<String>,
+}
+
 /// The JupyterHub custom scope that makes a token a tokenhub operator
 /// without making its user a hub admin (defined by the hub's config block).
 pub const ADMIN_SCOPE: &str = "custom:tokenhub:admin";
@@ -67,8 +76,12 @@ pub enum Verdict {
     User(Identity),
     /// The hub does not know the token.
     Unknown,
-    /// The token belongs to a service, not a user.
+    /// The token belongs to something other than a user or a service.
     NotAUser,
+    /// The token belongs to a hub service: its name and the token's scopes
+    /// (a service may fetch users' narrower tokens by delegation, never
+    /// call the user API).
+    Service(ServiceIdentity),
     /// A user's token without the scope that lets it call tokenhub (a narrow
     /// personal token, or one the hub issued to another service or to
     /// another user's server). Holds the scope it lacks.
@@ -264,8 +277,10 @@ impl HubApi {
     }
 
     fn judge(&self, user: UserModel) -> Verdict {
-        if user.kind.as_deref().is_some_and(|k| k != "user") {
-            return Verdict::NotAUser;
+        match user.kind.as_deref() {
+            Some("service") => return Verdict::Service(ServiceIdentity { name: user.name, scopes: user.scopes }),
+            Some(kind) if kind != "user" => return Verdict::NotAUser,
+            _ => {}
         }
         let allowed = user.scopes.iter().any(|s| s == "access:services" || *s == self.required_scope);
         if allowed {

@@ -64,6 +64,7 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/callback"), get(oauth::login::callback))
         .route(&at("/api/v1/tokens"), get(api::notebook::tokens))
         .route(&at("/api/v1/tokens/refresh"), post(api::notebook::force_refresh))
+        .route(&at("/api/v1/users/{name}/tokens"), get(api::delegation::user_tokens))
         .route(&at("/api/v1/hub/spawn"), post(api::spawn::spawn))
         .route(&at("/api/v1/openapi.json"), get(api::openapi::serve));
     if !base.is_empty() {

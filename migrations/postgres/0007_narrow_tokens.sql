@@ -16,3 +16,15 @@ CREATE TABLE narrow_tokens (
     obtained_at  BIGINT NOT NULL,
     PRIMARY KEY (username, issuer, request_key)
 );
+
+-- Hub services that fetched a user's narrower tokens by delegation: shown
+-- on the user's token page (each fetch is also in the audit log).
+CREATE TABLE delegations (
+    username   TEXT    NOT NULL,
+    issuer     TEXT    NOT NULL,
+    service    TEXT    NOT NULL,
+    first_at   BIGINT NOT NULL,
+    last_at    BIGINT NOT NULL,
+    fetches    BIGINT NOT NULL,
+    PRIMARY KEY (username, issuer, service)
+);

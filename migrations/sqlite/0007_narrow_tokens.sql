@@ -16,3 +16,15 @@ CREATE TABLE narrow_tokens (
     obtained_at  INTEGER NOT NULL,
     PRIMARY KEY (username, issuer, request_key)
 );
+
+-- Hub services that fetched a user's narrower tokens by delegation: shown
+-- on the user's token page (each fetch is also in the audit log).
+CREATE TABLE delegations (
+    username   TEXT    NOT NULL,
+    issuer     TEXT    NOT NULL,
+    service    TEXT    NOT NULL,
+    first_at   INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    fetches    INTEGER NOT NULL,
+    PRIMARY KEY (username, issuer, service)
+);

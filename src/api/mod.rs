@@ -1,4 +1,5 @@
-//! The JSON API: tokens for code running in a notebook ([`notebook`]), the
+//! The JSON API: tokens for code running in a notebook ([`notebook`]),
+//! narrower tokens for hub services by delegation ([`delegation`]), the
 //! hub's spawn hook ([`spawn`]) and the OpenAPI document that describes
 //! both ([`openapi`]). The admin's JSON is in [`crate::admin::api`].
 
@@ -6,6 +7,7 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+pub mod delegation;
 pub mod notebook;
 pub mod openapi;
 pub mod spawn;

@@ -181,7 +181,7 @@ mod proptests {
 }
 
 /// The API's answer when fresh tokens cannot be had.
-fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
+pub(super) fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
     let reauth = app.reauth_url.clone();
     match e {
         RefreshError::NoLineage => {
@@ -269,7 +269,7 @@ pub async fn tokens(
 }
 
 /// A narrower token as the API gives it (never a refresh token).
-fn narrow_json(app: &AppState, token: &NarrowToken) -> serde_json::Value {
+pub(super) fn narrow_json(app: &AppState, token: &NarrowToken) -> serde_json::Value {
     let now = now();
     serde_json::json!({
         "access_token": token.access_token.expose_secret(),
@@ -283,7 +283,7 @@ fn narrow_json(app: &AppState, token: &NarrowToken) -> serde_json::Value {
 }
 
 /// The API's answer when a narrower token cannot be had.
-fn narrow_error(app: &AppState, e: NarrowError) -> ApiError {
+pub(super) fn narrow_error(app: &AppState, e: NarrowError) -> ApiError {
     match e {
         NarrowError::NotAllowed(why) => ApiError::access_denied(why),
         NarrowError::WiderThanLogin(why) => ApiError::invalid_scope(why),

@@ -268,6 +268,28 @@ pub struct Ready {
 fn tokens() {}
 
 #[utoipa::path(
+    get, path = "/api/v1/users/{name}/tokens", tag = "delegation",
+    params(
+        ("name" = String, Path, description = "the hub user whose token the service fetches"),
+        ("scope" = Option<String>, Query, description = "space-separated scopes (scope or audience is required)"),
+        ("audience" = Option<String>, Query, description = "the audience or resource"),
+        ("min_valid" = Option<u32>, Query, description = "seconds the token must stay valid"),
+    ),
+    responses(
+        (status = 200, description = "the user's narrower token", body = NarrowAnswer),
+        (status = 400, description = "bad parameter, no scope or audience, or a scope the user's login does not hold (`invalid_scope`)", body = ErrorBody),
+        (status = 401, description = "no or unknown token (`invalid_token`)", body = ErrorBody),
+        (status = 403, description = "not a service's token, no `custom:tokenhub:delegate` for this user, beyond the service's cap or the user's rules (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "tokenhub holds no tokens for the user (`unknown_user`)", body = ErrorBody),
+        (status = 409, description = "the user's login is dead (`invalid_grant`): they must renew it", body = ErrorBody),
+        (status = 429, description = "too many failed attempts from this address", body = ErrorBody),
+        (status = 503, description = "the hub or the IdP is not answering", body = ErrorBody),
+    ),
+    security(("hub_token" = []))
+)]
+fn user_tokens() {}
+
+#[utoipa::path(
     post, path = "/api/v1/tokens/refresh", tag = "notebook",
     request_body(content = Option<RefreshBody>, content_type = "application/json"),
     responses(
@@ -431,7 +453,7 @@ impl Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tokenhub", description = "Upstream tokens for JupyterHub users' notebooks, and tokenhub's OAuth provider for the hub."),
-    paths(tokens, force_refresh, spawn, admin_lineages, admin_move_name, token, userinfo, userinfo_post, discovery, healthz, readyz, openapi_json),
+    paths(tokens, force_refresh, user_tokens, spawn, admin_lineages, admin_move_name, token, userinfo, userinfo_post, discovery, healthz, readyz, openapi_json),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -6,8 +6,10 @@
 //! running servers, with its book-keeping in [`deliveries`]; [`fabric`] is
 //! that file's format; [`revoke`] ends a lineage at the IdP and in the vault;
 //! [`narrow`] has narrower tokens (fewer scopes, another audience) from a
-//! lineage through the same single flight, within the operator's [`rules`].
+//! lineage through the same single flight, within the operator's [`rules`];
+//! [`delegation`] lets hub services fetch them for a user, within a cap.
 
+pub mod delegation;
 pub mod deliveries;
 pub mod delivery;
 pub mod fabric;

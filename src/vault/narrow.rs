@@ -246,3 +246,57 @@ impl Vault {
         Ok(self.store.delete_narrow_tokens(username, issuer, request_key).await?)
     }
 }
+
+/// A hub service that fetched the user's narrower tokens by delegation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationSeen {
+    /// The service's name.
+    pub service: String,
+    /// Its first fetch (unix seconds).
+    pub first_at: i64,
+    /// Its last fetch.
+    pub last_at: i64,
+    /// How many fetches.
+    pub fetches: i64,
+}
+
+impl Store {
+    /// Counts one delegated fetch of the user's tokens by `service`.
+    pub async fn record_delegation(&self, username: &str, issuer: &str, service: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO delegations (username, issuer, service, first_at, last_at, fetches) VALUES ($1, $2, $3, $4, $4, 1) \
+             ON CONFLICT (username, issuer, service) DO UPDATE SET last_at = excluded.last_at, \
+             fetches = delegations.fetches + 1",
+        )
+        .bind(username)
+        .bind(issuer)
+        .bind(service)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The services that fetched the user's tokens, most recent first.
+    pub async fn delegations(&self, username: &str, issuer: &str) -> Result<Vec<DelegationSeen>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT service, first_at, last_at, fetches FROM delegations WHERE username = $1 AND issuer = $2 \
+             ORDER BY last_at DESC, service",
+        )
+        .bind(username)
+        .bind(issuer)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DelegationSeen {
+                    service: r.try_get("service")?,
+                    first_at: r.try_get("first_at")?,
+                    last_at: r.try_get("last_at")?,
+                    fetches: r.try_get("fetches")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+}

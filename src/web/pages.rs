@@ -46,6 +46,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
     let deliveries = app.deliveries.of(&session.username).await;
     let withheld = app.deliveries.withheld(&session.username).await;
     let narrow = app.vault.narrow_held(&session.username, app.upstream.issuer()).await?;
+    let delegations = app.vault.store().delegations(&session.username, app.upstream.issuer()).await?;
     let view = TokenPage {
         username: &session.username,
         lineage: lineage.as_ref().map(|l| views::LineageView {
@@ -81,6 +82,10 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
             })
             .collect(),
         narrow_drop_url: app.url("/narrow/drop").to_string(),
+        delegations: delegations
+            .into_iter()
+            .map(|d| (d.service, d.fetches, format!("{} ({})", timestamp(d.last_at), relative(d.last_at))))
+            .collect(),
         csrf: &session.csrf,
         refresh_url: app.url("/refresh").to_string(),
         download_url: app.url("/tokens.json").to_string(),

@@ -105,6 +105,9 @@ pub struct TokenPage<'a> {
     pub narrow: Vec<NarrowRow>,
     /// `/narrow/drop`.
     pub narrow_drop_url: String,
+    /// Hub services that fetched the user's tokens by delegation:
+    /// name, fetches, last fetch (formatted).
+    pub delegations: Vec<(String, i64, String)>,
     /// Anti-forgery value for the revoke form.
     pub csrf: &'a str,
     /// `/refresh`.

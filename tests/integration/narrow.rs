@@ -43,7 +43,11 @@ async fn app(hub: &HubMock, mechanism: tokenhub::config::NarrowMechanism, groups
 }
 
 async fn signed_in(app: &TestApp, hub: &HubMock, user: &str) -> Caller {
-    let (code, login) = Hub::login_at(app, Idp::shared(), &Browser::new(), user).await;
+    signed_in_with(app, hub, user, &Browser::new()).await
+}
+
+async fn signed_in_with(app: &TestApp, hub: &HubMock, user: &str, browser: &Browser) -> Caller {
+    let (code, login) = Hub::login_at(app, Idp::shared(), browser, user).await;
     assert_eq!(Hub::exchange_code(app, &code, &login).await.status(), StatusCode::OK);
     Caller::new(app, hub, user).await
 }
@@ -228,4 +232,80 @@ async fn the_token_page_lists_narrower_tokens_without_values_and_drops_them() {
     let (status, again) = json(caller.get(&storage_query("storage.read")).await).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(again["access_token"].as_str(), Some(value.as_str()), "obtained anew");
+}
+
+/// Delegation: a hub service whose token holds `custom:tokenhub:delegate`
+/// (here for the group physics) fetches a member's narrower token within
+/// its cap; beyond the cap, for a non-member, without the scope, as a user,
+/// or for a service without a cap: 403. Each user's token is their own.
+#[tokio::test]
+async fn a_hub_service_fetches_a_users_token_by_delegation_within_its_cap() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let rules = rules("*");
+    let caps = serde_json::json!([
+        {"service": "dask-gateway", "scopes": ["storage.read"], "audiences": [STORAGE]},
+    ])
+    .to_string();
+    let app = TestApp::builder(&idp.issuer)
+        .hub(&hub)
+        .settings(|s| {
+            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
+            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
+            s.narrow_mechanism = Some(NarrowMechanism::Exchange);
+            s.token_rules = Some(rules);
+            s.delegation = Some(caps);
+        })
+        .spawn()
+        .await;
+    hub.member_of("deleg-alice", &["physics"]).await;
+    hub.member_of("deleg-carol", &["physics"]).await;
+    hub.member_of("deleg-bob", &["chemistry"]).await;
+    hub.member_of("deleg-nobody", &["physics"]).await;
+    let alices_browser = Browser::new();
+    let alice = signed_in_with(&app, &hub, "deleg-alice", &alices_browser).await;
+    signed_in(&app, &hub, "deleg-carol").await;
+    signed_in(&app, &hub, "deleg-bob").await;
+    let gateway = hub.token_with("dask-gateway", "service", &["custom:tokenhub:delegate!group=physics"]).await;
+    let plain = hub.token_with("dask-gateway", "service", &["read:users"]).await;
+    let cron = hub.token_with("cron", "service", &["custom:tokenhub:delegate"]).await;
+    let fetch = async |token: &str, user: &str, query: &str| {
+        let url = format!("{}{query}", app.url(&format!("/api/v1/users/{user}/tokens")));
+        json(reqwest::Client::new().get(url).header("authorization", format!("token {token}")).send().await.unwrap()).await
+    };
+
+    let (status, body) = fetch(&gateway, "deleg-alice", &storage_query("storage.read")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claims = jwt_claims(body["access_token"].as_str().unwrap());
+    assert_eq!((claims["sub"].as_str(), claims["aud"].as_str()), (Some("deleg-alice"), Some(STORAGE)));
+    assert!(body.get("refresh_token").is_none());
+    // Alice's own request for the same is answered from what the service caused.
+    let (_, own) = json(alice.get(&storage_query("storage.read")).await).await;
+    assert_eq!(own["access_token"], body["access_token"]);
+    // Another member: their own token, whatever is held for alice.
+    let (status, carol) = fetch(&gateway, "deleg-carol", &storage_query("storage.read")).await;
+    assert_eq!(status, StatusCode::OK, "{carol}");
+    assert_eq!(jwt_claims(carol["access_token"].as_str().unwrap())["sub"], "deleg-carol");
+
+    for (token, user, query, status, says) in [
+        (&gateway, "deleg-bob", storage_query("storage.read"), StatusCode::FORBIDDEN, "does not hold custom:tokenhub:delegate"),
+        (&gateway, "deleg-alice", storage_query("storage.modify"), StatusCode::FORBIDDEN, "beyond the cap"),
+        (&plain, "deleg-alice", storage_query("storage.read"), StatusCode::FORBIDDEN, "does not hold"),
+        (&cron, "deleg-alice", storage_query("storage.read"), StatusCode::FORBIDDEN, "no delegation"),
+        (&alice.token, "deleg-alice", storage_query("storage.read"), StatusCode::FORBIDDEN, "only a hub service"),
+        (&gateway, "deleg-alice", String::new(), StatusCode::BAD_REQUEST, "scope or an audience"),
+        (&gateway, "deleg-nobody", storage_query("storage.read"), StatusCode::NOT_FOUND, "holds no tokens"),
+        (&"not-a-token".to_string(), "deleg-alice", storage_query("storage.read"), StatusCode::UNAUTHORIZED, "does not know"),
+    ] {
+        let (got, body) = fetch(token, user, &query).await;
+        assert_eq!(got, status, "{user} {query}: {body}");
+        assert!(body["error_description"].as_str().unwrap().contains(says), "{user} {query}: {body}");
+        assert!(body.get("access_token").is_none());
+    }
+
+    let seen = app.state().vault.store().delegations("deleg-alice", &idp.issuer).await.unwrap();
+    assert_eq!(seen.iter().map(|d| (d.service.as_str(), d.fetches)).collect::<Vec<_>>(), [("dask-gateway", 1)]);
+    assert!(app.state().vault.store().delegations("deleg-bob", &idp.issuer).await.unwrap().is_empty());
+    let page = html(alices_browser.get(app.url("/")).await).await;
+    assert!(page.contains("dask-gateway: 1 time(s)"), "the token page names the service: {page}");
 }

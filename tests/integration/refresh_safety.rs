@@ -20,7 +20,7 @@ use crate::support::*;
 /// A notebook's calls to tokenhub with its server token.
 pub struct Caller {
     url: String,
-    token: String,
+    pub token: String,
 }
 
 impl Caller {

@@ -219,10 +219,18 @@ _th_role["services"] = sorted({*_th_role.get("services", []), _th_name})
 # Users hold the scope that lets their tokens reach tokenhub…
 _th_add_scopes(_th_named("load_roles", "user"), [_th_scope])
 # tokenhub's operator API (/api/v1/admin/lineages) takes hub admins and tokens
-# with this custom scope; grant it, with the scope above, in a role of yours.
+# with the first custom scope; grant it, with the scope above, in a role of
+# yours. The second lets a hub service's token fetch users' narrower tokens
+# (delegation, within TOKENHUB_DELEGATION's cap); the hub's filters say for
+# whom: custom:tokenhub:delegate!group=physics in the service's role.
 # (A lazy update: merged with custom scopes defined anywhere else.)
 c.JupyterHub.custom_scopes.update(
-    {f"custom:{_th_name}:admin": {"description": "See and revoke every user's tokens in tokenhub's operator view."}}
+    {
+        f"custom:{_th_name}:admin": {"description": "See and revoke every user's tokens in tokenhub's operator view."},
+        f"custom:{_th_name}:delegate": {
+            "description": "Fetch users' narrower tokens from tokenhub for them (within the operator's cap)."
+        },
+    }
 )
 
 
