@@ -154,6 +154,30 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_DELEGATION", help_heading = "Narrower tokens")]
     pub delegation: Option<String>,
 
+    /// Files kept fresh in every server besides the token file, each with
+    /// a narrower token: a JSON list of
+    /// `{"path": "…", "scope": "…", "audience": "…", "format": "bare" | "json" | "template", "template": "…", "env": "…"}`.
+    /// `path` is relative to the server's root (`{server}` in it is the
+    /// server's name, `default` for the default server); a template names
+    /// `{access_token}`, `{issuer}`, `{scope}`, `{audience}`, `{expires_at}`
+    /// (EOS: `oauth2:{access_token}:{issuer}/userinfo`); `env` is set in the
+    /// server's environment to the file's absolute path. The user's rules
+    /// apply. Default: none.
+    #[arg(long, env = "TOKENHUB_TOKEN_FILES", help_heading = "Narrower tokens")]
+    pub token_files: Option<String>,
+
+    /// WLCG Bearer Token Discovery: a token for this audience in a file of
+    /// each server (`.tokenhub/bt_{server}`), kept fresh, whose absolute
+    /// path the server gets as `BEARER_TOKEN_FILE` (read by XRootD, Rucio,
+    /// HTCondor, PelicanFS, DIRAC and scitokens). `BEARER_TOKEN` is never set.
+    #[arg(long, env = "TOKENHUB_BEARER_TOKEN_AUDIENCE", help_heading = "Narrower tokens")]
+    pub bearer_token_audience: Option<String>,
+
+    /// The scopes of that token, space-separated (default: the IdP's
+    /// default for the audience).
+    #[arg(long, env = "TOKENHUB_BEARER_TOKEN_SCOPE", help_heading = "Narrower tokens")]
+    pub bearer_token_scope: Option<String>,
+
     /// Client id of the one registered client, JupyterHub.
     #[arg(long, env = "TOKENHUB_HUB_CLIENT_ID", help_heading = "JupyterHub as OAuth client")]
     pub hub_client_id: Option<String>,
@@ -362,6 +386,107 @@ pub struct NarrowConfig {
     pub rules: Vec<TokenRule>,
     /// Services that may fetch users' narrower tokens, with their caps.
     pub delegation: Vec<DelegationCap>,
+    /// Files kept fresh in every server (the bearer-token file among them).
+    pub files: Vec<TokenFileSpec>,
+}
+
+/// How a token file is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFormat {
+    /// The access token alone (at most 4 KiB, as XRootD reads it).
+    Bare,
+    /// A JSON document: access_token, token_type, expires_at, scope, audience, issuer.
+    Json,
+    /// A text with `{access_token}`, `{issuer}`, `{scope}`, `{audience}`, `{expires_at}`.
+    Template(String),
+}
+
+/// One file kept fresh in every server (`TOKENHUB_TOKEN_FILES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFileSpec {
+    /// Path relative to the server's root; `{server}` is the server's name.
+    pub path: String,
+    /// Scopes of its token, sorted.
+    pub scopes: Vec<String>,
+    /// Audience of its token.
+    pub audience: Option<String>,
+    /// How it is written.
+    pub format: FileFormat,
+    /// The environment variable that names its absolute path in the server.
+    pub env: Option<String>,
+}
+
+/// A `TOKENHUB_TOKEN_FILES` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFileSetting {
+    path: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    env: Option<String>,
+}
+
+/// The files of `TOKENHUB_TOKEN_FILES`, and the bearer-token file, checked.
+fn parse_token_files(
+    text: Option<&str>,
+    bearer_audience: Option<&str>,
+    bearer_scope: Option<&str>,
+) -> Result<Vec<TokenFileSpec>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { name: "TOKENHUB_TOKEN_FILES", reason };
+    let scopes_of = |scope: Option<&str>| {
+        let mut scopes: Vec<String> = scope.unwrap_or("").split_whitespace().map(str::to_string).collect();
+        scopes.sort();
+        scopes.dedup();
+        scopes
+    };
+    let mut files = Vec::new();
+    for entry in parse_json_list::<TokenFileSetting>(text, "TOKENHUB_TOKEN_FILES")? {
+        let path = entry.path.trim().to_string();
+        let parts: Vec<&str> = path.split('/').collect();
+        if path.is_empty() || path.starts_with('/') || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+            return Err(invalid(format!("{path:?}: a path relative to the server's root, without . or .. parts")));
+        }
+        let audience = entry.audience.map(|a| a.trim().to_string()).filter(|a| !a.is_empty());
+        let scopes = scopes_of(entry.scope.as_deref());
+        if scopes.is_empty() && audience.is_none() {
+            return Err(invalid(format!("{path:?}: give a scope or an audience")));
+        }
+        let format = match (entry.format.as_deref().unwrap_or("bare"), entry.template) {
+            ("bare", None) => FileFormat::Bare,
+            ("json", None) => FileFormat::Json,
+            ("template", Some(t)) if t.contains("{access_token}") => FileFormat::Template(t),
+            ("template", _) => return Err(invalid(format!("{path:?}: a template names {{access_token}}"))),
+            (other, _) => return Err(invalid(format!("{path:?}: format {other:?} (bare, json, or template with a template)"))),
+        };
+        if let Some(env) = &entry.env
+            && (env.is_empty() || env == "BEARER_TOKEN" || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(invalid(format!("{path:?}: env {env:?} is not a variable name tokenhub may set")));
+        }
+        files.push(TokenFileSpec { path, scopes, audience, format, env: entry.env });
+    }
+    if let Some(audience) = bearer_audience.map(str::trim).filter(|a| !a.is_empty()) {
+        files.push(TokenFileSpec {
+            path: ".tokenhub/bt_{server}".into(),
+            scopes: scopes_of(bearer_scope),
+            audience: Some(audience.to_string()),
+            format: FileFormat::Bare,
+            env: Some("BEARER_TOKEN_FILE".into()),
+        });
+    }
+    let mut paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort();
+    if let Some(twice) = paths.windows(2).find(|w| w[0] == w[1]) {
+        return Err(invalid(format!("{:?} is named twice", twice[0])));
+    }
+    Ok(files)
 }
 
 /// What one hub service may fetch for users (`TOKENHUB_DELEGATION`).
@@ -652,6 +777,9 @@ impl Settings {
             narrow_audience_param,
             token_rules,
             delegation,
+            token_files,
+            bearer_token_audience,
+            bearer_token_scope,
             hub_client_id,
             hub_client_secret,
             hub_redirect_uri,
@@ -815,6 +943,11 @@ impl Settings {
                 audience_param: self.narrow_audience_param,
                 rules: parse_token_rules(self.token_rules.as_deref())?,
                 delegation: parse_json_list(self.delegation.as_deref(), "TOKENHUB_DELEGATION")?,
+                files: parse_token_files(
+                    self.token_files.as_deref(),
+                    self.bearer_token_audience.as_deref(),
+                    self.bearer_token_scope.as_deref(),
+                )?,
             },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),

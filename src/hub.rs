@@ -438,15 +438,45 @@ impl HubApi {
     /// hub API token (`credential`): never tokenhub's, which would reach
     /// every server, and the server's owner sees all that reaches it.
     pub async fn write_token_file(&self, server: &ServerInfo, content: &str, credential: &SecretString) -> Result<(), HubError> {
-        let path = format!("{}api/contents/{}", ensure_slash(&server.url), self.token_file.trim_start_matches('/'));
-        let url = join(&self.proxy_url, &path);
         let body = json!({ "type": "file", "format": "text", "content": content });
+        self.put_contents(server, &self.token_file, &body, credential).await
+    }
+
+    /// Writes `content` whole as the file at `path` (relative to the
+    /// server's root) of a running server, as [`HubApi::write_token_file`] does.
+    pub async fn write_file(
+        &self,
+        server: &ServerInfo,
+        path: &str,
+        content: &str,
+        credential: &SecretString,
+    ) -> Result<(), HubError> {
+        let body = json!({ "type": "file", "format": "text", "content": content });
+        self.put_contents(server, path, &body, credential).await
+    }
+
+    /// Makes the directory `path` of a running server (one that is there is kept).
+    pub async fn make_directory(&self, server: &ServerInfo, path: &str, credential: &SecretString) -> Result<(), HubError> {
+        self.put_contents(server, path, &json!({ "type": "directory" }), credential).await
+    }
+
+    /// One `PUT` to the server's Contents API with the server's own token.
+    async fn put_contents(
+        &self,
+        server: &ServerInfo,
+        path: &str,
+        body: &serde_json::Value,
+        credential: &SecretString,
+    ) -> Result<(), HubError> {
+        let segments: Vec<String> = path.trim_start_matches('/').split('/').map(path_segment).collect();
+        let path = format!("{}api/contents/{}", ensure_slash(&server.url), segments.join("/"));
+        let url = join(&self.proxy_url, &path);
         let _timer = self.timings.start(HubCall::WriteTokenFile);
         let response = self
             .http
             .put(url)
             .header("authorization", format!("token {}", credential.expose_secret()))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .map_err(unreachable)?;

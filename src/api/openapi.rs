@@ -170,12 +170,23 @@ pub struct SpawnResponse {
     pub env: BTreeMap<String, String>,
     /// The token file's path inside the server.
     pub token_file: String,
+    /// The narrower-token files tokenhub keeps in the server.
+    pub files: Vec<SpawnFile>,
     /// Lineage version.
     pub version: i64,
     /// False once the upstream grant is dead.
     pub active: bool,
     /// True for a shared server: it gets no tokens.
     pub withheld: bool,
+}
+
+/// A narrower-token file of a spawning server.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SpawnFile {
+    /// Its path relative to the server's root.
+    pub path: String,
+    /// The environment variable that gets its absolute path, if any.
+    pub env: Option<String>,
 }
 
 /// Form of `POST /oauth2/token` (RFC 6749).

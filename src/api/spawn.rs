@@ -67,9 +67,20 @@ pub async fn spawn(
         env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
     }
     env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
+    // The narrower-token files the server will get: the hook makes them
+    // private where it can and names those with `env` in the environment.
+    let files: Vec<serde_json::Value> = app
+        .config
+        .narrow
+        .files
+        .iter()
+        .filter(|_| !withheld)
+        .map(|spec| json!({ "path": crate::tokens::files::path_in(spec, &request.server), "env": spec.env }))
+        .collect();
     Ok(no_store(json!({
         "env": env,
         "token_file": app.hub.token_file(),
+        "files": files,
         "version": lineage.version,
         "active": lineage.active,
         "withheld": withheld,

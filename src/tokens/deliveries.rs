@@ -32,6 +32,11 @@ pub struct FileState {
     pub version: Option<i64>,
     /// Whether the file holds the note of a shared server instead.
     pub withheld: bool,
+    /// The narrower-token files written ([`super::files`]): the digest of
+    /// the token each holds, by path.
+    pub narrow: std::collections::HashMap<String, String>,
+    /// Directories made in the server for those files.
+    pub directories: HashSet<String>,
 }
 
 /// A server's file lock (see [`FileState`]).

@@ -66,7 +66,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     let digest = digest_hex(credential.expose_secret());
     if file.credential != digest {
         // A new start of the server: its file is new.
-        *file = FileState { credential: digest, version: None, withheld: false };
+        *file = FileState { credential: digest, ..FileState::default() };
     }
     // A shared server gets a note instead of the tokens (once), and the
     // tokens again once it is no longer shared.
@@ -93,7 +93,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
             }
         };
         if file.version.is_some_and(|written| written >= lineage.version) {
-            return Ok(file.version);
+            break;
         }
         let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
         put(app, server, &document, &credential).await?;
@@ -104,6 +104,8 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
         let detail = format!("token file written into server {:?} with that server's own hub token {token_id}", server.name);
         app.audit.record("token_file", Some(username), Some(lineage.version), Some(&detail));
     }
+    super::files::write_files(app, username, server, &credential, &token_id, &mut file).await;
+    Ok(file.version)
 }
 
 /// Rewrites the token file in every ready server of the user; returns the

@@ -283,7 +283,8 @@ impl Runner {
         }
         let (now, grace) = (now(), self.app.config.keepalive.grace);
         self.last_seen.retain(|_, seen| now - *seen <= grace);
-        Ok(())
+        // The narrower-token files of running servers, renewed before they expire.
+        crate::tokens::files::renew_all(&self.app).await.map_err(|e| Pause::Vault(e.to_string()))
     }
 
     /// Whether the user runs a server (or did within the grace period).

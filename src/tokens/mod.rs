@@ -7,12 +7,14 @@
 //! that file's format; [`revoke`] ends a lineage at the IdP and in the vault;
 //! [`narrow`] has narrower tokens (fewer scopes, another audience) from a
 //! lineage through the same single flight, within the operator's [`rules`];
-//! [`delegation`] lets hub services fetch them for a user, within a cap.
+//! [`delegation`] lets hub services fetch them for a user, within a cap;
+//! [`files`] keeps files of them fresh in running servers.
 
 pub mod delegation;
 pub mod deliveries;
 pub mod delivery;
 pub mod fabric;
+pub mod files;
 pub mod keepalive;
 pub mod narrow;
 pub mod refresh;

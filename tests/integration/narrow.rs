@@ -5,6 +5,7 @@
 //! lineage unharmed, and the operator's rules.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use reqwest::StatusCode;
@@ -308,4 +309,92 @@ async fn a_hub_service_fetches_a_users_token_by_delegation_within_its_cap() {
     assert!(app.state().vault.store().delegations("deleg-bob", &idp.issuer).await.unwrap().is_empty());
     let page = html(alices_browser.get(app.url("/")).await).await;
     assert!(page.contains("dask-gateway: 1 time(s)"), "the token page names the service: {page}");
+}
+
+/// Files kept fresh: at spawn the server is told the bearer-token file's
+/// path (`BEARER_TOKEN_FILE`); tokenhub writes it (a bare token for the
+/// second audience) and an EOS-style template file with the same token
+/// through the server's Contents API with the server's own token, and
+/// writes both again with a new token once the held one nears its expiry
+/// (keep-alive's round).
+#[tokio::test]
+async fn token_files_are_written_and_renewed_before_they_expire() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let rules = rules("*");
+    let files = serde_json::json!([{
+        "path": ".tokenhub/eos_{server}", "scope": "storage.read", "audience": STORAGE,
+        "format": "template", "template": "oauth2:{access_token}:{issuer}/userinfo",
+    }])
+    .to_string();
+    let app = TestApp::builder(&idp.issuer)
+        .hub(&hub)
+        .settings(|s| {
+            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
+            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
+            s.narrow_mechanism = Some(NarrowMechanism::Exchange);
+            s.token_rules = Some(rules);
+            s.token_files = Some(files);
+            s.bearer_token_audience = Some(STORAGE.into());
+            s.bearer_token_scope = Some("storage.read".into());
+            // The mock hub is the proxy too: servers' Contents API behind it.
+            s.hub_url = Some(url::Url::parse(&hub.server.uri()).unwrap());
+        })
+        .spawn()
+        .await;
+    let user = "narrow-files";
+    signed_in(&app, &hub, user).await;
+    let server_token = hub.running(&app, user).await;
+    hub.takes_files(user, &server_token).await;
+
+    // The spawn hook is told which files come, and which variable names one.
+    let spawn = reqwest::Client::new()
+        .post(app.url("/api/v1/hub/spawn"))
+        .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+        .json(&serde_json::json!({"user": user, "server": "", "server_token": server_token}))
+        .send()
+        .await
+        .unwrap();
+    let (_, spawn) = json(spawn).await;
+    assert_eq!(
+        spawn["files"],
+        serde_json::json!([
+            {"path": ".tokenhub/eos_default", "env": null},
+            {"path": ".tokenhub/bt_default", "env": "BEARER_TOKEN_FILE"},
+        ]),
+        "{spawn}"
+    );
+    assert!(spawn["env"].get("BEARER_TOKEN").is_none());
+
+    let bearer = async || hub.written(user, ".tokenhub/bt_default").await.into_iter().flatten().collect::<Vec<_>>();
+    let eos = async || hub.written(user, ".tokenhub/eos_default").await.into_iter().flatten().collect::<Vec<_>>();
+    tokenhub::tokens::keepalive::round_once(app.state()).await.unwrap();
+    wait_until(Duration::from_secs(10), "the files are written", async || !bearer().await.is_empty() && !eos().await.is_empty())
+        .await;
+    assert!(hub.written(user, ".tokenhub").await.contains(&None), "the folder is made first");
+    let first = bearer().await.last().unwrap().clone();
+    assert!(first.ends_with('\n') && !first.trim().contains('\n'), "a bare token, whole");
+    let token = first.trim().to_string();
+    let claims = jwt_claims(&token);
+    assert_eq!(
+        (claims["aud"].as_str(), claims["scope"].as_str(), claims["sub"].as_str()),
+        (Some(STORAGE), Some("storage.read"), Some(user))
+    );
+    assert_eq!(eos().await.last().unwrap(), &format!("oauth2:{token}:{}/userinfo", idp.issuer));
+
+    // A round with nothing near its expiry writes nothing again.
+    let writes = bearer().await.len();
+    tokenhub::tokens::keepalive::round_once(app.state()).await.unwrap();
+    assert_eq!(bearer().await.len(), writes);
+
+    // The held token nears its expiry: the next round writes a new one.
+    app.sql(&format!(
+        "UPDATE narrow_tokens SET expires_at = strftime('%s','now') + 30, obtained_at = strftime('%s','now') - 3570 WHERE username = '{user}'"
+    ))
+    .await;
+    tokenhub::tokens::keepalive::round_once(app.state()).await.unwrap();
+    wait_until(Duration::from_secs(10), "the files are renewed", async || bearer().await.last() != Some(&first)).await;
+    let renewed = bearer().await.last().unwrap().trim().to_string();
+    assert_ne!(renewed, token);
+    assert_eq!(eos().await.last().unwrap(), &format!("oauth2:{renewed}:{}/userinfo", idp.issuer));
 }

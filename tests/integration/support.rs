@@ -429,6 +429,34 @@ impl HubMock {
         server_token
     }
 
+    /// Lets `user`'s server take any file or directory through its Contents
+    /// API with its own hub token (the narrower-token files).
+    pub async fn takes_files(&self, user: &str, server_token: &str) {
+        use wiremock::matchers::{header, method, path_regex};
+        let segment = regex_escape(&tokenhub::hub::path_segment(user));
+        wiremock::Mock::given(method("PUT"))
+            .and(path_regex(format!("^/user/{segment}/api/contents/.+")))
+            .and(header("authorization", format!("token {server_token}").as_str()))
+            .respond_with(wiremock::ResponseTemplate::new(201))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// The contents written to `path` of `user`'s server so far, oldest
+    /// first (`None` for a directory made there).
+    pub async fn written(&self, user: &str, path: &str) -> Vec<Option<String>> {
+        let wanted = format!("/user/{}/api/contents/{path}", tokenhub::hub::path_segment(user));
+        let requests = self.server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter(|r| r.method.as_str() == "PUT" && r.url.path() == wanted)
+            .map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                body["content"].as_str().map(str::to_string)
+            })
+            .collect()
+    }
+
     /// The token files written into `user`'s server so far, oldest first.
     pub async fn token_files(&self, user: &str) -> Vec<Value> {
         let wanted = format!("/user/{}/api/contents/.tokens.json", tokenhub::hub::path_segment(user));
@@ -442,6 +470,11 @@ impl HubMock {
             })
             .collect()
     }
+}
+
+/// `text` with the characters a regular expression gives meaning escaped.
+fn regex_escape(text: &str) -> String {
+    text.chars().flat_map(|c| if "\\.+*?()|[]{}^$".contains(c) { vec!['\\', c] } else { vec![c] }).collect()
 }
 
 /// Makes a lineage look `seconds` older (issued and expiring earlier).
