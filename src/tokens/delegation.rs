@@ -69,7 +69,7 @@ pub async fn token(
         return Err(refused(format!("the token of the service {:?} does not hold {scope} for {user:?}", service.name)));
     }
     within_cap(&app.config.narrow.delegation, &service.name, request).map_err(refused)?;
-    let token = narrow::token(app, user, request, min_valid).await?;
+    let token = narrow::token(app, user, request, narrow::Freshness::MinValid(min_valid)).await?;
     let issuer = app.upstream.issuer();
     if let Err(e) = app.vault.store().record_delegation(user, issuer, &service.name, now()).await {
         tracing::warn!(user = %user, service = %service.name, error = %e, "a delegated fetch was not counted");

@@ -6,7 +6,8 @@
 //! whole through the server's Contents API with the server's own hub token,
 //! on the token file's path ([`super::delivery`]). A file is rewritten when
 //! its token changes; keep-alive asks for tokens with [`FILE_MIN_VALID`]
-//! seconds left, so a file is renewed before its token expires.
+//! seconds (or half their lifetime) left, so a file is renewed before its
+//! token expires.
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -18,8 +19,8 @@ use crate::tokens::narrow::{self, NarrowRequest};
 use crate::vault::crypto::digest_hex;
 use crate::vault::narrow::NarrowToken;
 
-/// Seconds a file's token must have left when keep-alive looks (at most
-/// 90% of its lifetime): a file is rewritten this long before it expires.
+/// Seconds a file's token must have left when keep-alive looks (or half
+/// its lifetime, if less): a file is rewritten before it expires.
 pub const FILE_MIN_VALID: i64 = 600;
 /// The largest bare token file: XRootD refuses larger ones.
 pub const MAX_BARE_BYTES: usize = 4096;
@@ -71,7 +72,7 @@ pub(super) async fn write_files(
     for spec in &app.config.narrow.files {
         let path = path_in(spec, &server.name);
         let request = NarrowRequest { scopes: spec.scopes.clone(), audience: spec.audience.clone() };
-        let token = match narrow::token(app, username, &request, Some(FILE_MIN_VALID)).await {
+        let token = match narrow::token(app, username, &request, narrow::Freshness::Renew(FILE_MIN_VALID)).await {
             Ok(token) => token,
             Err(e) => {
                 tracing::warn!(user = %username, server = %server.name, path = %path, error = %e, "token file not written: no token for it");

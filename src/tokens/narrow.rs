@@ -113,13 +113,26 @@ fn lineage_scopes<'a>(app: &'a AppState, lineage: &'a Lineage) -> impl Iterator<
     lineage.tokens.scope.split_whitespace().chain(app.config.upstream.scopes.iter().map(String::as_str))
 }
 
-/// Whether a held token serves a caller wanting `min_valid` more seconds
-/// (at most 90% of its lifetime, so a caller asking for more does not
-/// cause a grant on every call).
-fn serves(token: &NarrowToken, min_valid: Option<i64>) -> bool {
+/// How much life a narrower token must have left to be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// At least this many seconds (none: unexpired), capped at 90% of the
+    /// token's lifetime so a caller asking for more does not cause a grant
+    /// on every call: the API's `min_valid`.
+    MinValid(Option<i64>),
+    /// At least this many seconds or half its lifetime, whichever is less:
+    /// a file is renewed by its half-life at the latest.
+    Renew(i64),
+}
+
+/// Whether a held token is fresh enough.
+fn serves(token: &NarrowToken, freshness: Freshness) -> bool {
     let Some(expires_at) = token.expires_at else { return true };
     let lifetime = (expires_at - token.obtained_at).max(1);
-    let wanted = min_valid.unwrap_or(0).min(lifetime - (lifetime / 10).max(1));
+    let wanted = match freshness {
+        Freshness::MinValid(min_valid) => min_valid.unwrap_or(0).min(lifetime - (lifetime / 10).max(1)),
+        Freshness::Renew(seconds) => seconds.min(lifetime / 2),
+    };
     expires_at - now() > wanted
 }
 
@@ -129,7 +142,7 @@ pub async fn token(
     app: &AppState,
     username: &str,
     request: &NarrowRequest,
-    min_valid: Option<i64>,
+    freshness: Freshness,
 ) -> Result<NarrowToken, NarrowError> {
     let groups = app.hub.groups(username).await?;
     super::rules::check(&app.config.narrow.rules, &groups, &request.scopes, request.audience.as_deref())
@@ -144,7 +157,7 @@ pub async fn token(
     }
     let key = request.key();
     if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
-        && serves(&held, min_valid)
+        && serves(&held, freshness)
     {
         return Ok(held);
     }
@@ -153,8 +166,8 @@ pub async fn token(
     let (app, user, request) = (app.clone(), username.to_string(), request.clone());
     tokio::spawn(async move {
         match mechanism(&app).await? {
-            NarrowMechanism::Refresh => by_refresh(&app, &user, &request, min_valid).await,
-            NarrowMechanism::Exchange => by_exchange(&app, &user, &request, min_valid).await,
+            NarrowMechanism::Refresh => by_refresh(&app, &user, &request, freshness).await,
+            NarrowMechanism::Exchange => by_exchange(&app, &user, &request, freshness).await,
         }
     })
     .await
@@ -181,7 +194,7 @@ async fn by_refresh(
     app: &AppState,
     username: &str,
     request: &NarrowRequest,
-    min_valid: Option<i64>,
+    freshness: Freshness,
 ) -> Result<NarrowToken, NarrowError> {
     let refresher = &app.refresher;
     let issuer = app.upstream.issuer();
@@ -196,7 +209,7 @@ async fn by_refresh(
         }
         // Whoever held the lock before us may have obtained it.
         if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
-            && serves(&held, min_valid)
+            && serves(&held, freshness)
         {
             return Ok(held);
         }
@@ -233,7 +246,7 @@ async fn by_exchange(
     app: &AppState,
     username: &str,
     request: &NarrowRequest,
-    min_valid: Option<i64>,
+    freshness: Freshness,
 ) -> Result<NarrowToken, NarrowError> {
     let issuer = app.upstream.issuer();
     let key = request.key();
@@ -243,7 +256,7 @@ async fn by_exchange(
     let fresh = app.refresher.fresh(app, username, Want { min_valid: Some(60), force: false }).await?;
     let lineage: Arc<Lineage> = fresh.lineage;
     if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
-        && serves(&held, min_valid)
+        && serves(&held, freshness)
     {
         return Ok(held);
     }
