@@ -258,7 +258,9 @@ pub async fn tokens(
     sharing::refuse_shared_server(&app, &caller).await?;
     let username = caller.username;
     if let Some(request) = narrow {
-        let token = narrow::token(&app, &username, &request, narrow::Freshness::MinValid(min_valid)).await.map_err(|e| narrow_error(&app, e))?;
+        let token = narrow::token(&app, &username, &request, narrow::Freshness::MinValid(min_valid))
+            .await
+            .map_err(|e| narrow_error(&app, e))?;
         app.audit.record("notebook_fetch_narrow", Some(&username), None, Some(&request.key()));
         return Ok(no_store(narrow_json(&app, &token)));
     }

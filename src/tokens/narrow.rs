@@ -24,6 +24,9 @@ use crate::vault::{Lineage, TokenSet};
 /// The longest scope list or audience a caller may ask for.
 const MAX_REQUEST_CHARS: usize = 1024;
 
+/// Seconds the lineage's access token must have left to be exchanged.
+const SUBJECT_MIN_VALID: i64 = 30;
+
 /// What a caller asks for: sorted, distinct scopes and an audience.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NarrowRequest {
@@ -253,7 +256,7 @@ async fn by_exchange(
     let slot = app.refresher.slot_for(&format!("{}\0narrow\0{key}", lineage_key(username, issuer)));
     let _flight = slot.lock().await;
     // The subject token must outlive the exchange by a margin.
-    let fresh = app.refresher.fresh(app, username, Want { min_valid: Some(60), force: false }).await?;
+    let fresh = app.refresher.fresh(app, username, Want { min_valid: Some(SUBJECT_MIN_VALID), force: false }).await?;
     let lineage: Arc<Lineage> = fresh.lineage;
     if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
         && serves(&held, freshness)

@@ -313,8 +313,9 @@ def _th_server_root(spawner, system_name, account):
 
 
 def _th_make_private(account, path):
-    """Creates the token file before the server starts, mode 0600 and owned by
-    the user; an existing one of theirs is made 0600. The server later writes
+    """Creates a token file before the server starts, mode 0600 and owned by
+    the user (and its missing folders in the user's own, 0700); an existing
+    one of theirs is made 0600. The server later writes
     it in place and keeps that mode, where a file it creates gets its umask
     (0644: readable by every user of the machine). The hub acts as root in a
     directory the user controls, so no symlink the user could plant is
@@ -328,7 +329,17 @@ def _th_make_private(account, path):
             st = o.fstat(fd)
             roots_own = st.st_uid == 0 and not st.st_mode & 0o022
             flags = o.O_RDONLY | o.O_DIRECTORY | o.O_CLOEXEC | (0 if roots_own else o.O_NOFOLLOW)
-            fd, parent = o.open(folder, flags, dir_fd=fd), fd
+            try:
+                folder_fd = o.open(folder, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if roots_own:
+                    raise
+                # A folder of the user's that is missing (tokenhub's own
+                # .tokenhub): made private, and given to the user.
+                o.mkdir(folder, 0o700, dir_fd=fd)
+                folder_fd = o.open(folder, flags | o.O_NOFOLLOW, dir_fd=fd)
+                o.fchown(folder_fd, account.pw_uid, account.pw_gid)
+            fd, parent = folder_fd, fd
             o.close(parent)
         try:
             file = o.open(name, o.O_WRONLY | o.O_CREAT | o.O_EXCL | o.O_NOFOLLOW | o.O_CLOEXEC, 0o600, dir_fd=fd)
@@ -371,11 +382,14 @@ async def _tokenhub_pre_spawn_hook(spawner):
         request_timeout=20,
     )
     env = {"TOKENHUB_URL": _th_public}
+    files = []
     try:
         response = await _ThHTTPClient().fetch(request)
         answer = _th_json.loads(response.body)
         env.update(answer["env"])
         token_file = answer["token_file"]
+        # Files of narrower tokens tokenhub keeps fresh (BEARER_TOKEN_FILE's).
+        files = answer.get("files", [])
         if answer.get("withheld"):
             spawner.log.warning(
                 "tokenhub: %s's server %r is shared with other people, so it gets no tokens "
@@ -403,19 +417,29 @@ async def _tokenhub_pre_spawn_hook(spawner):
         account = _th_pwd.getpwnam(system_name) if system_name else None
     except KeyError:
         account = None  # not created yet (TLJH creates it when the server starts)
-    path = _th_os.path.join(_th_server_root(spawner, system_name, account), token_file)
+    root = _th_server_root(spawner, system_name, account)
+    path = _th_os.path.join(root, token_file)
     env["FABRIC_TOKEN_LOCATION"] = path
+    private = [path]
+    for file in files:
+        file_path = _th_os.path.join(root, file["path"])
+        private.append(file_path)
+        if file.get("env"):
+            env[file["env"]] = file_path
     if account is not None and _th_os.geteuid() == 0:
-        try:
-            _th_make_private(account, path)
-        except OSError as e:  # the server starts anyway; the file gets its umask
-            spawner.log.warning("tokenhub could not make %s private to %s: %s", path, account.pw_name, e.strerror or e)
+        for each in private:
+            try:
+                _th_make_private(account, each)
+            except OSError as e:  # the server starts anyway; the file gets its umask
+                spawner.log.warning("tokenhub could not make %s private to %s: %s", each, account.pw_name, e.strerror or e)
     # A new dict: spawners must not share (and leak) one environment mapping.
     spawner.environment = {**spawner.environment, **env}
     # Jupyter's Contents API refuses dotfiles unless allowed; tokenhub writes
-    # `.tokens.json` through it, so allow them (nothing else changes).
+    # `.tokens.json` (and `.tokenhub/…`) through it, so allow them (nothing
+    # else changes).
     hidden = "--ContentsManager.allow_hidden=True"
-    if any(part.startswith(".") for part in token_file.split("/")) and hidden not in spawner.args:
+    paths = [token_file, *(file["path"] for file in files)]
+    if any(part.startswith(".") for p in paths for part in p.split("/")) and hidden not in spawner.args:
         spawner.args = [*spawner.args, hidden]
 
 
