@@ -239,6 +239,15 @@ OPTIONAL = {
     "TOKENHUB_KEEPALIVE_MARGIN": {"keepAlive": {"margin": 600}},
     "TOKENHUB_KEEPALIVE_GRACE": {"keepAlive": {"grace": 3600}},
     "TOKENHUB_KEEPALIVE_FRESH_ACCESS": {"keepAlive": {"freshAccess": True}},
+    "TOKENHUB_NARROW_MECHANISM": {"narrowTokens": {"mechanism": "exchange"}},
+    "TOKENHUB_NARROW_AUDIENCE_PARAM": {"narrowTokens": {"audienceParam": "audience"}},
+    "TOKENHUB_TOKEN_RULES": {
+        "narrowTokens": {"rules": [{"name": "storage", "groups": ["*"], "scopes": ["storage.read"]}]}
+    },
+    "TOKENHUB_DELEGATION": {"narrowTokens": {"delegation": [{"service": "dask-gateway", "scopes": ["storage.read"]}]}},
+    "TOKENHUB_TOKEN_FILES": {"narrowTokens": {"files": [{"path": ".tokenhub/s", "audience": "https://s.example"}]}},
+    "TOKENHUB_BEARER_TOKEN_AUDIENCE": {"narrowTokens": {"bearerToken": {"audience": "https://storage.example"}}},
+    "TOKENHUB_BEARER_TOKEN_SCOPE": {"narrowTokens": {"bearerToken": {"scope": "storage.read"}}},
 }
 
 
