@@ -15,6 +15,7 @@ use crate::no_store;
 use crate::oauth::login::{Purpose, start_login};
 use crate::state::AppState;
 use crate::tokens::fabric::{self, timestamp};
+use crate::tokens::narrow::NarrowRequest;
 use crate::tokens::refresh::{RefreshError, Want};
 use crate::tokens::revoke::IdpRevocation;
 use crate::vault::Lineage;
@@ -74,6 +75,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
         narrow: narrow
             .into_iter()
             .map(|n| views::NarrowRow {
+                files: files_of(&app, &n.request_key),
                 key: n.request_key,
                 scopes: if n.scopes.is_empty() { "the identity provider's default".into() } else { n.scopes },
                 audience: n.audience.unwrap_or_else(|| "none".into()),
@@ -94,6 +96,20 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
     };
     let referrer = (header::REFERRER_POLICY, crate::security::FORM_REFERRER_POLICY);
     Ok(([referrer], page(views::render(&view))).into_response())
+}
+
+/// The files of `TOKENHUB_TOKEN_FILES` (and the bearer-token file) that
+/// hold the narrower token of `request_key`.
+fn files_of(app: &AppState, request_key: &str) -> String {
+    let paths: Vec<&str> = app
+        .config
+        .narrow
+        .files
+        .iter()
+        .filter(|f| NarrowRequest { scopes: f.scopes.clone(), audience: f.audience.clone() }.key() == request_key)
+        .map(|f| f.path.as_str())
+        .collect();
+    if paths.is_empty() { "none".into() } else { paths.join(", ") }
 }
 
 /// `GET /login`: sign in to tokenhub's token page through the IdP.

@@ -87,6 +87,8 @@ pub struct NarrowRow {
     pub expires: String,
     /// When obtained, formatted.
     pub obtained: String,
+    /// The files in servers that hold it (`TOKENHUB_TOKEN_FILES`), or "none".
+    pub files: String,
 }
 
 /// The signed-in user's token page.

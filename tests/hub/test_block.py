@@ -112,6 +112,7 @@ def check_common(app: JupyterHub, token: str, url: str) -> None:
     assert {"users:activity!user", "access:servers!server=alice/"} <= granted
     # The operator API's custom scope is defined (JupyterHub checked its name).
     assert "custom:tokenhub:admin" in app.custom_scopes
+    assert "custom:tokenhub:delegate" in app.custom_scopes
 
 
 # --- 1. load_subconfig from jupyterhub_config.py
@@ -264,6 +265,8 @@ def operator_values() -> dict:
                 "server": {"scopes": ["users:activity!user", "access:servers!server", "read:users:name!user"]},
                 # Operators by group, with the custom scope the block defines.
                 "tokenhub-operators": {"scopes": ["custom:tokenhub:admin", SCOPE], "groups": ["tokenhub-operators"]},
+                # Delegation, with the hub's filter on the other custom scope.
+                "tokenhub-delegation": {"scopes": ["custom:tokenhub:delegate!group=physics"], "groups": ["schedulers"]},
             },
             "config": {
                 "JupyterHub": {"admin_access": True, "authenticator_class": "dummy"},
@@ -291,6 +294,8 @@ def test_z2jh_extra_config(tmp_path, monkeypatch):
     operators = orm.Role.find(app.db, "tokenhub-operators")
     assert set(operators.scopes) == {"custom:tokenhub:admin", SCOPE}
     assert [g.name for g in operators.groups] == ["tokenhub-operators"]
+    delegation = orm.Role.find(app.db, "tokenhub-delegation")
+    assert delegation.scopes == ["custom:tokenhub:delegate!group=physics"], "a filtered delegate scope loads"
     # The operator's settings win over the block's.
     auth = app.authenticator
     assert auth.allow_all is False

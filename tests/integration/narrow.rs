@@ -343,7 +343,8 @@ async fn token_files_are_written_and_renewed_before_they_expire() {
         .spawn()
         .await;
     let user = "narrow-files";
-    signed_in(&app, &hub, user).await;
+    let browser = Browser::new();
+    signed_in_with(&app, &hub, user, &browser).await;
     let server_token = hub.running(&app, user).await;
     hub.takes_files(user, &server_token).await;
 
@@ -381,6 +382,10 @@ async fn token_files_are_written_and_renewed_before_they_expire() {
         (Some(STORAGE), Some("storage.read"), Some(user))
     );
     assert_eq!(eos().await.last().unwrap(), &format!("oauth2:{token}:{}/userinfo", idp.issuer));
+    // The token page says which files hold the token (never its value).
+    let page = html(browser.get(app.url("/")).await).await;
+    assert!(page.contains(".tokenhub/eos_{server}, .tokenhub/bt_{server}"), "{page}");
+    assert!(!page.contains(&token));
 
     // A round with nothing near its expiry writes nothing again.
     let writes = bearer().await.len();
