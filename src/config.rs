@@ -373,6 +373,22 @@ pub struct TokenRule {
     /// Audiences (or resources) that may be asked for.
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// The bearer-token file's token for members of `groups` (instead of
+    /// `TOKENHUB_BEARER_TOKEN_AUDIENCE`'s): `{"audience": "…", "scope": "…"}`,
+    /// within the rule's own scopes and audiences.
+    #[serde(default)]
+    pub bearer: Option<BearerDefault>,
+}
+
+/// A rule's bearer-token file: its audience and scopes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BearerDefault {
+    /// The audience.
+    pub audience: String,
+    /// Scopes, space-separated (default: the IdP's default for the audience).
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// Narrower tokens: how they are had and who may ask for what.
@@ -401,6 +417,9 @@ pub enum FileFormat {
     Template(String),
 }
 
+/// The bearer-token file's path in a server's root (WLCG Bearer Token Discovery).
+pub const BEARER_TOKEN_PATH: &str = ".tokenhub/bt_{server}";
+
 /// One file kept fresh in every server (`TOKENHUB_TOKEN_FILES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenFileSpec {
@@ -408,7 +427,7 @@ pub struct TokenFileSpec {
     pub path: String,
     /// Scopes of its token, sorted.
     pub scopes: Vec<String>,
-    /// Audience of its token.
+    /// Audience of its token (none for a bearer-token file only the rules give).
     pub audience: Option<String>,
     /// How it is written.
     pub format: FileFormat,
@@ -438,6 +457,7 @@ fn parse_token_files(
     text: Option<&str>,
     bearer_audience: Option<&str>,
     bearer_scope: Option<&str>,
+    rules_give_bearer: bool,
 ) -> Result<Vec<TokenFileSpec>, ConfigError> {
     let invalid = |reason: String| ConfigError::Invalid { name: "TOKENHUB_TOKEN_FILES", reason };
     let scopes_of = |scope: Option<&str>| {
@@ -472,11 +492,12 @@ fn parse_token_files(
         }
         files.push(TokenFileSpec { path, scopes, audience, format, env: entry.env });
     }
-    if let Some(audience) = bearer_audience.map(str::trim).filter(|a| !a.is_empty()) {
+    let bearer_audience = bearer_audience.map(str::trim).filter(|a| !a.is_empty());
+    if bearer_audience.is_some() || rules_give_bearer {
         files.push(TokenFileSpec {
-            path: ".tokenhub/bt_{server}".into(),
+            path: BEARER_TOKEN_PATH.into(),
             scopes: scopes_of(bearer_scope),
-            audience: Some(audience.to_string()),
+            audience: bearer_audience.map(str::to_string),
             format: FileFormat::Bare,
             env: Some("BEARER_TOKEN_FILE".into()),
         });
@@ -938,16 +959,21 @@ impl Settings {
                 grace: self.keepalive_grace.unwrap_or(0).min(i64::MAX as u64) as i64,
                 fresh_access: self.keepalive_fresh_access.unwrap_or(false),
             },
-            narrow: NarrowConfig {
-                mechanism: self.narrow_mechanism,
-                audience_param: self.narrow_audience_param,
-                rules: parse_token_rules(self.token_rules.as_deref())?,
-                delegation: parse_json_list(self.delegation.as_deref(), "TOKENHUB_DELEGATION")?,
-                files: parse_token_files(
-                    self.token_files.as_deref(),
-                    self.bearer_token_audience.as_deref(),
-                    self.bearer_token_scope.as_deref(),
-                )?,
+            narrow: {
+                let rules = parse_token_rules(self.token_rules.as_deref())?;
+                let rules_give_bearer = rules.iter().any(|r| r.bearer.is_some());
+                NarrowConfig {
+                    mechanism: self.narrow_mechanism,
+                    audience_param: self.narrow_audience_param,
+                    delegation: parse_json_list(self.delegation.as_deref(), "TOKENHUB_DELEGATION")?,
+                    files: parse_token_files(
+                        self.token_files.as_deref(),
+                        self.bearer_token_audience.as_deref(),
+                        self.bearer_token_scope.as_deref(),
+                        rules_give_bearer,
+                    )?,
+                    rules,
+                }
             },
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
@@ -966,6 +992,17 @@ fn parse_token_rules(text: Option<&str>) -> Result<Vec<TokenRule>, ConfigError> 
     for rule in &rules {
         if rule.groups.is_empty() || (rule.scopes.is_empty() && rule.audiences.is_empty()) {
             return Err(invalid(format!("rule {:?} needs groups, and scopes or audiences", rule.name)));
+        }
+        if let Some(bearer) = &rule.bearer {
+            let scopes = bearer.scope.as_deref().unwrap_or("");
+            if !rule.audiences.contains(&bearer.audience)
+                || scopes.split_whitespace().any(|s| !rule.scopes.iter().any(|r| r == s))
+            {
+                return Err(invalid(format!(
+                    "rule {:?}: its bearer token must be within its own scopes and audiences",
+                    rule.name
+                )));
+            }
         }
     }
     Ok(rules)
@@ -1044,6 +1081,43 @@ mod tests {
             crypt_key: Some("k".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn narrower_token_settings_are_checked() {
+        let with = |rules: &str, files: &str| {
+            Settings { token_rules: Some(rules.into()), token_files: Some(files.into()), ..minimal() }.into_config(None)
+        };
+        let refused = |rules: &str, files: &str, says: &str| {
+            let err = with(rules, files).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        };
+        let rule = r#"[{"name": "s", "groups": ["*"], "scopes": ["a"], "audiences": ["https://s.example"]}]"#;
+        let config = with(rule, r#"[{"path": ".t/x_{server}", "scope": "a", "format": "json", "env": "X_FILE"}]"#).unwrap();
+        assert_eq!(config.narrow.files.len(), 1);
+        assert_eq!(config.narrow.files[0].format, FileFormat::Json);
+        refused("not json", "", "TOKENHUB_TOKEN_RULES");
+        refused(r#"[{"name": "s", "groups": []}]"#, "", "needs groups");
+        refused(
+            r#"[{"name": "s", "groups": ["*"], "scopes": ["a"], "audiences": ["x"], "bearer": {"audience": "y"}}]"#,
+            "",
+            "within its own scopes",
+        );
+        for (files, says) in [
+            (r#"[{"path": "/etc/x", "scope": "a"}]"#, "relative"),
+            (r#"[{"path": "a/../b", "scope": "a"}]"#, "relative"),
+            (r#"[{"path": "x"}]"#, "scope or an audience"),
+            (r#"[{"path": "x", "scope": "a", "format": "template"}]"#, "{access_token}"),
+            (r#"[{"path": "x", "scope": "a", "env": "BEARER_TOKEN"}]"#, "may set"),
+            (r#"[{"path": "x", "scope": "a"}, {"path": "x", "scope": "b"}]"#, "twice"),
+        ] {
+            refused(rule, files, says);
+        }
+        // A rule's bearer default alone turns the bearer-token file on.
+        let bearer = r#"[{"name": "s", "groups": ["*"], "scopes": ["a"], "audiences": ["x"], "bearer": {"audience": "x"}}]"#;
+        let config = with(bearer, "").unwrap();
+        assert_eq!(config.narrow.files[0].path, BEARER_TOKEN_PATH);
+        assert_eq!(config.narrow.files[0].env.as_deref(), Some("BEARER_TOKEN_FILE"));
     }
 
     #[test]

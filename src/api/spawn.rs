@@ -69,13 +69,11 @@ pub async fn spawn(
     env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
     // The narrower-token files the server will get: the hook makes them
     // private where it can and names those with `env` in the environment.
-    let files: Vec<serde_json::Value> = app
-        .config
-        .narrow
-        .files
-        .iter()
+    let groups = if app.config.narrow.files.is_empty() || withheld { vec![] } else { app.hub.groups(&request.user).await? };
+    let files: Vec<serde_json::Value> = crate::tokens::files::files_for(&app, &groups)
+        .into_iter()
         .filter(|_| !withheld)
-        .map(|spec| json!({ "path": crate::tokens::files::path_in(spec, &request.server), "env": spec.env }))
+        .map(|(spec, _)| json!({ "path": crate::tokens::files::path_in(spec, &request.server), "env": spec.env }))
         .collect();
     Ok(no_store(json!({
         "env": env,

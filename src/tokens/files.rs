@@ -11,7 +11,7 @@
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{FileFormat, TokenFileSpec};
+use crate::config::{BEARER_TOKEN_PATH, FileFormat, TokenFileSpec};
 use crate::hub::ServerInfo;
 use crate::state::AppState;
 use crate::tokens::deliveries::FileState;
@@ -29,6 +29,27 @@ pub const MAX_BARE_BYTES: usize = 4096;
 /// (`default` for the default server).
 pub fn path_in(spec: &TokenFileSpec, server: &str) -> String {
     spec.path.replace("{server}", if server.is_empty() { "default" } else { server })
+}
+
+/// The token a file holds for a member of `groups`: the bearer-token
+/// file's comes from the first of their rules that names one, else from
+/// the setting; a file with neither is not written for them.
+pub fn request_for(app: &AppState, spec: &TokenFileSpec, groups: &[String]) -> Option<NarrowRequest> {
+    if spec.path == BEARER_TOKEN_PATH
+        && let Some(default) = super::rules::bearer_default(&app.config.narrow.rules, groups)
+    {
+        let scope = default.scope.as_deref();
+        return NarrowRequest::parse(Some(scope.unwrap_or("")), Some(&default.audience)).ok().flatten();
+    }
+    if spec.scopes.is_empty() && spec.audience.is_none() {
+        return None;
+    }
+    Some(NarrowRequest { scopes: spec.scopes.clone(), audience: spec.audience.clone() })
+}
+
+/// The files one user's servers get (path template and request), by their groups.
+pub fn files_for<'a>(app: &'a AppState, groups: &[String]) -> Vec<(&'a TokenFileSpec, NarrowRequest)> {
+    app.config.narrow.files.iter().filter_map(|spec| Some((spec, request_for(app, spec, groups)?))).collect()
 }
 
 /// The file's content for `token`, or why it cannot be written.
@@ -69,9 +90,18 @@ pub(super) async fn write_files(
     token_id: &str,
     state: &mut FileState,
 ) {
-    for spec in &app.config.narrow.files {
+    if app.config.narrow.files.is_empty() {
+        return;
+    }
+    let groups = match app.hub.groups(username).await {
+        Ok(groups) => groups,
+        Err(e) => {
+            tracing::warn!(user = %username, error = %e, "token files not written: the hub did not say the user's groups");
+            return;
+        }
+    };
+    for (spec, request) in files_for(app, &groups) {
         let path = path_in(spec, &server.name);
-        let request = NarrowRequest { scopes: spec.scopes.clone(), audience: spec.audience.clone() };
         let token = match narrow::token(app, username, &request, narrow::Freshness::Renew(FILE_MIN_VALID)).await {
             Ok(token) => token,
             Err(e) => {

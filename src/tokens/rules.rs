@@ -26,6 +26,12 @@ fn list(items: &[String]) -> String {
     if items.is_empty() { "none".into() } else { items.join(", ") }
 }
 
+/// The bearer-token file's token for a member of `groups`, as the first
+/// rule for one of the groups that names one gives it.
+pub fn bearer_default<'a>(rules: &'a [TokenRule], groups: &[String]) -> Option<&'a crate::config::BearerDefault> {
+    rules.iter().filter(|r| applies(r, groups)).find_map(|r| r.bearer.as_ref())
+}
+
 /// Allows a request for `scopes` and `audience` by a member of `groups`
 /// when one rule for one of the groups holds all of it; otherwise says why,
 /// naming the closest rule (or that none is for these groups).
@@ -54,7 +60,7 @@ mod tests {
 
     fn rule(name: &str, groups: &[&str], scopes: &[&str], audiences: &[&str]) -> TokenRule {
         let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        TokenRule { name: name.into(), groups: own(groups), scopes: own(scopes), audiences: own(audiences) }
+        TokenRule { name: name.into(), groups: own(groups), scopes: own(scopes), audiences: own(audiences), bearer: None }
     }
 
     fn strings(v: &[&str]) -> Vec<String> {

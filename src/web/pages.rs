@@ -15,7 +15,6 @@ use crate::no_store;
 use crate::oauth::login::{Purpose, start_login};
 use crate::state::AppState;
 use crate::tokens::fabric::{self, timestamp};
-use crate::tokens::narrow::NarrowRequest;
 use crate::tokens::refresh::{RefreshError, Want};
 use crate::tokens::revoke::IdpRevocation;
 use crate::vault::Lineage;
@@ -47,6 +46,8 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
     let deliveries = app.deliveries.of(&session.username).await;
     let withheld = app.deliveries.withheld(&session.username).await;
     let narrow = app.vault.narrow_held(&session.username, app.upstream.issuer()).await?;
+    // Only to say which files hold a token: a hub that does not answer shows none.
+    let groups = if narrow.is_empty() { vec![] } else { app.hub.groups(&session.username).await.unwrap_or_default() };
     let delegations = app.vault.store().delegations(&session.username, app.upstream.issuer()).await?;
     let view = TokenPage {
         username: &session.username,
@@ -75,7 +76,7 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
         narrow: narrow
             .into_iter()
             .map(|n| views::NarrowRow {
-                files: files_of(&app, &n.request_key),
+                files: files_of(&app, &groups, &n.request_key),
                 key: n.request_key,
                 scopes: if n.scopes.is_empty() { "the identity provider's default".into() } else { n.scopes },
                 audience: n.audience.unwrap_or_else(|| "none".into()),
@@ -100,14 +101,11 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
 
 /// The files of `TOKENHUB_TOKEN_FILES` (and the bearer-token file) that
 /// hold the narrower token of `request_key`.
-fn files_of(app: &AppState, request_key: &str) -> String {
-    let paths: Vec<&str> = app
-        .config
-        .narrow
-        .files
-        .iter()
-        .filter(|f| NarrowRequest { scopes: f.scopes.clone(), audience: f.audience.clone() }.key() == request_key)
-        .map(|f| f.path.as_str())
+fn files_of(app: &AppState, groups: &[String], request_key: &str) -> String {
+    let paths: Vec<&str> = crate::tokens::files::files_for(app, groups)
+        .into_iter()
+        .filter(|(_, request)| request.key() == request_key)
+        .map(|(spec, _)| spec.path.as_str())
         .collect();
     if paths.is_empty() { "none".into() } else { paths.join(", ") }
 }

@@ -403,3 +403,37 @@ async fn token_files_are_written_and_renewed_before_they_expire() {
     assert_ne!(renewed, token);
     assert_eq!(eos().await.last().unwrap(), &format!("oauth2:{renewed}:{}/userinfo", idp.issuer));
 }
+
+/// A rule may give its groups' bearer-token file: at spawn, a member of
+/// physics is told `BEARER_TOKEN_FILE` (the rule's audience), a user whose
+/// rules name none gets no such file.
+#[tokio::test]
+async fn a_rule_gives_its_groups_a_bearer_token_file() {
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let rules = serde_json::json!([
+        {"name": "physics", "groups": ["physics"], "scopes": ["storage.read"], "audiences": [STORAGE],
+         "bearer": {"audience": STORAGE, "scope": "storage.read"}},
+        {"name": "everyone", "groups": ["*"], "scopes": ["storage.read"], "audiences": [STORAGE]},
+    ])
+    .to_string();
+    let app = TestApp::builder(&idp.issuer).hub(&hub).settings(|s| s.token_rules = Some(rules)).spawn().await;
+    hub.member_of("rb-physicist", &["physics"]).await;
+    hub.member_of("rb-chemist", &["chemistry"]).await;
+    for (user, files) in [
+        ("rb-physicist", serde_json::json!([{"path": ".tokenhub/bt_gpu", "env": "BEARER_TOKEN_FILE"}])),
+        ("rb-chemist", serde_json::json!([])),
+    ] {
+        signed_in(&app, &hub, user).await;
+        let server_token = hub.token_with(user, "user", &[&format!("access:servers!server={user}/gpu")]).await;
+        let spawn = reqwest::Client::new()
+            .post(app.url("/api/v1/hub/spawn"))
+            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+            .json(&serde_json::json!({"user": user, "server": "gpu", "server_token": server_token}))
+            .send()
+            .await
+            .unwrap();
+        let (status, spawn) = json(spawn).await;
+        assert_eq!(status, StatusCode::OK, "{spawn}");
+        assert_eq!(spawn["files"], files, "{user}");
+    }
+}
