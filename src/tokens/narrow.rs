@@ -263,11 +263,26 @@ async fn by_exchange(
     {
         return Ok(held);
     }
+    // Across replicas, the lineage's lease: another replica exchanging for
+    // the same user meanwhile has stored its token by the time we hold it.
+    if let Lease::Ours = app.refresher.take_lease(app, &lineage).await?
+        && let Some(held) = app.vault.narrow_token(&lineage, &key).await?
+        && serves(&held, freshness)
+    {
+        app.vault.store().release_lease(username, issuer, &app.refresher.holder).await.map_err(RefreshError::from)?;
+        return Ok(held);
+    }
     let audience = audience_param(app, NarrowMechanism::Exchange, request);
-    let reply = app.upstream.exchange_grant(&lineage.tokens.access_token, &request.scopes, audience).await.map_err(|e| {
+    let reply = app.upstream.exchange_grant(&lineage.tokens.access_token, &request.scopes, audience).await;
+    // An exchange spends nothing: the lease goes back whatever the answer.
+    let released = app.vault.store().release_lease(username, issuer, &app.refresher.holder).await;
+    let reply = reply.map_err(|e| {
         tracing::warn!(user = %username, error = %e, "token exchange failed");
         RefreshError::from_exchange(e)
     })?;
+    if let Err(e) = released {
+        tracing::warn!(user = %username, error = %e, "the lease was not given back; it runs out in seconds");
+    }
     let token = from_reply(&reply, request);
     app.audit.record("narrow_token", Some(username), Some(lineage.version), Some(&describe(request, "token exchange")));
     if let Err(e) = app.vault.save_narrow_token(&lineage, &key, &token).await {

@@ -437,3 +437,45 @@ async fn a_rule_gives_its_groups_a_bearer_token_file() {
         assert_eq!(spawn["files"], files, "{user}");
     }
 }
+
+/// Two replicas on one PostgreSQL database, callers at both asking for
+/// the same token at once: one exchange at the IdP (the lineage's lease
+/// spans replicas).
+#[tokio::test]
+async fn two_replicas_exchange_once() {
+    use tokenhub::config::NarrowMechanism;
+    let (idp, hub) = (Idp::shared(), HubMock::start().await);
+    let database = Postgres::shared().new_database().await;
+    let replica = async || {
+        let rules = rules("*");
+        TestApp::builder(&idp.issuer)
+            .hub(&hub)
+            .database(database.clone())
+            .settings(|s| {
+                s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
+                s.oidc_auth_params = Some(format!("resource={STORAGE}"));
+                s.narrow_mechanism = Some(NarrowMechanism::Exchange);
+                s.token_rules = Some(rules);
+            })
+            .spawn()
+            .await
+    };
+    let (a, b) = (replica().await, replica().await);
+    let user = "narrow-replicas";
+    let at_a = Arc::new(signed_in(&a, &hub, user).await);
+    let at_b = Arc::new(Caller::new(&b, &hub, user).await);
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let caller = if i % 2 == 0 { at_a.clone() } else { at_b.clone() };
+            tokio::spawn(async move { json(caller.get(&storage_query("storage.read")).await).await })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.insert(body["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(tokens.len(), 1, "both replicas answer the one token obtained");
+    assert_eq!(idp.stats_of(user).await["token_exchange"], 1, "one exchange at the IdP");
+}
