@@ -8,12 +8,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::no_store;
-use super::notebook::{narrow_error, narrow_json, refresh_error};
+use super::notebook::{min_valid, narrow_error, narrow_json, narrow_request, refresh_error};
 use crate::auth::service_caller;
 use crate::errors::ApiError;
 use crate::state::AppState;
 use crate::tokens::delegation;
-use crate::tokens::narrow::{NarrowError, NarrowRequest};
+use crate::tokens::narrow::NarrowError;
 use crate::tokens::refresh::RefreshError;
 
 /// The user's narrower token for the calling service, as the notebook API
@@ -25,14 +25,8 @@ pub async fn user_tokens(
     Path(user): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let min_valid = match params.get("min_valid") {
-        None => None,
-        Some(v) => {
-            Some(v.parse::<u32>().map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))? as i64)
-        }
-    };
-    let request = NarrowRequest::parse(params.get("scope").map(String::as_str), params.get("audience").map(String::as_str))
-        .map_err(ApiError::invalid_request)?
+    let min_valid = min_valid(&params)?;
+    let request = narrow_request(&params)?
         .ok_or_else(|| ApiError::invalid_request("a delegated fetch asks for a scope or an audience (a narrower token)"))?;
     let service = service_caller(&app, &headers).await?;
     match delegation::token(&app, &service, &user, &request, min_valid).await {

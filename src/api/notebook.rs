@@ -239,18 +239,12 @@ pub async fn tokens(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let min_valid = match params.get("min_valid") {
-        None => None,
-        Some(v) => {
-            Some(v.parse::<u32>().map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))? as i64)
-        }
-    };
+    let min_valid = min_valid(&params)?;
     let format = params.get("format").map(String::as_str);
     if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
         return Err(ApiError::invalid_request(format!("unknown format {other:?} (use json or fabric)")));
     }
-    let narrow = NarrowRequest::parse(params.get("scope").map(String::as_str), params.get("audience").map(String::as_str))
-        .map_err(ApiError::invalid_request)?;
+    let narrow = narrow_request(&params)?;
     if narrow.is_some() && format.is_some_and(|f| f != "json") {
         return Err(ApiError::invalid_request("a narrower token (scope or audience) comes only as JSON"));
     }
@@ -268,6 +262,22 @@ pub async fn tokens(
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
+}
+
+/// The query's `min_valid`, in seconds.
+pub(super) fn min_valid(params: &HashMap<String, String>) -> Result<Option<i64>, ApiError> {
+    params
+        .get("min_valid")
+        .map(|v| {
+            v.parse::<u32>().map(i64::from).map_err(|_| ApiError::invalid_request("min_valid must be a whole number of seconds"))
+        })
+        .transpose()
+}
+
+/// The query's narrower-token request (`scope`, `audience`), if any.
+pub(super) fn narrow_request(params: &HashMap<String, String>) -> Result<Option<NarrowRequest>, ApiError> {
+    NarrowRequest::parse(params.get("scope").map(String::as_str), params.get("audience").map(String::as_str))
+        .map_err(ApiError::invalid_request)
 }
 
 /// A narrower token as the API gives it (never a refresh token).

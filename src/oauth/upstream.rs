@@ -457,14 +457,8 @@ impl Upstream {
             )));
         }
         let discovered = self.discovered().await?;
-        let mut form = vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())];
-        if !scopes.is_empty() {
-            form.push(("scope", scopes.join(" ")));
-        }
-        if let Some((param, audience)) = audience {
-            form.push((param, audience.to_string()));
-        }
-        self.token_call(&discovered, form).await
+        let form = vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.expose_secret().to_string())];
+        self.token_call(&discovered, narrowed(form, scopes, audience)).await
     }
 
     /// An RFC 8693 token exchange of the lineage's `access_token` for one
@@ -476,19 +470,13 @@ impl Upstream {
         audience: Option<(&'static str, &str)>,
     ) -> Result<TokenReply, UpstreamError> {
         let discovered = self.discovered().await?;
-        let mut form = vec![
+        let form = vec![
             ("grant_type", TOKEN_EXCHANGE.into()),
             ("subject_token", access_token.expose_secret().to_string()),
             ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token".into()),
             ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token".into()),
         ];
-        if !scopes.is_empty() {
-            form.push(("scope", scopes.join(" ")));
-        }
-        if let Some((param, audience)) = audience {
-            form.push((param, audience.to_string()));
-        }
-        self.token_call(&discovered, form).await
+        self.token_call(&discovered, narrowed(form, scopes, audience)).await
     }
 
     /// Whether the discovery document lists the RFC 8693 token-exchange grant.
@@ -671,6 +659,22 @@ impl Upstream {
 
 /// Verifies the ID token's signature and claims, then its `at_hash` against
 /// the access token when the claim is present (OIDC Core 3.1.3.8).
+/// A token request's form with the narrowing asked for: `scope`, and the
+/// audience under its parameter's name.
+fn narrowed(
+    mut form: Vec<(&'static str, String)>,
+    scopes: &[String],
+    audience: Option<(&'static str, &str)>,
+) -> Vec<(&'static str, String)> {
+    if !scopes.is_empty() {
+        form.push(("scope", scopes.join(" ")));
+    }
+    if let Some((param, audience)) = audience {
+        form.push((param, audience.to_string()));
+    }
+    form
+}
+
 /// What a token endpoint's error answer means (RFC 6749 §5.2): the IdP is
 /// down or asks to wait (5xx, 429, `temporarily_unavailable`: `wait` is its
 /// `Retry-After`, handed to `asked_to_wait`), refuses the grant

@@ -166,6 +166,24 @@ pub async fn download(State(app): State<AppState>, headers: HeaderMap, jar: Cook
     ))
 }
 
+/// The session of a form posted from the token page: from tokenhub's own
+/// origin (a post from elsewhere is audited as refused, naming `what`),
+/// signed in, with the page's CSRF value.
+fn token_page_form(
+    app: &AppState,
+    headers: &HeaderMap,
+    jar: &CookieJar,
+    form: &HashMap<String, String>,
+    what: &str,
+) -> Result<Session, PageError> {
+    crate::security::same_origin_post(headers, &app.origin).inspect_err(|_| {
+        app.audit.record("refused", None, None, Some(&format!("{what} form from another origin")));
+    })?;
+    let session = signed_in(app, jar)?;
+    session.check_csrf(form, "Token page", app.url("/").to_string())?;
+    Ok(session)
+}
+
 /// `POST /revoke`: revoke the refresh token at the IdP (RFC 7009, when it
 /// offers revocation) and delete the lineage from the vault.
 pub async fn revoke(
@@ -174,10 +192,7 @@ pub async fn revoke(
     jar: CookieJar,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    crate::security::same_origin_post(&headers, &app.origin)
-        .inspect_err(|_| app.audit.record("refused", None, None, Some("revoke form from another origin")))?;
-    let session = signed_in(&app, &jar)?;
-    session.check_csrf(&form, "Token page", app.url("/").to_string())?;
+    let session = token_page_form(&app, &headers, &jar, &form, "revoke")?;
     let revoked = app.refresher.revoke(&app, &session.username).await.map_err(revoke_failed)?;
     let idp_note = match revoked.map(|r| r.idp) {
         Some(IdpRevocation::Revoked) => "Your identity provider revoked the refresh token.",
@@ -206,10 +221,7 @@ pub async fn drop_narrow(
     jar: CookieJar,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    crate::security::same_origin_post(&headers, &app.origin)
-        .inspect_err(|_| app.audit.record("refused", None, None, Some("drop form from another origin")))?;
-    let session = signed_in(&app, &jar)?;
-    session.check_csrf(&form, "Token page", app.url("/").to_string())?;
+    let session = token_page_form(&app, &headers, &jar, &form, "drop")?;
     let key = form.get("key").map(String::as_str).filter(|k| !k.is_empty());
     let dropped = app.vault.drop_narrow(&session.username, app.upstream.issuer(), key).await?;
     app.audit.record("narrow_dropped", Some(&session.username), None, Some(&format!("{dropped} narrower token(s) dropped")));

@@ -30,17 +30,33 @@ fn rules(groups: &str) -> String {
 /// tokenhub asking the IdP for the storage scopes and resource at login,
 /// with `mechanism` for narrower tokens and rules for `groups`.
 async fn app(hub: &HubMock, mechanism: tokenhub::config::NarrowMechanism, groups: &str) -> TestApp {
+    app_with(hub, mechanism, groups, |_| {}).await
+}
+
+/// [`app`] with more settings.
+async fn app_with(
+    hub: &HubMock,
+    mechanism: tokenhub::config::NarrowMechanism,
+    groups: &str,
+    more: impl FnOnce(&mut tokenhub::config::Settings) + Send + 'static,
+) -> TestApp {
+    app_builder(hub, mechanism, groups, more).spawn().await
+}
+
+fn app_builder(
+    hub: &HubMock,
+    mechanism: tokenhub::config::NarrowMechanism,
+    groups: &str,
+    more: impl FnOnce(&mut tokenhub::config::Settings) + Send + 'static,
+) -> TestAppBuilder {
     let rules = rules(groups);
-    TestApp::builder(&Idp::shared().issuer)
-        .hub(hub)
-        .settings(|s| {
-            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
-            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
-            s.narrow_mechanism = Some(mechanism);
-            s.token_rules = Some(rules);
-        })
-        .spawn()
-        .await
+    TestApp::builder(&Idp::shared().issuer).hub(hub).settings(move |s| {
+        s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
+        s.oidc_auth_params = Some(format!("resource={STORAGE}"));
+        s.narrow_mechanism = Some(mechanism);
+        s.token_rules = Some(rules);
+        more(s);
+    })
 }
 
 async fn signed_in(app: &TestApp, hub: &HubMock, user: &str) -> Caller {
@@ -243,22 +259,11 @@ async fn the_token_page_lists_narrower_tokens_without_values_and_drops_them() {
 async fn a_hub_service_fetches_a_users_token_by_delegation_within_its_cap() {
     use tokenhub::config::NarrowMechanism;
     let (idp, hub) = (Idp::shared(), HubMock::start().await);
-    let rules = rules("*");
     let caps = serde_json::json!([
         {"service": "dask-gateway", "scopes": ["storage.read"], "audiences": [STORAGE]},
     ])
     .to_string();
-    let app = TestApp::builder(&idp.issuer)
-        .hub(&hub)
-        .settings(|s| {
-            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
-            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
-            s.narrow_mechanism = Some(NarrowMechanism::Exchange);
-            s.token_rules = Some(rules);
-            s.delegation = Some(caps);
-        })
-        .spawn()
-        .await;
+    let app = app_with(&hub, NarrowMechanism::Exchange, "*", move |s| s.delegation = Some(caps)).await;
     hub.member_of("deleg-alice", &["physics"]).await;
     hub.member_of("deleg-carol", &["physics"]).await;
     hub.member_of("deleg-bob", &["chemistry"]).await;
@@ -321,27 +326,20 @@ async fn a_hub_service_fetches_a_users_token_by_delegation_within_its_cap() {
 async fn token_files_are_written_and_renewed_before_they_expire() {
     use tokenhub::config::NarrowMechanism;
     let (idp, hub) = (Idp::shared(), HubMock::start().await);
-    let rules = rules("*");
     let files = serde_json::json!([{
         "path": ".tokenhub/eos_{server}", "scope": "storage.read", "audience": STORAGE,
         "format": "template", "template": "oauth2:{access_token}:{issuer}/userinfo",
     }])
     .to_string();
-    let app = TestApp::builder(&idp.issuer)
-        .hub(&hub)
-        .settings(|s| {
-            s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
-            s.oidc_auth_params = Some(format!("resource={STORAGE}"));
-            s.narrow_mechanism = Some(NarrowMechanism::Exchange);
-            s.token_rules = Some(rules);
-            s.token_files = Some(files);
-            s.bearer_token_audience = Some(STORAGE.into());
-            s.bearer_token_scope = Some("storage.read".into());
-            // The mock hub is the proxy too: servers' Contents API behind it.
-            s.hub_url = Some(url::Url::parse(&hub.server.uri()).unwrap());
-        })
-        .spawn()
-        .await;
+    let proxy = url::Url::parse(&hub.server.uri()).unwrap();
+    let app = app_with(&hub, NarrowMechanism::Exchange, "*", move |s| {
+        s.token_files = Some(files);
+        s.bearer_token_audience = Some(STORAGE.into());
+        s.bearer_token_scope = Some("storage.read".into());
+        // The mock hub is the proxy too: servers' Contents API behind it.
+        s.hub_url = Some(proxy);
+    })
+    .await;
     let user = "narrow-files";
     let browser = Browser::new();
     signed_in_with(&app, &hub, user, &browser).await;
@@ -349,14 +347,7 @@ async fn token_files_are_written_and_renewed_before_they_expire() {
     hub.takes_files(user, &server_token).await;
 
     // The spawn hook is told which files come, and which variable names one.
-    let spawn = reqwest::Client::new()
-        .post(app.url("/api/v1/hub/spawn"))
-        .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
-        .json(&serde_json::json!({"user": user, "server": "", "server_token": server_token}))
-        .send()
-        .await
-        .unwrap();
-    let (_, spawn) = json(spawn).await;
+    let (_, spawn) = json(Hub::spawn_call(&app, user, "", &server_token).await).await;
     assert_eq!(
         spawn["files"],
         serde_json::json!([
@@ -425,14 +416,7 @@ async fn a_rule_gives_its_groups_a_bearer_token_file() {
     ] {
         signed_in(&app, &hub, user).await;
         let server_token = hub.token_with(user, "user", &[&format!("access:servers!server={user}/gpu")]).await;
-        let spawn = reqwest::Client::new()
-            .post(app.url("/api/v1/hub/spawn"))
-            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
-            .json(&serde_json::json!({"user": user, "server": "gpu", "server_token": server_token}))
-            .send()
-            .await
-            .unwrap();
-        let (status, spawn) = json(spawn).await;
+        let (status, spawn) = json(Hub::spawn_call(&app, user, "gpu", &server_token).await).await;
         assert_eq!(status, StatusCode::OK, "{spawn}");
         assert_eq!(spawn["files"], files, "{user}");
     }
@@ -446,20 +430,7 @@ async fn two_replicas_exchange_once() {
     use tokenhub::config::NarrowMechanism;
     let (idp, hub) = (Idp::shared(), HubMock::start().await);
     let database = Postgres::shared().new_database().await;
-    let replica = async || {
-        let rules = rules("*");
-        TestApp::builder(&idp.issuer)
-            .hub(&hub)
-            .database(database.clone())
-            .settings(|s| {
-                s.oidc_scopes = Some("openid email profile offline_access storage.read storage.modify".into());
-                s.oidc_auth_params = Some(format!("resource={STORAGE}"));
-                s.narrow_mechanism = Some(NarrowMechanism::Exchange);
-                s.token_rules = Some(rules);
-            })
-            .spawn()
-            .await
-    };
+    let replica = async || app_builder(&hub, NarrowMechanism::Exchange, "*", |_| {}).database(database.clone()).spawn().await;
     let (a, b) = (replica().await, replica().await);
     let user = "narrow-replicas";
     let at_a = Arc::new(signed_in(&a, &hub, user).await);

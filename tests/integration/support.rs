@@ -418,13 +418,7 @@ impl HubMock {
             .respond_with(wiremock::ResponseTemplate::new(201))
             .mount(&self.server)
             .await;
-        let response = reqwest::Client::new()
-            .post(app.url("/api/v1/hub/spawn"))
-            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
-            .json(&serde_json::json!({"user": user, "server": "", "server_token": server_token}))
-            .send()
-            .await
-            .unwrap();
+        let response = Hub::spawn_call(app, user, "", &server_token).await;
         assert_eq!(response.status(), reqwest::StatusCode::OK, "the spawn call for {user}");
         server_token
     }
@@ -459,16 +453,8 @@ impl HubMock {
 
     /// The token files written into `user`'s server so far, oldest first.
     pub async fn token_files(&self, user: &str) -> Vec<Value> {
-        let wanted = format!("/user/{}/api/contents/.tokens.json", tokenhub::hub::path_segment(user));
-        let requests = self.server.received_requests().await.unwrap_or_default();
-        requests
-            .iter()
-            .filter(|r| r.method.as_str() == "PUT" && r.url.path() == wanted)
-            .map(|r| {
-                let body: Value = serde_json::from_slice(&r.body).unwrap();
-                serde_json::from_str(body["content"].as_str().unwrap()).unwrap()
-            })
-            .collect()
+        let written = self.written(user, ".tokens.json").await;
+        written.into_iter().map(|content| serde_json::from_str(&content.expect("a file")).unwrap()).collect()
     }
 }
 
@@ -712,6 +698,18 @@ pub struct HubLogin {
 pub struct Hub;
 
 impl Hub {
+    /// The hub's spawn hook calling tokenhub for `user`'s server `server`,
+    /// handing over the server's own hub token.
+    pub async fn spawn_call(app: &TestApp, user: &str, server: &str, server_token: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(app.url("/api/v1/hub/spawn"))
+            .basic_auth(HUB_CLIENT_ID, Some(HUB_CLIENT_SECRET))
+            .json(&serde_json::json!({"user": user, "server": server, "server_token": server_token}))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The authorize URL the hub would send the browser to, with PKCE.
     pub fn authorize_url(app: &TestApp) -> (String, HubLogin) {
         let verifier = tokenhub::vault::crypto::random_token();
