@@ -79,6 +79,24 @@ async fn json(response: reqwest::Response) -> (StatusCode, Value) {
     (status, response.json().await.unwrap())
 }
 
+/// `count` requests at once for `scope` of the storage audience, taking
+/// turns among `callers`; each must be answered 200. The tokens answered.
+async fn all_at_once(callers: &[Arc<Caller>], count: usize, scope: &str) -> std::collections::HashSet<String> {
+    let calls: Vec<_> = (0..count)
+        .map(|i| {
+            let (caller, query) = (callers[i % callers.len()].clone(), storage_query(scope));
+            tokio::spawn(async move { json(caller.get(&query).await).await })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.insert(body["access_token"].as_str().unwrap().to_string());
+    }
+    tokens
+}
+
 fn storage_query(scope: &str) -> String {
     format!("?scope={scope}&audience={}", url::form_urlencoded::byte_serialize(STORAGE.as_bytes()).collect::<String>())
 }
@@ -134,18 +152,7 @@ async fn fifty_concurrent_callers_cause_one_grant() {
     let app = app(&hub, NarrowMechanism::Refresh, "*").await;
     let caller = Arc::new(signed_in(&app, &hub, "narrow-storm").await);
     let before = idp.refreshes("narrow-storm").await;
-    let calls: Vec<_> = (0..50)
-        .map(|_| {
-            let caller = caller.clone();
-            tokio::spawn(async move { json(caller.get(&storage_query("storage.modify storage.read")).await).await })
-        })
-        .collect();
-    let mut tokens = std::collections::HashSet::new();
-    for call in calls {
-        let (status, body) = call.await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body}");
-        tokens.insert(body["access_token"].as_str().unwrap().to_string());
-    }
+    let tokens = all_at_once(&[caller.clone()], 50, "storage.modify storage.read").await;
     assert_eq!(tokens.len(), 1, "every caller got the one token obtained");
     assert_eq!(idp.refreshes("narrow-storm").await, before + 1, "one grant at the IdP");
     let response = caller.force().await;
@@ -162,18 +169,10 @@ async fn the_second_audience_by_a_token_exchange() {
     let caller = Arc::new(signed_in(&app, &hub, "narrow-exchange").await);
     let refreshes = idp.refreshes("narrow-exchange").await;
     let exchanges = || async { idp.stats_of("narrow-exchange").await["token_exchange"].as_u64().unwrap_or(0) };
-    let calls: Vec<_> = (0..20)
-        .map(|_| {
-            let caller = caller.clone();
-            tokio::spawn(async move { json(caller.get(&storage_query("storage.read")).await).await })
-        })
-        .collect();
-    for call in calls {
-        let (status, body) = call.await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body}");
-        let claims = jwt_claims(body["access_token"].as_str().unwrap());
-        assert_eq!((claims["aud"].as_str(), claims["scope"].as_str()), (Some(STORAGE), Some("storage.read")), "{claims}");
-    }
+    let tokens = all_at_once(&[caller.clone()], 20, "storage.read").await;
+    assert_eq!(tokens.len(), 1);
+    let claims = jwt_claims(tokens.iter().next().unwrap());
+    assert_eq!((claims["aud"].as_str(), claims["scope"].as_str()), (Some(STORAGE), Some("storage.read")), "{claims}");
     assert_eq!(exchanges().await, 1, "one exchange for all");
     assert_eq!(idp.refreshes("narrow-exchange").await, refreshes, "the lineage's refresh token was not used");
     // A scope the login's grant does not hold for the resource: the IdP refuses, the lineage stays.
@@ -435,18 +434,7 @@ async fn two_replicas_exchange_once() {
     let user = "narrow-replicas";
     let at_a = Arc::new(signed_in(&a, &hub, user).await);
     let at_b = Arc::new(Caller::new(&b, &hub, user).await);
-    let calls: Vec<_> = (0..20)
-        .map(|i| {
-            let caller = if i % 2 == 0 { at_a.clone() } else { at_b.clone() };
-            tokio::spawn(async move { json(caller.get(&storage_query("storage.read")).await).await })
-        })
-        .collect();
-    let mut tokens = std::collections::HashSet::new();
-    for call in calls {
-        let (status, body) = call.await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body}");
-        tokens.insert(body["access_token"].as_str().unwrap().to_string());
-    }
+    let tokens = all_at_once(&[at_a, at_b], 20, "storage.read").await;
     assert_eq!(tokens.len(), 1, "both replicas answer the one token obtained");
     assert_eq!(idp.stats_of(user).await["token_exchange"], 1, "one exchange at the IdP");
 }
