@@ -8,15 +8,12 @@
 //! `audit`); `stdout`; or a file path, appended as JSON lines.
 //!
 //! The request id and client address come from the request being served:
-//! [`with_context`] (a middleware) puts them in a task-local, so code deep in
-//! the refresher need not carry them around.
+//! [`crate::request_frame`] puts them in a task-local ([`scope`]), so code
+//! deep in the refresher need not carry them around.
 
 use std::io::Write as _;
 use std::sync::Mutex;
 
-use axum::extract::Request;
-use axum::middleware::Next;
-use axum::response::Response;
 use serde_json::json;
 
 use crate::config::AuditTarget;
@@ -45,13 +42,9 @@ pub fn client() -> Option<String> {
     CONTEXT.try_with(|c| c.client.clone()).ok().flatten()
 }
 
-/// Middleware: runs the rest of the request with its [`Context`].
-pub async fn with_context(request: Request, next: Next) -> Response {
-    let context = Context {
-        request_id: request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(|v| v.chars().take(64).collect()),
-        client: crate::security::client_of_request(&request),
-    };
-    CONTEXT.scope(context, next.run(request)).await
+/// Runs `future` (the rest of a request) with its [`Context`].
+pub async fn scope<F: std::future::Future>(context: Context, future: F) -> F::Output {
+    CONTEXT.scope(context, future).await
 }
 
 enum Sink {

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod metrics;
 pub mod names;
 pub mod oauth;
+pub mod request_frame;
 pub mod security;
 pub mod server;
 pub mod state;
@@ -22,13 +23,11 @@ pub mod vault;
 pub mod web;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{Request, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::errors::ApiError;
 pub use crate::state::{App, AppState};
@@ -74,34 +73,9 @@ pub fn app(state: AppState) -> Router {
     routes
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::map_response(security::security_headers))
-        .layer(axum::middleware::from_fn(audit::with_context))
-        // Log method and path only: query strings carry codes and state.
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
-        }))
-        // Every request gets an `x-request-id` (kept if the proxy sent one),
-        // answered back and named in the audit log.
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
+        // Request id, audit context, trace span, security headers.
+        .layer(request_frame::RequestFrameLayer)
         .with_state(state)
-}
-
-/// Makes request ids: 16 random bytes, base64url. They name a request in
-/// the logs and guard nothing, so they come from the thread's fast
-/// generator (seeded from the OS), not a system call per request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RandomRequestId;
-
-impl MakeRequestId for RandomRequestId {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        use base64::Engine as _;
-        use rand::Rng as _;
-        let bytes: [u8; 16] = rand::thread_rng().r#gen();
-        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        axum::http::HeaderValue::from_str(&id).ok().map(RequestId::new)
-    }
 }
 
 /// Marks a response as not to be stored by any cache: every answer that

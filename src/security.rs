@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
-use axum::response::Response;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 
@@ -206,9 +205,9 @@ impl FailureLimiter {
 pub const CONTENT_SECURITY_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
-/// Adds the security headers to a response (one `map_response` layer).
-pub async fn security_headers(mut response: Response) -> Response {
-    let headers = response.headers_mut();
+/// Adds the security headers to an answer (every answer gets them, in
+/// [`crate::request_frame`]).
+pub fn add_security_headers(headers: &mut axum::http::HeaderMap) {
     for (name, value) in [
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
         (header::X_FRAME_OPTIONS, "DENY"),
@@ -218,7 +217,6 @@ pub async fn security_headers(mut response: Response) -> Response {
     }
     // A page with a form sets its own policy (see [`FORM_REFERRER_POLICY`]).
     headers.entry(header::REFERRER_POLICY).or_insert(HeaderValue::from_static("no-referrer"));
-    response
 }
 
 /// The referrer policy of a page whose form posts back to tokenhub: with
