@@ -83,7 +83,22 @@ impl Audit {
     /// Records `event` for `user` (lineage `version`, and a fixed `detail`
     /// such as a refusal reason). Never pass a token value.
     pub fn record(&self, event: &str, user: Option<&str>, version: Option<i64>, detail: Option<&str>) {
-        let Context { request_id, client } = context();
+        // The request's context is read where it is, not copied.
+        let written = CONTEXT.try_with(|c| self.write(event, user, version, detail, &c.request_id, &c.client));
+        if written.is_err() {
+            self.write(event, user, version, detail, &None, &None);
+        }
+    }
+
+    fn write(
+        &self,
+        event: &str,
+        user: Option<&str>,
+        version: Option<i64>,
+        detail: Option<&str>,
+        request_id: &Option<String>,
+        client: &Option<String>,
+    ) {
         match &self.sink {
             Sink::Log => tracing::info!(
                 target: "audit",

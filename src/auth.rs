@@ -59,7 +59,8 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
-    (matches!(scheme.to_ascii_lowercase().as_str(), "bearer" | "token") && !token.is_empty()).then_some(token)
+    let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token");
+    (known && !token.is_empty()).then_some(token)
 }
 
 /// Checks the hub's client credentials (spawn hook, token endpoint), after

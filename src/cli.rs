@@ -178,7 +178,8 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&config);
+            // Held to the end: dropping it writes out the lines still queued.
+            let _log_writer = init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -191,15 +192,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Logs (and audit lines in the log) go to stderr through a writer thread
+/// of their own (tracing-appender): a request formats its line and queues
+/// it, the write to stderr happens off the request's path. The queue never
+/// drops a line: when it is full, the request waits (an audit line is never
+/// lost). Returns the writer's guard, which flushes the queue when dropped.
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("tokenhub-log")
+        .finish(std::io::stderr());
     let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(writer);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 /// Runs the service until SIGINT or SIGTERM, then drains requests in flight.

@@ -1,14 +1,12 @@
 //! `GET /api/v1/users/{name}/tokens`: a hub service fetches a named user's
 //! narrower token by delegation ([`crate::tokens::delegation`] says who may).
 
-use std::collections::HashMap;
-
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::no_store;
-use super::notebook::{min_valid, narrow_error, narrow_json, narrow_request, refresh_error};
+use super::notebook::{min_valid, narrow_error, narrow_json, narrow_request, query_params, refresh_error};
 use crate::auth::service_caller;
 use crate::errors::ApiError;
 use crate::state::AppState;
@@ -23,8 +21,9 @@ pub async fn user_tokens(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path(user): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let params = query_params(query.as_deref());
     let min_valid = min_valid(&params)?;
     let request = narrow_request(&params)?
         .ok_or_else(|| ApiError::invalid_request("a delegated fetch asks for a scope or an audience (a narrower token)"))?;

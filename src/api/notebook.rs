@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use secrecy::ExposeSecret;
@@ -234,11 +234,11 @@ fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Response {
 /// `GET /api/v1/tokens`: the caller's current tokens; `min_valid=N` makes
 /// the access token valid at least N more seconds (refreshing if needed);
 /// `format=fabric` gives the `~/.tokens.json` document.
-pub async fn tokens(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
+pub async fn tokens(State(app): State<AppState>, request: axum::extract::Request) -> Result<Response, ApiError> {
+    // The request itself, not `HeaderMap` and `Query` extractors: those copy
+    // the headers and build a map on every call of the hot path.
+    let params = query_params(request.uri().query());
+    let headers = request.headers();
     let min_valid = min_valid(&params)?;
     let format = params.get("format").map(String::as_str);
     if let Some(other) = format.filter(|f| !matches!(*f, "json" | "fabric")) {
@@ -248,7 +248,7 @@ pub async fn tokens(
     if narrow.is_some() && format.is_some_and(|f| f != "json") {
         return Err(ApiError::invalid_request("a narrower token (scope or audience) comes only as JSON"));
     }
-    let caller = caller(&app, &headers).await?;
+    let caller = caller(&app, headers).await?;
     sharing::refuse_shared_server(&app, &caller).await?;
     let username = caller.username;
     if let Some(request) = narrow {
@@ -262,6 +262,15 @@ pub async fn tokens(
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
     app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
+}
+
+/// A query string's parameters (the last of a repeated one counts); none
+/// costs nothing.
+pub(super) fn query_params(query: Option<&str>) -> HashMap<String, String> {
+    match query {
+        Some(query) if !query.is_empty() => url::form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+        _ => HashMap::new(),
+    }
 }
 
 /// The query's `min_valid`, in seconds.

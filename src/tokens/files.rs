@@ -160,17 +160,19 @@ async fn write(
 /// Users looked at per page when keep-alive renews the files.
 const USERS_PAGE: i64 = 500;
 
-/// Renews the files in every running server tokenhub holds the hub token
-/// of (keep-alive calls this each round): each file whose token has less
-/// than [`FILE_MIN_VALID`] left gets a new one. Stops early when the
-/// database fails (the next round tries again).
+/// Renews the files in the running servers tokenhub holds the hub token
+/// of (keep-alive calls this each round): the users whose held tokens near
+/// their end (or who hold none yet) are visited, and each file whose token
+/// has less than [`FILE_MIN_VALID`] (or half its lifetime) left gets a new
+/// one; a user whose tokens are all fresh costs no call to the hub. Stops
+/// early when the database fails (the next round tries again).
 pub async fn renew_all(app: &AppState) -> Result<(), crate::vault::store::StoreError> {
     if app.config.narrow.files.is_empty() {
         return Ok(());
     }
     let mut after = String::new();
     loop {
-        let users = app.vault.store().users_with_servers(&after, USERS_PAGE).await?;
+        let users = app.vault.store().users_to_renew(crate::time::now(), FILE_MIN_VALID, &after, USERS_PAGE).await?;
         for user in &users {
             super::delivery::write_all(app, user).await;
         }

@@ -95,7 +95,9 @@ const CACHE_TTL: Duration = Duration::from_secs(1);
 /// Most opened lineages held at once.
 const CACHE_MAX: u64 = 10_000;
 
-type CacheKey = (String, String);
+/// A cached lineage's key: user and issuer in one string (one allocation
+/// per look-up on the hot path, where a pair costs two).
+type CacheKey = String;
 
 /// Sealed storage of lineages, with a short-lived cache of opened ones
 /// (bounded in time and size; expired entries are dropped by [`Vault::sweep`]
@@ -123,7 +125,11 @@ impl Vault {
     }
 
     fn key(username: &str, issuer: &str) -> CacheKey {
-        (username.to_string(), issuer.to_string())
+        let mut key = String::with_capacity(username.len() + issuer.len() + 1);
+        key.push_str(username);
+        key.push('\0');
+        key.push_str(issuer);
+        key
     }
 
     /// Drops the cached copy of a lineage (after any write to it).

@@ -162,6 +162,27 @@ impl Store {
         Ok(rows.iter().map(narrow_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// One page of the users who have servers tokenhub holds the hub token
+    /// of (started through the spawn hook), after `after`, whose files may
+    /// need a token: no narrower token held yet, or one
+    /// with less than `renew` seconds (or half its lifetime) left at `now`.
+    pub async fn users_to_renew(&self, now: i64, renew: i64, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT s.username FROM server_credentials s WHERE s.username > $1 AND ( \
+               NOT EXISTS (SELECT 1 FROM narrow_tokens n WHERE n.username = s.username) \
+               OR EXISTS (SELECT 1 FROM narrow_tokens n WHERE n.username = s.username AND n.expires_at IS NOT NULL \
+                 AND n.expires_at - $2 <= CASE WHEN (n.expires_at - n.obtained_at) / 2 < $3 \
+                   THEN (n.expires_at - n.obtained_at) / 2 ELSE $3 END)) \
+             ORDER BY s.username LIMIT $4",
+        )
+        .bind(after)
+        .bind(now)
+        .bind(renew)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Replaces a narrower token's sealed value if it is still `old`.
     pub async fn reseal_narrow_token(&self, row: &NarrowRow, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
         let done = sqlx::query(

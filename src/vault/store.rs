@@ -1128,16 +1128,6 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// One page of the users who have servers tokenhub holds the hub token
-    /// of (servers started through the spawn hook), after `after`.
-    pub async fn users_with_servers(&self, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT username FROM server_credentials WHERE username > $1 ORDER BY username LIMIT $2")
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
     /// Replaces a server's sealed token with `new` if it still is `old`.
     pub async fn reseal_server_credential(
         &self,
