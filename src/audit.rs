@@ -52,9 +52,33 @@ enum Sink {
     Writer(Mutex<Box<dyn std::io::Write + Send>>),
 }
 
-/// Writes audit lines.
+/// The most fetch lines waiting for the writer thread; a caller finding
+/// the queue full waits for room (a line is never dropped).
+const QUEUE: usize = 65_536;
+
+/// What the writer thread is handed.
+enum Queued {
+    Line(Line),
+    /// Answered once every line queued before it is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// An audit line, owned (for the writer thread).
+struct Line {
+    at: time::OffsetDateTime,
+    event: &'static str,
+    user: Option<String>,
+    version: Option<i64>,
+    detail: Option<String>,
+    request_id: Option<String>,
+    client: Option<String>,
+}
+
+/// Writes audit lines: most as they happen, the one line of every notebook
+/// fetch (the hot path's) on a thread of its own ([`Audit::record_off_path`]).
 pub struct Audit {
-    sink: Sink,
+    sink: std::sync::Arc<Sink>,
+    queue: std::sync::mpsc::SyncSender<Queued>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -64,9 +88,10 @@ impl std::fmt::Debug for Audit {
 }
 
 impl Audit {
-    /// Opens the sink (a file is created if missing, mode 0600, and appended to).
+    /// Opens the sink (a file is created if missing, mode 0600, and appended
+    /// to) and starts the writer thread of fetch lines.
     pub fn open(target: &AuditTarget) -> std::io::Result<Self> {
-        let sink = match target {
+        let sink = std::sync::Arc::new(match target {
             AuditTarget::Log => Sink::Log,
             AuditTarget::Stdout => Sink::Writer(Mutex::new(Box::new(std::io::stdout()))),
             AuditTarget::File(path) => {
@@ -76,22 +101,71 @@ impl Audit {
                 std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
                 Sink::Writer(Mutex::new(Box::new(options.open(path)?)))
             }
-        };
-        Ok(Self { sink })
+        });
+        let (queue, queued) = std::sync::mpsc::sync_channel(QUEUE);
+        let writer = sink.clone();
+        // Ends when the last sender (this Audit) is dropped.
+        std::thread::Builder::new().name("tokenhub-audit".into()).spawn(move || {
+            for item in queued {
+                match item {
+                    Queued::Line(l) => {
+                        writer.write(l.at, l.event, l.user.as_deref(), l.version, l.detail.as_deref(), &l.request_id, &l.client)
+                    }
+                    Queued::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        })?;
+        Ok(Self { sink, queue })
     }
 
     /// Records `event` for `user` (lineage `version`, and a fixed `detail`
     /// such as a refusal reason). Never pass a token value.
     pub fn record(&self, event: &str, user: Option<&str>, version: Option<i64>, detail: Option<&str>) {
+        let at = time::OffsetDateTime::now_utc();
         // The request's context is read where it is, not copied.
-        let written = CONTEXT.try_with(|c| self.write(event, user, version, detail, &c.request_id, &c.client));
+        let written = CONTEXT.try_with(|c| self.sink.write(at, event, user, version, detail, &c.request_id, &c.client));
         if written.is_err() {
-            self.write(event, user, version, detail, &None, &None);
+            self.sink.write(at, event, user, version, detail, &None, &None);
         }
     }
 
+    /// [`Audit::record`] for the line every notebook fetch writes: the line
+    /// is formatted and written by the writer thread, off the request's path
+    /// (in order with the other fetch lines, a moment after it happened; its
+    /// time is when it happened).
+    pub fn record_off_path(&self, event: &'static str, user: &str, version: Option<i64>, detail: Option<&str>) {
+        let (request_id, client) = CONTEXT.try_with(|c| (c.request_id.clone(), c.client.clone())).unwrap_or_default();
+        let line = Line {
+            at: time::OffsetDateTime::now_utc(),
+            event,
+            user: Some(user.to_string()),
+            version,
+            detail: detail.map(str::to_string),
+            request_id,
+            client,
+        };
+        if self.queue.send(Queued::Line(line)).is_err() {
+            tracing::error!(event, "the audit writer thread is gone: a fetch line was not written");
+        }
+    }
+
+    /// Waits until every fetch line recorded so far is written (at shutdown,
+    /// and for tests that read the log).
+    pub fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.queue.send(Queued::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl Sink {
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
+        at: time::OffsetDateTime,
         event: &str,
         user: Option<&str>,
         version: Option<i64>,
@@ -99,7 +173,7 @@ impl Audit {
         request_id: &Option<String>,
         client: &Option<String>,
     ) {
-        match &self.sink {
+        match self {
             Sink::Log => tracing::info!(
                 target: "audit",
                 event,
@@ -111,8 +185,7 @@ impl Audit {
                 "audit"
             ),
             Sink::Writer(writer) => {
-                let at =
-                    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+                let at = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
                 let line = json!({
                     "ts": at,
                     "event": event,
@@ -144,9 +217,13 @@ mod tests {
         let context = Context { request_id: Some("rid-1".into()), client: Some("10.1.2.3".into()) };
         CONTEXT.scope(context, async { audit.record("notebook_fetch", Some("alice"), Some(3), None) }).await;
         audit.record("revoke", Some("bob"), None, Some("user asked"));
+        // A fetch line, written by the audit's thread, with its context.
+        let context = Context { request_id: Some("rid-2".into()), client: Some("10.1.2.4".into()) };
+        CONTEXT.scope(context, async { audit.record_off_path("notebook_fetch", "carol", Some(5), None) }).await;
+        audit.flush();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 3);
         assert_eq!(lines[0]["event"], "notebook_fetch");
         assert_eq!(lines[0]["user"], "alice");
         assert_eq!(lines[0]["client"], "10.1.2.3");
@@ -154,6 +231,8 @@ mod tests {
         assert_eq!(lines[0]["version"], 3);
         assert_eq!(lines[1]["client"], serde_json::Value::Null);
         assert_eq!(lines[1]["detail"], "user asked");
+        assert_eq!((lines[2]["user"].as_str(), lines[2]["request_id"].as_str()), (Some("carol"), Some("rid-2")));
+        assert_eq!((lines[2]["client"].as_str(), lines[2]["version"].as_i64()), (Some("10.1.2.4"), Some(5)));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

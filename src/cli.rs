@@ -241,10 +241,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::tokens::sharing::watch(&state, interval);
     }
     let http = state.config.http.clone();
+    let app = state.clone();
     crate::server::serve(listener, crate::app(state), &http, shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {
         keepalive.stop().await;
     }
+    // Every fetch's audit line is written before the process ends.
+    app.audit.flush();
     tracing::info!("tokenhub stopped");
     Ok(())
 }

@@ -255,12 +255,12 @@ pub async fn tokens(State(app): State<AppState>, request: axum::extract::Request
         let token = narrow::token(&app, &username, &request, narrow::Freshness::MinValid(min_valid))
             .await
             .map_err(|e| narrow_error(&app, e))?;
-        app.audit.record("notebook_fetch_narrow", Some(&username), None, Some(&request.key()));
+        app.audit.record_off_path("notebook_fetch_narrow", &username, None, Some(&request.key()));
         return Ok(no_store(narrow_json(&app, &token)));
     }
     let fresh =
         app.refresher.fresh(&app, &username, Want { min_valid, force: false }).await.map_err(|e| refresh_error(&app, e))?;
-    app.audit.record("notebook_fetch", Some(&username), Some(fresh.lineage.version), None);
+    app.audit.record_off_path("notebook_fetch", &username, Some(fresh.lineage.version), None);
     Ok(answer(&app, &fresh, format))
 }
 

@@ -205,6 +205,8 @@ async fn the_audit_log_records_events_without_token_values() {
         .unwrap();
     assert_eq!(spawn.status(), StatusCode::OK);
 
+    // Fetch lines are written by the audit's own thread: wait for it.
+    app.state().audit.flush();
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
