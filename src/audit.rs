@@ -52,9 +52,10 @@ enum Sink {
     Writer(Mutex<Box<dyn std::io::Write + Send>>),
 }
 
-/// The most fetch lines waiting for the writer thread; a caller finding
-/// the queue full waits for room (a line is never dropped).
-const QUEUE: usize = 65_536;
+/// The most fetch lines waiting for the writer thread (the queue's memory
+/// is taken at start: about 150 bytes a line); a caller finding it full
+/// waits for room (a line is never dropped).
+const QUEUE: usize = 4096;
 
 /// What the writer thread is handed.
 enum Queued {

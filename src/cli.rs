@@ -202,6 +202,9 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
     use std::io::IsTerminal as _;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The queue's memory is taken at start; its default (128,000 lines)
+        // would be about 3 MB.
+        .buffered_lines_limit(8192)
         .thread_name("tokenhub-log")
         .finish(std::io::stderr());
     let builder =
