@@ -9,6 +9,7 @@ end-to-end tests.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import signal
 import socket
@@ -22,10 +23,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and outside the kernel's range for outgoing
+    connections: a port handed out for binding later (a redirect URI the hub
+    is configured with at start, bound by a test much later) must not be
+    taken meanwhile by some connection's local end."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 32768) if not low <= p <= high] or list(range(high + 1, 65536))
+    for port in random.sample(candidates, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def wait_for_http(url: str, what: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
