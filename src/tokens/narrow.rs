@@ -17,7 +17,7 @@ use crate::config::{AudienceParam, NarrowMechanism};
 use crate::oauth::upstream::UpstreamError;
 use crate::state::AppState;
 use crate::time::now;
-use crate::tokens::refresh::{Ask, Lease, RefreshError, Want, lineage_key};
+use crate::tokens::refresh::{Ask, Lease, RefreshError, Want, lineage_key, shared_failure};
 use crate::vault::narrow::NarrowToken;
 use crate::vault::{Lineage, TokenSet};
 
@@ -202,6 +202,7 @@ async fn by_refresh(
     let refresher = &app.refresher;
     let issuer = app.upstream.issuer();
     let key = request.key();
+    let asked_at = std::time::Instant::now();
     let slot = refresher.slot_for(&lineage_key(username, issuer));
     let mut slot = slot.lock().await;
     refresher.store_unsaved(app, username, &mut slot).await?;
@@ -210,12 +211,14 @@ async fn by_refresh(
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()).into());
         }
-        // Whoever held the lock before us may have obtained it.
+        // Whoever held the lock before us may have obtained it, or failed
+        // at the IdP: that failure is shared, not asked for again.
         if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
             && serves(&held, freshness)
         {
             return Ok(held);
         }
+        shared_failure(&slot, asked_at)?;
         let lineage = match refresher.take_lease(app, &lineage).await? {
             Lease::Ours => lineage,
             // Another replica refreshed: look again (it may have obtained ours).

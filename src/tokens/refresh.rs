@@ -284,10 +284,7 @@ impl Refresher {
         if !want.force && !needs_refresh(&lineage, want) {
             return self.settled(lineage, false, capped);
         }
-        if let Some((_, outage)) = slot.failed.filter(|(failed, _)| *failed > asked_at) {
-            let why = "a refresh failed moments ago".to_string();
-            return Err(if outage { RefreshError::Unavailable(why) } else { RefreshError::Failed(why) });
-        }
+        shared_failure(&slot, asked_at)?;
 
         let lineage = match self.take_lease(app, &lineage).await? {
             Lease::Ours => lineage,
@@ -578,6 +575,18 @@ impl Refresher {
         };
         app.metrics.upstream_refresh(started.elapsed(), outcome(&result));
         result
+    }
+}
+
+/// The failure of a refresh that ended after `asked_at` (while the caller
+/// queued for the lineage's lock): shared rather than asked for again.
+pub(super) fn shared_failure(slot: &Slot, asked_at: Instant) -> Result<(), RefreshError> {
+    match slot.failed.filter(|(failed, _)| *failed > asked_at) {
+        Some((_, outage)) => {
+            let why = "a refresh failed moments ago".to_string();
+            Err(if outage { RefreshError::Unavailable(why) } else { RefreshError::Failed(why) })
+        }
+        None => Ok(()),
     }
 }
 
