@@ -31,12 +31,6 @@ tokio::task_local! {
     static CONTEXT: Context;
 }
 
-/// The current request's context (empty outside a request, e.g. in a
-/// background delivery).
-pub fn context() -> Context {
-    CONTEXT.try_with(Clone::clone).unwrap_or_default()
-}
-
 /// The client address of the request being served.
 pub fn client() -> Option<String> {
     CONTEXT.try_with(|c| c.client.clone()).ok().flatten()

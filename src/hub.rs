@@ -433,17 +433,12 @@ impl HubApi {
         Ok(verdict)
     }
 
-    /// Writes `content` as the token file of a running server, through the
-    /// server's Contents API behind the proxy, presenting the server's own
-    /// hub API token (`credential`): never tokenhub's, which would reach
-    /// every server, and the server's owner sees all that reaches it.
-    pub async fn write_token_file(&self, server: &ServerInfo, content: &str, credential: &SecretString) -> Result<(), HubError> {
-        let body = json!({ "type": "file", "format": "text", "content": content });
-        self.put_contents(server, &self.token_file, &body, credential).await
-    }
-
     /// Writes `content` whole as the file at `path` (relative to the
-    /// server's root) of a running server, as [`HubApi::write_token_file`] does.
+    /// server's root; the token file is [`HubApi::token_file`]) of a running
+    /// server, through the server's Contents API behind the proxy,
+    /// presenting the server's own hub API token (`credential`): never
+    /// tokenhub's, which would reach every server, and the server's owner
+    /// sees all that reaches it.
     pub async fn write_file(
         &self,
         server: &ServerInfo,

@@ -21,10 +21,16 @@ const READY_POLL: Duration = Duration::from_millis(500);
 /// Polls a server may be missing from the hub's list before we stop waiting.
 const ABSENT_POLLS: u32 = 10;
 
-/// One write of the file through the server's Contents API, counted in
-/// `/metrics`.
-async fn put(app: &AppState, server: &ServerInfo, content: &str, credential: &SecretString) -> Result<(), HubError> {
-    let written = app.hub.write_token_file(server, content, credential).await;
+/// One write of a file (the token file, or a file of [`super::files`])
+/// through the server's Contents API, counted in `/metrics`.
+pub(super) async fn put(
+    app: &AppState,
+    server: &ServerInfo,
+    path: &str,
+    content: &str,
+    credential: &SecretString,
+) -> Result<(), HubError> {
+    let written = app.hub.write_file(server, path, content, credential).await;
     app.metrics.token_file_write(written.is_ok());
     written
 }
@@ -74,7 +80,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
     app.deliveries.set_withheld(username, &server.name, withheld).await;
     if withheld {
         if !file.withheld {
-            put(app, server, &sharing::note(username, app), &credential).await?;
+            put(app, server, app.hub.token_file(), &sharing::note(username, app), &credential).await?;
             file.version = None;
             file.withheld = true;
             tracing::info!(user = %username, server = %server.name, token_id = %token_id, "token file withheld: the server is shared");
@@ -96,7 +102,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
             break;
         }
         let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
-        put(app, server, &document, &credential).await?;
+        put(app, server, app.hub.token_file(), &document, &credential).await?;
         file.version = Some(lineage.version);
         let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
         app.deliveries.record(username, delivery).await;

@@ -121,11 +121,9 @@ pub(super) async fn write_files(
             }
         };
         if let Err(e) = write(app, server, &path, &content, credential, state).await {
-            app.metrics.token_file_write(false);
             tracing::warn!(user = %username, server = %server.name, path = %path, error = %e, "token file not written");
             continue;
         }
-        app.metrics.token_file_write(true);
         state.narrow.insert(path.clone(), digest);
         tracing::info!(user = %username, server = %server.name, path = %path, token_id = %token_id, "narrower-token file written");
         let detail = format!(
@@ -150,11 +148,12 @@ async fn write(
     for depth in 1..parts.len() {
         let directory = parts[..depth].join("/");
         if !state.directories.contains(&directory) {
-            app.hub.make_directory(server, &directory, credential).await?;
+            // A folder that cannot be made is a file not written.
+            app.hub.make_directory(server, &directory, credential).await.inspect_err(|_| app.metrics.token_file_write(false))?;
             state.directories.insert(directory);
         }
     }
-    app.hub.write_file(server, path, content, credential).await
+    super::delivery::put(app, server, path, content, credential).await
 }
 
 /// Users looked at per page when keep-alive renews the files.
