@@ -587,6 +587,23 @@ def test_a_planted_symlink_is_not_followed(make_private, account, tmp_path):
 
 
 @needs_root
+def test_a_missing_folder_of_the_users_is_made_private(make_private, account, tmp_path):
+    # The bearer-token file's folder (.tokenhub): made 0700 and the user's,
+    # the file in it 0600 and the user's.
+    home = user_dir(tmp_path, account)
+    make_private(account, str(home / ".tokenhub" / "bt_default"))
+    folder = (home / ".tokenhub").lstat()
+    assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700
+    assert (folder.st_uid, folder.st_gid) == (account.pw_uid, account.pw_gid)
+    st = (home / ".tokenhub" / "bt_default").lstat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == account.pw_uid
+    # A folder missing from a directory of root's is not made.
+    with pytest.raises(OSError):
+        make_private(account, str(tmp_path / "nowhere" / "bt_default"))
+    assert not (tmp_path / "nowhere").exists()
+
+
+@needs_root
 def test_a_file_of_someone_else_is_not_given_away(make_private, account, tmp_path):
     home = user_dir(tmp_path, account)
     path = home / ".tokens.json"
