@@ -54,6 +54,8 @@ fn lineage(rng: &mut impl Rng, i: usize, now: i64) -> LineageRow {
         pending_id_token: None,
         login_nonce: Some("n".repeat(22)),
         dead_reason: None,
+        refresh_hash: None,
+        fabric_token: None,
     }
 }
 

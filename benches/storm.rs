@@ -305,6 +305,7 @@ async fn vault_of(bin: &str, n: usize) {
                 refresh_token: Some(format!("refresh-{user}-{}", "r".repeat(400)).into()),
                 access_expires_at: Some(tokenhub::time::now() + 3600),
                 scope: "openid email profile offline_access".into(),
+                fabric: None,
             };
             vault.save_login(&user, &idp.issuer, &format!("sub-{user}"), &tokens, &claims, "n").await.unwrap();
         }

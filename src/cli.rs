@@ -244,6 +244,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::tokens::sharing::watch(&state, interval);
     }
     let http = state.config.http.clone();
+    if state.credmgr.is_some() {
+        // Lineages stored before the broker: their refresh tokens are found by digest too.
+        let filled = state.vault.backfill_refresh_hashes().await?;
+        if filled > 0 {
+            tracing::info!(lineages = filled, "refresh-token digests filled in for the FABRIC broker");
+        }
+    }
+    if let Some(broker) = state.config.fabric.as_ref().and_then(|f| f.listener.clone()) {
+        let acceptor = crate::tls::acceptor(&broker.cert, &broker.key)?;
+        let listener = tokio::net::TcpListener::bind(broker.bind).await?;
+        tracing::info!(address = %listener.local_addr()?, "FABRIC broker listening (TLS)");
+        let (router, http) = (crate::fabric::broker::app(state.clone()), http.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::serve_with(listener, Some(acceptor), router, &http, shutdown_signal()).await {
+                tracing::error!(error = %e, "the FABRIC broker's listener failed");
+            }
+        });
+    }
     let app = state.clone();
     crate::server::serve(listener, crate::app(state), &http, shutdown_signal()).await?;
     if let Some(keepalive) = keepalive {

@@ -178,6 +178,60 @@ pub struct Settings {
     #[arg(long, env = "TOKENHUB_BEARER_TOKEN_SCOPE", help_heading = "Narrower tokens")]
     pub bearer_token_scope: Option<String>,
 
+    /// The FABRIC Credential Manager, e.g. `https://cm.fabric-testbed.net`.
+    /// Set it for a FABRIC deployment (tokenhub registered at CILogon with
+    /// the CM's client): tokenhub's refreshes then go through the CM, and
+    /// tokenhub answers FABlib's CM calls as a broker (docs/fabric.md).
+    #[arg(long, env = "TOKENHUB_FABRIC_CREDMGR_URL", help_heading = "FABRIC broker")]
+    pub fabric_credmgr_url: Option<Url>,
+
+    /// The broker's host name as servers reach it (the chart's Ingress
+    /// host, or this host's name for `TOKENHUB_BROKER_BIND`): servers get
+    /// `FABRIC_CREDMGR_HOST` set to it, and their `fabric_rc` is pointed at it.
+    #[arg(long, env = "TOKENHUB_FABRIC_BROKER_HOST", help_heading = "FABRIC broker")]
+    pub fabric_broker_host: Option<String>,
+
+    /// What the broker does with a refresh token it does not hold: `pass`
+    /// (default: sent to the CM unchanged, nothing kept) or `refuse`.
+    #[arg(long, env = "TOKENHUB_FABRIC_UNKNOWN_TOKENS", help_heading = "FABRIC broker")]
+    pub fabric_unknown_tokens: Option<UnknownTokens>,
+
+    /// Custody: servers get no refresh token (`.tokens.json` carries the
+    /// FABRIC JWT alone, `CILOGON_REFRESH_TOKEN` is not set); tokenhub keeps
+    /// the JWT fresh. Default false.
+    #[arg(long, env = "TOKENHUB_FABRIC_CUSTODY", help_heading = "FABRIC broker")]
+    pub fabric_custody: Option<bool>,
+
+    /// Point the line `FABRIC_CREDMGR_HOST=…` of the user's
+    /// `work/fabric_config/fabric_rc` at the broker when a server starts
+    /// (default true; the rest of the file is left alone).
+    #[arg(long, env = "TOKENHUB_FABRIC_EDIT_RC", help_heading = "FABRIC broker")]
+    pub fabric_edit_rc: Option<bool>,
+
+    /// Seconds a FABRIC JWT must still be valid to be answered from the
+    /// vault without asking the CM (default 2100: FABlib refreshes 30
+    /// minutes before expiry).
+    #[arg(long, env = "TOKENHUB_FABRIC_MIN_VALID", help_heading = "FABRIC broker")]
+    pub fabric_min_valid: Option<u64>,
+
+    /// Seconds a replaced refresh token is still answered with the current
+    /// tokens (default 86400; the 16 newest per lineage are kept).
+    #[arg(long, env = "TOKENHUB_FABRIC_GRACE", help_heading = "FABRIC broker")]
+    pub fabric_grace: Option<u64>,
+
+    /// Address of the broker's own TLS listener (for deployments without
+    /// an Ingress), e.g. `0.0.0.0:443`; needs the certificate and key.
+    #[arg(long, env = "TOKENHUB_BROKER_BIND", help_heading = "FABRIC broker")]
+    pub broker_bind: Option<SocketAddr>,
+
+    /// PEM file with the broker's certificate chain.
+    #[arg(long, env = "TOKENHUB_BROKER_TLS_CERT", help_heading = "FABRIC broker")]
+    pub broker_tls_cert: Option<PathBuf>,
+
+    /// PEM file with the broker's private key.
+    #[arg(long, env = "TOKENHUB_BROKER_TLS_KEY", help_heading = "FABRIC broker")]
+    pub broker_tls_key: Option<PathBuf>,
+
     /// Client id of the one registered client, JupyterHub.
     #[arg(long, env = "TOKENHUB_HUB_CLIENT_ID", help_heading = "JupyterHub as OAuth client")]
     pub hub_client_id: Option<String>,
@@ -389,6 +443,100 @@ pub struct BearerDefault {
     /// Scopes, space-separated (default: the IdP's default for the audience).
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+/// What the broker does with a refresh token it does not hold
+/// (`TOKENHUB_FABRIC_UNKNOWN_TOKENS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTokens {
+    /// Sent to the Credential Manager unchanged; nothing of it is kept.
+    #[default]
+    Pass,
+    /// Refused with 401.
+    Refuse,
+}
+
+/// The FABRIC broker and refreshes through the Credential Manager.
+#[derive(Debug, Clone)]
+pub struct FabricConfig {
+    /// The Credential Manager's base URL (without `/credmgr`).
+    pub credmgr_url: Url,
+    /// The broker's host name as servers reach it.
+    pub broker_host: Option<String>,
+    /// What happens to a refresh token tokenhub does not hold.
+    pub unknown_tokens: UnknownTokens,
+    /// No refresh token in servers.
+    pub custody: bool,
+    /// Point `fabric_rc` at the broker at spawn.
+    pub edit_rc: bool,
+    /// Seconds a JWT must have left to be answered from the vault.
+    pub min_valid: i64,
+    /// Seconds a replaced refresh token is answered.
+    pub grace: i64,
+    /// The broker's own TLS listener, if any.
+    pub listener: Option<BrokerListener>,
+}
+
+/// The broker's TLS listener (`TOKENHUB_BROKER_BIND` and its PEM files).
+#[derive(Debug, Clone)]
+pub struct BrokerListener {
+    /// Address.
+    pub bind: SocketAddr,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fabric_config(
+    credmgr_url: Option<Url>,
+    broker_host: Option<String>,
+    unknown_tokens: Option<UnknownTokens>,
+    custody: Option<bool>,
+    edit_rc: Option<bool>,
+    min_valid: Option<u64>,
+    grace: Option<u64>,
+    listener: (Option<SocketAddr>, Option<PathBuf>, Option<PathBuf>),
+) -> Result<Option<FabricConfig>, ConfigError> {
+    let Some(credmgr_url) = credmgr_url else {
+        if broker_host.is_some() || listener.0.is_some() {
+            return Err(ConfigError::Missing("TOKENHUB_FABRIC_CREDMGR_URL (the broker needs the Credential Manager)"));
+        }
+        return Ok(None);
+    };
+    if !matches!(credmgr_url.scheme(), "http" | "https") || credmgr_url.host().is_none() {
+        return Err(ConfigError::Invalid { name: "TOKENHUB_FABRIC_CREDMGR_URL", reason: "must be an http or https URL".into() });
+    }
+    let credmgr_url = trim_slash(credmgr_url);
+    if let Some(host) = &broker_host
+        && (host.is_empty() || host.contains(['/', ' ', '@']))
+    {
+        return Err(ConfigError::Invalid {
+            name: "TOKENHUB_FABRIC_BROKER_HOST",
+            reason: "must be a host name (with a port if not 443), as FABlib's FABRIC_CREDMGR_HOST".into(),
+        });
+    }
+    let listener = match listener {
+        (None, None, None) => None,
+        (Some(bind), Some(cert), Some(key)) => Some(BrokerListener { bind, cert, key }),
+        _ => {
+            return Err(ConfigError::Missing(
+                "TOKENHUB_BROKER_BIND with TOKENHUB_BROKER_TLS_CERT and TOKENHUB_BROKER_TLS_KEY (all three)",
+            ));
+        }
+    };
+    Ok(Some(FabricConfig {
+        credmgr_url,
+        broker_host,
+        unknown_tokens: unknown_tokens.unwrap_or_default(),
+        custody: custody.unwrap_or(false),
+        edit_rc: edit_rc.unwrap_or(true),
+        min_valid: min_valid.unwrap_or(2100).min(86_400) as i64,
+        grace: grace.unwrap_or(86_400).min(i64::MAX as u64) as i64,
+        listener,
+    }))
 }
 
 /// Narrower tokens: how they are had and who may ask for what.
@@ -761,6 +909,8 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// Narrower tokens.
     pub narrow: NarrowConfig,
+    /// The FABRIC broker, when a Credential Manager is set.
+    pub fabric: Option<FabricConfig>,
     /// Logging.
     pub log: LogConfig,
 }
@@ -801,6 +951,16 @@ impl Settings {
             token_files,
             bearer_token_audience,
             bearer_token_scope,
+            fabric_credmgr_url,
+            fabric_broker_host,
+            fabric_unknown_tokens,
+            fabric_custody,
+            fabric_edit_rc,
+            fabric_min_valid,
+            fabric_grace,
+            broker_bind,
+            broker_tls_cert,
+            broker_tls_key,
             hub_client_id,
             hub_client_secret,
             hub_redirect_uri,
@@ -975,6 +1135,16 @@ impl Settings {
                     rules,
                 }
             },
+            fabric: fabric_config(
+                self.fabric_credmgr_url,
+                self.fabric_broker_host,
+                self.fabric_unknown_tokens,
+                self.fabric_custody,
+                self.fabric_edit_rc,
+                self.fabric_min_valid,
+                self.fabric_grace,
+                (self.broker_bind, self.broker_tls_cert, self.broker_tls_key),
+            )?,
             log: LogConfig {
                 filter: self.log.unwrap_or_else(|| "info".into()),
                 format: self.log_format.unwrap_or_default(),

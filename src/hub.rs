@@ -450,6 +450,36 @@ impl HubApi {
         self.put_contents(server, path, &body, credential).await
     }
 
+    /// Reads the text file `path` of a running server through its Contents
+    /// API with the server's own token; `None` when there is no such file.
+    pub async fn read_file(
+        &self,
+        server: &ServerInfo,
+        path: &str,
+        credential: &SecretString,
+    ) -> Result<Option<String>, HubError> {
+        let segments: Vec<String> = path.trim_start_matches('/').split('/').map(path_segment).collect();
+        let path = format!("{}api/contents/{}", ensure_slash(&server.url), segments.join("/"));
+        let mut url = join(&self.proxy_url, &path);
+        url.set_query(Some("type=file&format=text&content=1"));
+        let _timer = self.timings.start(HubCall::WriteTokenFile);
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", format!("token {}", credential.expose_secret()))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        match response.status().as_u16() {
+            404 => Ok(None),
+            s if !(200..300).contains(&s) => Err(HubError::Status { what: "the server's Contents API", status: s }),
+            _ => {
+                let model: serde_json::Value = response.json().await.map_err(unreachable)?;
+                Ok(model.get("content").and_then(serde_json::Value::as_str).map(str::to_string))
+            }
+        }
+    }
+
     /// Makes the directory `path` of a running server (one that is there is kept).
     pub async fn make_directory(&self, server: &ServerInfo, path: &str, credential: &SecretString) -> Result<(), HubError> {
         self.put_contents(server, path, &json!({ "type": "directory" }), credential).await

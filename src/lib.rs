@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod errors;
+pub mod fabric;
 pub mod hub;
 pub mod metrics;
 pub mod names;
@@ -18,6 +19,7 @@ pub mod security;
 pub mod server;
 pub mod state;
 pub mod time;
+pub mod tls;
 pub mod tokens;
 pub mod vault;
 pub mod web;
@@ -66,6 +68,10 @@ pub fn app(state: AppState) -> Router {
         .route(&at("/api/v1/users/{name}/tokens"), get(api::delegation::user_tokens))
         .route(&at("/api/v1/hub/spawn"), post(api::spawn::spawn))
         .route(&at("/api/v1/openapi.json"), get(api::openapi::serve));
+    if state.credmgr.is_some() {
+        // FABlib's Credential Manager calls, at the root of the broker's host.
+        routes = routes.merge(fabric::broker::routes());
+    }
     if !base.is_empty() {
         // The prefix itself, without the trailing slash, is the token page too.
         routes = routes.route(&base, get(web::pages::token_page));

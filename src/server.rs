@@ -65,6 +65,19 @@ pub async fn serve(
     http: &HttpConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_with(listener, None, router, http, shutdown).await
+}
+
+/// [`serve`] with TLS on every connection when `tls` is given (the FABRIC
+/// broker's own listener): the handshake must end within the header read
+/// timeout, as a request head must.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    http: &HttpConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     let limits = &http.limits;
     let builder = http1_builder(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -114,13 +127,34 @@ pub async fn serve(
             })
             .layer(RequestBodyTimeoutLayer::new(body_timeout))
             .service(router.clone());
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let service = TowerToHyperService::new(service);
+        match &tls {
+            None => {
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(acceptor) => {
+                let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            if let Err(e) = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await {
+                                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     tracing::info!(connections = graceful.count(), "no longer accepting connections; finishing requests in flight");

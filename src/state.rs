@@ -27,6 +27,8 @@ pub struct App {
     pub vault: Vault,
     /// The upstream OpenID provider.
     pub upstream: Upstream,
+    /// The FABRIC Credential Manager, in a FABRIC deployment.
+    pub credmgr: Option<crate::oauth::credmgr::CredMgr>,
     /// What `/metrics` shows.
     pub metrics: Metrics,
     /// The hub's API and users' servers.
@@ -83,11 +85,13 @@ impl App {
         let store = Store::open(&config.vault.database_url, true, &config.vault.database).await?;
         let http = http_client()?;
         let upstream = Upstream::new(config.upstream.clone(), http.clone());
+        let credmgr = config.fabric.as_ref().map(|f| crate::oauth::credmgr::CredMgr::new(&f.credmgr_url, http.clone()));
         let metrics = Metrics::new();
         let app = Arc::new(App {
             vault: Vault::new(store, keys.clone()),
             keys,
             upstream,
+            credmgr,
             hub: HubApi::new(&config.hub, http, metrics.hub_calls.clone()),
             metrics,
             deliveries: Deliveries::default(),
@@ -100,6 +104,11 @@ impl App {
         });
         housekeeping(Arc::downgrade(&app));
         Ok(app)
+    }
+
+    /// Whether servers get no refresh token (FABRIC custody mode).
+    pub fn custody(&self) -> bool {
+        self.config.fabric.as_ref().is_some_and(|f| f.custody)
     }
 
     /// A URL of tokenhub's own, from a path like `/callback`.

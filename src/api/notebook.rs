@@ -57,7 +57,7 @@ fn tokens_json(app: &AppState, fresh: &Fresh) -> Response {
         token_type: "Bearer",
         access_token: t.access_token.expose_secret(),
         id_token: t.id_token.expose_secret(),
-        refresh_token: t.refresh_token.as_ref().map(|r| r.expose_secret()),
+        refresh_token: t.refresh_token.as_ref().filter(|_| !app.custody()).map(|r| r.expose_secret()),
         expires_at: t.access_expires_at,
         expires_in: t.access_expires_at.map(|e| (e - now()).max(0)),
         scope: &t.scope,
@@ -226,7 +226,7 @@ pub(super) fn refresh_error(app: &AppState, e: RefreshError) -> ApiError {
 /// The answer in the asked format (checked by the caller: `fabric` or JSON).
 fn answer(app: &AppState, fresh: &Fresh, format: Option<&str>) -> Response {
     match format {
-        Some("fabric") => no_store(fabric::document(&fresh.lineage)),
+        Some("fabric") => no_store(fabric::document(&fresh.lineage, app.custody())),
         _ => crate::no_store(tokens_json(app, fresh)),
     }
 }

@@ -63,9 +63,11 @@ pub async fn spawn(
     // A server shared from its start (shares outlive a stop) gets no tokens.
     let withheld = sharing::withheld(&app, &request.user, &request.server).await?;
     let mut env = serde_json::Map::new();
-    if let Some(refresh) = lineage.tokens.refresh_token.as_ref().filter(|_| !withheld) {
+    // In FABRIC custody mode no refresh token reaches a server.
+    if let Some(refresh) = lineage.tokens.refresh_token.as_ref().filter(|_| !withheld && !app.custody()) {
         env.insert("CILOGON_REFRESH_TOKEN".into(), refresh.expose_secret().into());
     }
+    crate::tokens::fabric::add_env(&app, &mut env);
     env.insert("TOKENHUB_URL".into(), app.config.http.public_url.as_str().trim_end_matches('/').into());
     // The narrower-token files the server will get: the hook makes them
     // private where it can and names those with `env` in the environment.

@@ -89,6 +89,25 @@ pub struct TokenReply {
     /// Seconds the refresh token lives unused, when the IdP said
     /// (`refresh_expires_in`, e.g. Keycloak): keep-alive goes by it.
     pub refresh_expires_in: Option<i64>,
+    /// The FABRIC Credential Manager's answer, when the refresh went
+    /// through it.
+    pub fabric: Option<crate::vault::fabric::FabricToken>,
+}
+
+impl TokenReply {
+    /// A Credential Manager's refresh as a token answer: its FABRIC JWT as
+    /// the access token (valid until its `exp`), the new refresh token.
+    pub fn from_cm(token: crate::vault::fabric::FabricToken) -> TokenReply {
+        TokenReply {
+            access_token: token.field("id_token").unwrap_or_default().into(),
+            refresh_token: token.field("refresh_token").map(SecretString::from),
+            id_token: None,
+            expires_in: Some(token.expires_at - crate::time::now()),
+            scope: None,
+            refresh_expires_in: None,
+            fabric: Some(token),
+        }
+    }
 }
 
 /// The token endpoint's JSON, leniently read: `expires_in` as number or
@@ -313,6 +332,7 @@ impl Upstream {
             expires_in,
             scope: raw.scope,
             refresh_expires_in,
+            fabric: None,
         })
     }
 
@@ -405,6 +425,7 @@ impl Upstream {
                 refresh_token: reply.refresh_token,
                 access_expires_at: reply.expires_in.map(|d| now() + d),
                 scope,
+                fabric: None,
             },
             claims: all_claims,
             refresh_expires_in: reply.refresh_expires_in,

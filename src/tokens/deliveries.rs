@@ -37,6 +37,8 @@ pub struct FileState {
     pub narrow: std::collections::HashMap<String, String>,
     /// Directories made in the server for those files.
     pub directories: HashSet<String>,
+    /// Whether the server's `fabric_rc` was looked at since its start.
+    pub rc_checked: bool,
 }
 
 /// A server's file lock (see [`FileState`]).
@@ -56,6 +58,9 @@ pub struct Deliveries {
     withheld: Mutex<HashMap<String, HashSet<String>>>,
     /// Which server a hub token is the own token of, by the token's digest.
     server_tokens: moka::sync::Cache<String, Option<String>>,
+    /// Servers whose `fabric_rc` was pointed at the broker, by user: the
+    /// host each named before.
+    rc_changes: Mutex<HashMap<String, HashMap<String, String>>>,
 }
 
 impl Default for Deliveries {
@@ -66,6 +71,7 @@ impl Default for Deliveries {
             files: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(SLOT_IDLE).build(),
             withheld: Mutex::default(),
             server_tokens: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
+            rc_changes: Mutex::default(),
         }
     }
 }
@@ -76,6 +82,20 @@ impl Deliveries {
         let done = self.done.lock().await;
         let mut list: Vec<Delivery> = done.get(username).map(|m| m.values().cloned().collect()).unwrap_or_default();
         list.sort_by(|a, b| a.server.cmp(&b.server));
+        list
+    }
+
+    /// Notes that a server's `fabric_rc` was pointed at the broker.
+    pub async fn note_rc_change(&self, username: &str, server: &str, named: String) {
+        self.rc_changes.lock().await.entry(username.to_string()).or_default().insert(server.to_string(), named);
+    }
+
+    /// The user's servers whose `fabric_rc` was pointed at the broker, with
+    /// the host each named before, by server name.
+    pub async fn rc_changes(&self, username: &str) -> Vec<(String, String)> {
+        let changes = self.rc_changes.lock().await;
+        let mut list: Vec<(String, String)> = changes.get(username).map(|m| m.clone().into_iter().collect()).unwrap_or_default();
+        list.sort();
         list
     }
 

@@ -101,7 +101,7 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
         if file.version.is_some_and(|written| written >= lineage.version) {
             break;
         }
-        let document = serde_json::to_string_pretty(&fabric::document(&lineage)).expect("JSON serializes");
+        let document = serde_json::to_string_pretty(&fabric::document(&lineage, app.custody())).expect("JSON serializes");
         put(app, server, app.hub.token_file(), &document, &credential).await?;
         file.version = Some(lineage.version);
         let delivery = Delivery { server: server.name.clone(), version: lineage.version, at: now() };
@@ -111,6 +111,13 @@ async fn write_one(app: &AppState, username: &str, server: &ServerInfo) -> Resul
         app.audit.record("token_file", Some(username), Some(lineage.version), Some(&detail));
     }
     super::files::write_files(app, username, server, &credential, &token_id, &mut file).await;
+    // Once per start of the server: FABlib reads its host from fabric_rc first.
+    if !file.rc_checked {
+        file.rc_checked = true;
+        if let Some(named) = fabric::point_rc(app, username, server, &credential).await {
+            app.deliveries.note_rc_change(username, &server.name, named).await;
+        }
+    }
     Ok(file.version)
 }
 

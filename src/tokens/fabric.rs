@@ -1,11 +1,19 @@
-//! The FABRIC Credential Manager token document (`~/.tokens.json`), which
-//! FABlib (`fabrictestbed`) reads unchanged.
+//! What a FABRIC user's server gets: the Credential Manager token document
+//! (`~/.tokens.json`), which FABlib (`fabrictestbed`) reads unchanged; and,
+//! with the broker ([`crate::fabric`]), the broker's host in the environment
+//! (`FABRIC_CREDMGR_HOST`) and in the user's `fabric_rc`, which FABlib reads
+//! before the environment: that one line changed, the rest left as it is.
 
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
+use secrecy::SecretString;
+use serde_json::Map;
+
+use crate::hub::ServerInfo;
+use crate::state::AppState;
 use crate::vault::Lineage;
 use crate::vault::crypto::digest_hex;
 
@@ -26,14 +34,24 @@ pub fn id_token_expiry(lineage: &Lineage) -> Option<i64> {
         .or(lineage.tokens.access_expires_at)
 }
 
-/// The document for a lineage. `state` is `Valid` for tokens from a login and
-/// `Refreshed` once they come from a refresh, as the Credential Manager says.
-pub fn document(lineage: &Lineage) -> Value {
+/// Where FABlib's Jupyter examples keep the user's configuration.
+pub const FABRIC_RC: &str = "work/fabric_config/fabric_rc";
+
+/// The document for a lineage: the Credential Manager's own answer when the
+/// tokens came through it, else one made like it. `state` is `Valid` for
+/// tokens from a login and `Refreshed` once they come from a refresh, as
+/// the Credential Manager says. In custody (`custody`) it holds no refresh
+/// token.
+pub fn document(lineage: &Lineage, custody: bool) -> Value {
+    let refresh_token = lineage.tokens.refresh_token.as_ref().filter(|_| !custody);
+    if let Some(held) = &lineage.tokens.fabric {
+        return Value::Object(held.object(refresh_token));
+    }
     let id_token = lineage.tokens.id_token.expose_secret();
     let issued = lineage.refreshed_at.unwrap_or(lineage.updated_at);
-    json!({
+    let mut document = json!({
         "id_token": id_token,
-        "refresh_token": lineage.tokens.refresh_token.as_ref().map(|t| t.expose_secret()),
+        "refresh_token": refresh_token.map(|t| t.expose_secret()),
         "access_token": lineage.tokens.access_token.expose_secret(),
         "created_at": timestamp(issued),
         "expires_at": timestamp(id_token_expiry(lineage).unwrap_or(issued)),
@@ -41,12 +59,100 @@ pub fn document(lineage: &Lineage) -> Value {
         "token_hash": digest_hex(id_token),
         "comment": format!("issued by tokenhub for {} (lineage version {})", lineage.username, lineage.version),
         "created_from": "tokenhub",
-    })
+    });
+    if refresh_token.is_none() {
+        document.as_object_mut().map(|d| d.remove("refresh_token"));
+    }
+    document
+}
+
+const VARIABLE: &str = "FABRIC_CREDMGR_HOST";
+
+/// The broker's variables for a spawning server's environment.
+pub fn add_env(app: &AppState, env: &mut Map<String, Value>) {
+    if let Some(host) = app.config.fabric.as_ref().and_then(|f| f.broker_host.as_ref()) {
+        env.insert(VARIABLE.into(), Value::String(host.clone()));
+    }
+}
+
+/// `text` with its `FABRIC_CREDMGR_HOST=…` line naming `host`, and the host
+/// it named; `None` when no line names another host.
+pub fn pointed_at(text: &str, host: &str) -> Option<(String, String)> {
+    let mut changed = None;
+    let lines: Vec<String> = text
+        .split_inclusive('\n')
+        .map(|line| {
+            let body = line.trim_end_matches(['\n', '\r']);
+            let ending = &line[body.len()..];
+            let indent = &body[..body.len() - body.trim_start().len()];
+            let rest = body.trim_start();
+            let (export, rest) = match rest.strip_prefix("export ") {
+                Some(r) => ("export ", r.trim_start()),
+                None => ("", rest),
+            };
+            let Some(value) = rest.strip_prefix(VARIABLE).and_then(|r| r.trim_start().strip_prefix('=')) else {
+                return line.to_string();
+            };
+            let named = value.trim().trim_matches(['"', '\'']).to_string();
+            if named == host || changed.is_some() {
+                return line.to_string();
+            }
+            changed = Some(named);
+            format!("{indent}{export}{VARIABLE}={host}{ending}")
+        })
+        .collect();
+    changed.map(|named| (lines.concat(), named))
+}
+
+/// Points the server's `fabric_rc` at the broker if it names another host
+/// (a file that is not there is left so); returns the host it named.
+pub async fn point_rc(app: &AppState, username: &str, server: &ServerInfo, credential: &SecretString) -> Option<String> {
+    let fabric = app.config.fabric.as_ref().filter(|f| f.edit_rc)?;
+    let host = fabric.broker_host.as_ref()?;
+    let text = match app.hub.read_file(server, FABRIC_RC, credential).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(user = %username, server = %server.name, error = %e, "fabric_rc could not be read");
+            return None;
+        }
+    };
+    let (text, named) = pointed_at(&text, host)?;
+    if let Err(e) = app.hub.write_file(server, FABRIC_RC, &text, credential).await {
+        tracing::warn!(user = %username, server = %server.name, error = %e, "fabric_rc could not be pointed at the broker");
+        return None;
+    }
+    tracing::info!(user = %username, server = %server.name, was = %named, "fabric_rc pointed at the broker");
+    let detail = format!("{FABRIC_RC} of server {:?}: {VARIABLE} {named} -> {host}", server.name);
+    app.audit.record("fabric_rc", Some(username), None, Some(&detail));
+    Some(named)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RC: &str = "export FABRIC_ORCHESTRATOR_HOST=orchestrator.fabric-testbed.net\n\
+                      export FABRIC_CREDMGR_HOST=cm.fabric-testbed.net\r\n\
+                      export FABRIC_PROJECT_ID=abc\n\
+                      # export FABRIC_CREDMGR_HOST=old\n";
+
+    #[test]
+    fn only_the_hosts_line_changes() {
+        let (text, named) = pointed_at(RC, "broker.example.org").unwrap();
+        assert_eq!(named, "cm.fabric-testbed.net");
+        assert_eq!(
+            text,
+            "export FABRIC_ORCHESTRATOR_HOST=orchestrator.fabric-testbed.net\n\
+             export FABRIC_CREDMGR_HOST=broker.example.org\r\n\
+             export FABRIC_PROJECT_ID=abc\n\
+             # export FABRIC_CREDMGR_HOST=old\n"
+        );
+        assert_eq!(pointed_at(&text, "broker.example.org"), None, "once pointed, left alone");
+        assert_eq!(pointed_at("FABRIC_PROJECT_ID=abc", "b"), None);
+        let (text, _) = pointed_at("  FABRIC_CREDMGR_HOST = \"cm\"", "b").unwrap();
+        assert_eq!(text, "  FABRIC_CREDMGR_HOST=b");
+    }
 
     #[test]
     fn timestamps_use_fabrics_format() {

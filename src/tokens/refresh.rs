@@ -30,7 +30,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::metrics::RefreshOutcome;
-use crate::oauth::upstream::UpstreamError;
+use crate::oauth::credmgr::CmAsk;
+use crate::oauth::upstream::{TokenReply, UpstreamError};
 use crate::state::AppState;
 use crate::time::now;
 use crate::tokens::refresher::{Refresher, Slot, Unsaved};
@@ -59,6 +60,9 @@ const REASON_CHARS: usize = 300;
 pub(super) enum Ask<'a> {
     /// The lineage's own tokens.
     Lineage,
+    /// The lineage's own tokens through the FABRIC Credential Manager, for
+    /// this project and scope.
+    Fabric(&'a CmAsk),
     /// A narrower token: these scopes, and an audience sent as the named parameter.
     Narrow { scopes: &'a [String], audience: Option<(&'static str, &'a str)> },
 }
@@ -169,6 +173,19 @@ fn capped_by(want: Want) -> impl Fn(&Lineage) -> Option<i64> {
     move |l| want.min_valid.filter(|m| effective_min_valid(l, *m) < *m).map(|m| effective_min_valid(l, m))
 }
 
+/// Whether the lineage holds a Credential Manager answer for `ask` (any
+/// lineage does when nothing is asked of the CM).
+fn answers(lineage: &Lineage, ask: Option<&CmAsk>) -> bool {
+    match ask {
+        None => true,
+        Some(a) => lineage
+            .tokens
+            .fabric
+            .as_ref()
+            .is_some_and(|f| f.answers(a.project_id.as_deref(), a.project_name.as_deref(), &a.scope)),
+    }
+}
+
 fn needs_refresh(lineage: &Lineage, want: Want) -> bool {
     if want.force {
         return true;
@@ -196,7 +213,16 @@ fn servable(lineage: &Lineage) -> Result<(), RefreshError> {
 impl Refresher {
     /// The user's lineage, refreshed first if `want` asks for it.
     pub async fn fresh(&self, app: &AppState, username: &str, want: Want) -> Result<Fresh, RefreshError> {
-        let (fresh, _) = self.fresh_inner(app, username, want, None, Settle::Now).await?;
+        let (fresh, _) = self.fresh_inner(app, username, want, None, Settle::Now, None).await?;
+        servable(&fresh.lineage)?;
+        Ok(fresh)
+    }
+
+    /// [`Refresher::fresh`] for the FABRIC broker: the lineage must also
+    /// hold the Credential Manager's answer for `ask` (else it is refreshed
+    /// through the CM, one refresh for all callers as any other).
+    pub async fn fresh_for_cm(&self, app: &AppState, username: &str, want: Want, ask: CmAsk) -> Result<Fresh, RefreshError> {
+        let (fresh, _) = self.fresh_inner(app, username, want, None, Settle::Now, Some(ask)).await?;
         servable(&fresh.lineage)?;
         Ok(fresh)
     }
@@ -217,7 +243,7 @@ impl Refresher {
         want: Want,
         seen_version: i64,
     ) -> Result<(Fresh, bool), RefreshError> {
-        self.fresh_inner(app, username, want, Some(seen_version), Settle::Later).await
+        self.fresh_inner(app, username, want, Some(seen_version), Settle::Later, None).await
     }
 
     async fn fresh_inner(
@@ -227,6 +253,7 @@ impl Refresher {
         want: Want,
         seen_version: Option<i64>,
         settle: Settle,
+        cm_ask: Option<CmAsk>,
     ) -> Result<(Fresh, bool), RefreshError> {
         let issuer = app.upstream.issuer();
         let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
@@ -235,7 +262,11 @@ impl Refresher {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
         }
         let nothing_held = self.unsaved.load(Ordering::Acquire) == 0;
-        if nothing_held && lineage.pending_id_token.is_none() && !needs_refresh(&lineage, want) {
+        if nothing_held
+            && lineage.pending_id_token.is_none()
+            && !needs_refresh(&lineage, want)
+            && answers(&lineage, cm_ask.as_ref())
+        {
             let capped_min_valid = capped(&lineage);
             return Ok((Fresh { lineage, refreshed: false, capped_min_valid }, false));
         }
@@ -246,7 +277,7 @@ impl Refresher {
         let (app, user) = (app.clone(), username.to_string());
         tokio::spawn(async move {
             let mut made = false;
-            let fresh = app.refresher.refresh_locked(&app, &user, want, seen_version, settle, &mut made).await?;
+            let fresh = app.refresher.refresh_locked(&app, &user, want, seen_version, settle, cm_ask, &mut made).await?;
             Ok((fresh, made))
         })
         .await
@@ -255,6 +286,7 @@ impl Refresher {
 
     /// The slow path of [`Refresher::fresh`], under the lineage's lock:
     /// share a refresh made meanwhile, or make one.
+    #[allow(clippy::too_many_arguments)] // each is one thing the caller decided
     async fn refresh_locked(
         &self,
         app: &AppState,
@@ -262,6 +294,7 @@ impl Refresher {
         want: Want,
         seen_version: i64,
         settle: Settle,
+        cm_ask: Option<CmAsk>,
         made: &mut bool,
     ) -> Result<Fresh, RefreshError> {
         let issuer = app.upstream.issuer();
@@ -274,14 +307,15 @@ impl Refresher {
         // Whoever held the lock before us may have refreshed already (or our
         // cached copy was behind another replica's write).
         let lineage = app.vault.load(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
-        if lineage.version != seen_version && (want.force || !lineage.active || !needs_refresh(&lineage, want)) {
+        let enough = |l: &Lineage| !needs_refresh(l, want) && answers(l, cm_ask.as_ref());
+        if lineage.version != seen_version && (want.force || !lineage.active || enough(&lineage)) {
             return self.adopt(app, lineage, settle, capped).await;
         }
         let lineage = self.settle(app, lineage, settle).await?;
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));
         }
-        if !want.force && !needs_refresh(&lineage, want) {
+        if !want.force && enough(&lineage) {
             return self.settled(lineage, false, capped);
         }
         shared_failure(&slot, asked_at)?;
@@ -290,17 +324,27 @@ impl Refresher {
             Lease::Ours => lineage,
             Lease::RefreshedElsewhere(newer) => return self.adopt(app, *newer, settle, capped).await,
         };
-        let reply = self.grant_under_lease(app, &lineage, &mut slot, Ask::Lineage).await?;
+        // A FABRIC deployment refreshes through the Credential Manager, for
+        // what the caller asked or what the held answer was asked for.
+        let cm_ask = app.credmgr.as_ref().map(|_| cm_ask.unwrap_or_else(|| CmAsk::of(lineage.tokens.fabric.as_ref())));
+        let ask = cm_ask.as_ref().map_or(Ask::Lineage, Ask::Fabric);
+        let reply = self.grant_under_lease(app, &lineage, &mut slot, ask).await?;
 
         // The IdP answered 2xx: the old refresh token may be spent. Store the
         // answer before anything else can fail; the ID token that came with
-        // it waits beside the last verified one until it is checked.
+        // it waits beside the last verified one until it is checked. The
+        // CM's FABRIC JWT comes from the CM over TLS and serves as both
+        // access and ID token.
         let tokens = TokenSet {
+            id_token: match &reply.fabric {
+                Some(_) => reply.access_token.clone(),
+                None => lineage.tokens.id_token.clone(),
+            },
             access_token: reply.access_token,
-            id_token: lineage.tokens.id_token.clone(),
             refresh_token: reply.refresh_token.or_else(|| lineage.tokens.refresh_token.clone()),
             access_expires_at: reply.expires_in.map(|d| now() + d),
             scope: reply.scope.unwrap_or_else(|| lineage.tokens.scope.clone()),
+            fabric: reply.fabric,
         };
         let stored = self.store_answer(app, lineage, tokens, reply.id_token, &mut slot).await?;
         tracing::info!(user = %username, version = stored.version, "tokens refreshed");
@@ -326,7 +370,7 @@ impl Refresher {
         lineage: &Lineage,
         slot: &mut Slot,
         ask: Ask<'_>,
-    ) -> Result<crate::oauth::upstream::TokenReply, RefreshError> {
+    ) -> Result<TokenReply, RefreshError> {
         let (username, issuer) = (&lineage.username, &lineage.issuer);
         let heartbeat = Heartbeat::start(app, lineage, &self.holder);
         let answer = self.refresh_upstream(app, lineage, ask).await;
@@ -539,12 +583,7 @@ impl Refresher {
 
     /// The refresh at the IdP, retried with backoff only while no attempt got
     /// a 2xx (a 2xx may have spent the refresh token).
-    async fn refresh_upstream(
-        &self,
-        app: &AppState,
-        lineage: &Lineage,
-        ask: Ask<'_>,
-    ) -> Result<crate::oauth::upstream::TokenReply, UpstreamError> {
+    async fn refresh_upstream(&self, app: &AppState, lineage: &Lineage, ask: Ask<'_>) -> Result<TokenReply, UpstreamError> {
         let refresh_token = lineage
             .tokens
             .refresh_token
@@ -556,6 +595,10 @@ impl Refresher {
         let result = loop {
             let answer = match ask {
                 Ask::Lineage => app.upstream.refresh_grant(refresh_token).await,
+                Ask::Fabric(cm_ask) => match &app.credmgr {
+                    Some(cm) => cm.refresh(refresh_token, cm_ask).await.map(TokenReply::from_cm),
+                    None => Err(UpstreamError::BadResponse("no Credential Manager is set".into())),
+                },
                 Ask::Narrow { scopes, audience } => app.upstream.narrow_refresh_grant(refresh_token, scopes, audience).await,
             };
             match answer {
@@ -591,7 +634,7 @@ pub(super) fn shared_failure(slot: &Slot, asked_at: Instant) -> Result<(), Refre
 }
 
 /// How an upstream refresh ended, for `/metrics`.
-fn outcome(result: &Result<crate::oauth::upstream::TokenReply, UpstreamError>) -> RefreshOutcome {
+fn outcome(result: &Result<TokenReply, UpstreamError>) -> RefreshOutcome {
     match result {
         Ok(_) => RefreshOutcome::Ok,
         Err(UpstreamError::InvalidGrant(_)) => RefreshOutcome::InvalidGrant,

@@ -7,6 +7,7 @@
 //! the sealed envelope) and [`store`] (the rows in SQLite or PostgreSQL).
 
 pub mod crypto;
+pub mod fabric;
 pub mod narrow;
 pub mod rekey;
 pub mod store;
@@ -34,6 +35,9 @@ pub struct TokenSet {
     pub access_expires_at: Option<i64>,
     /// Granted scopes, space-separated.
     pub scope: String,
+    /// The FABRIC Credential Manager's answer, when the tokens came from a
+    /// refresh through it (the access and ID tokens are then its FABRIC JWT).
+    pub fabric: Option<fabric::FabricToken>,
 }
 
 /// A user's lineage, opened.
@@ -193,6 +197,10 @@ impl Vault {
     ) -> Result<i64, VaultError> {
         let seal = |field: &str, value: &[u8]| self.keys.seal(value, &aad(username, issuer, field));
         let now = now();
+        // The refresh token of the login this one replaces: a kernel still
+        // holding it is the same person's (same subject) and may be given
+        // the new tokens by the broker for a while; another's is forgotten.
+        let replaced = self.store.lineage(username, issuer).await?;
         let row = LineageRow {
             username: username.into(),
             issuer: issuer.into(),
@@ -213,9 +221,21 @@ impl Vault {
             pending_id_token: None,
             login_nonce: Some(nonce.to_string()),
             dead_reason: None,
+            refresh_hash: tokens.refresh_token.as_ref().map(|t| crypto::digest_hex(t.expose_secret())),
+            fabric_token: None,
         };
         self.forget(username, issuer);
-        Ok(self.store.replace_lineage(&row).await?)
+        let version = self.store.replace_lineage(&row).await?;
+        match replaced {
+            Some(old) if old.subject == subject => {
+                if let Some(hash) = old.refresh_hash.filter(|h| Some(h) != row.refresh_hash.as_ref()) {
+                    self.store.add_predecessor(&hash, username, issuer, now).await?;
+                }
+            }
+            Some(_) => self.store.forget_predecessors(username, issuer).await?,
+            None => {}
+        }
+        Ok(version)
     }
 
     /// Stores the tokens a refresh of `lineage` returned, if nobody changed
@@ -264,10 +284,21 @@ impl Vault {
             pending_id_token: pending_id_token.map(|t| seal("pending_id_token", t.expose_secret())),
             login_nonce: lineage.login_nonce.clone(),
             dead_reason: None,
+            refresh_hash: new_refresh.as_deref().map(crypto::digest_hex),
+            fabric_token: tokens.fabric.as_ref().map(|f| self.keys.seal(&f.to_plain(), &aad(username, issuer, "fabric_token"))),
         };
         self.forget(username, issuer);
         match self.store.store_refresh(&row).await? {
-            Some(_) => self.load(username, issuer).await,
+            Some(_) => {
+                if rotated && let Some(old) = old_refresh.as_deref() {
+                    // Only the broker's grace for the old token is lost if
+                    // this fails: the refresh itself is stored.
+                    if let Err(e) = self.store.add_predecessor(&crypto::digest_hex(old), username, issuer, now).await {
+                        tracing::warn!(user = %username, error = %e, "the replaced refresh token's digest was not kept");
+                    }
+                }
+                self.load(username, issuer).await
+            }
             None => Ok(None),
         }
     }
@@ -349,6 +380,13 @@ impl Vault {
                     .transpose()?,
                 access_expires_at: row.access_expires_at,
                 scope: row.scope.clone(),
+                fabric: match row.fabric_token.as_deref() {
+                    Some(sealed) => {
+                        let plain = self.keys.open(sealed, &aad(&row.username, &row.issuer, "fabric_token")).map_err(crypto)?;
+                        Some(fabric::FabricToken::from_plain(&plain).ok_or_else(|| crypto(CryptoError::Malformed))?)
+                    }
+                    None => None,
+                },
             },
             claims,
             version: row.version,

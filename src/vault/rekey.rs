@@ -86,13 +86,17 @@ pub struct Rekeyed {
 fn lineage_fields(row: &mut LineageRow) -> impl Iterator<Item = (&'static str, &mut Vec<u8>)> {
     [("access_token", Some(&mut row.access_token)), ("id_token", Some(&mut row.id_token)), ("claims", Some(&mut row.claims))]
         .into_iter()
-        .chain([("refresh_token", row.refresh_token.as_mut()), ("pending_id_token", row.pending_id_token.as_mut())])
+        .chain([
+            ("refresh_token", row.refresh_token.as_mut()),
+            ("pending_id_token", row.pending_id_token.as_mut()),
+            ("fabric_token", row.fabric_token.as_mut()),
+        ])
         .filter_map(|(name, value)| value.map(|v| (name, v)))
 }
 
 /// A stored row with sealed values.
 enum Sealed {
-    Lineage(LineageRow),
+    Lineage(Box<LineageRow>),
     ServerToken { user: String, server: String, token: Vec<u8> },
     Narrow(NarrowRow),
 }
@@ -106,7 +110,7 @@ async fn each_sealed(store: &Store, mut visit: impl AsyncFnMut(Sealed) -> Result
         let Some(last) = page.last() else { break };
         after = (last.username.clone(), last.issuer.clone());
         for row in page {
-            visit(Sealed::Lineage(row)).await?;
+            visit(Sealed::Lineage(Box::new(row))).await?;
         }
     }
     let mut after = (String::new(), String::new());
@@ -150,7 +154,7 @@ pub async fn rekey(store: &Store, keys: &KeyRing) -> Result<Rekeyed, RekeyError>
     let mut changed = 0;
     each_sealed(store, async |row| {
         match row {
-            Sealed::Lineage(row) => changed += rekey_lineage(store, keys, row).await? as u64,
+            Sealed::Lineage(row) => changed += rekey_lineage(store, keys, *row).await? as u64,
             Sealed::ServerToken { user, server, token } => {
                 let place = format!("the hub token of server {server:?} of {user}");
                 let new =

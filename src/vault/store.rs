@@ -115,6 +115,8 @@ const IMPORTED: [Imported; 4] = [
             ("login_nonce", Kind::Text),
             ("refresh_expires_at", Kind::Int),
             ("dead_reason", Kind::Text),
+            ("refresh_hash", Kind::Text),
+            ("fabric_token", Kind::Blob),
         ],
         key: &["username", "issuer"],
     },
@@ -207,6 +209,10 @@ pub struct LineageRow {
     /// Why the IdP refused the last refresh, when the lineage is dead (set
     /// by [`Store::mark_dead`] only).
     pub dead_reason: Option<String>,
+    /// SHA-256 of the current refresh token (the broker finds lineages by it).
+    pub refresh_hash: Option<String>,
+    /// Sealed answer of the FABRIC Credential Manager's last refresh.
+    pub fabric_token: Option<Vec<u8>>,
 }
 
 /// An authorization code issued to the hub (stored by hash).
@@ -292,7 +298,7 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 const LINEAGE_COLUMNS: &str = "username, issuer, subject, access_token, id_token, refresh_token, \
      claims, scope, access_expires_at, version, status, created_at, updated_at, refreshed_at, \
-     previous_refresh_hash, rotated_at, pending_id_token, login_nonce";
+     previous_refresh_hash, rotated_at, pending_id_token, login_nonce, refresh_hash, fabric_token";
 
 fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
     Ok(LineageRow {
@@ -315,6 +321,8 @@ fn lineage_from_row(row: &AnyRow) -> Result<LineageRow, sqlx::Error> {
         pending_id_token: row.try_get("pending_id_token")?,
         login_nonce: row.try_get("login_nonce")?,
         dead_reason: row.try_get("dead_reason")?,
+        refresh_hash: row.try_get("refresh_hash")?,
+        fabric_token: row.try_get("fabric_token")?,
     })
 }
 
@@ -479,7 +487,7 @@ impl Store {
     pub async fn replace_lineage(&self, row: &LineageRow) -> Result<i64, StoreError> {
         let sql = format!(
             "INSERT INTO lineages ({LINEAGE_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL, NULL, $14) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL, NULL, $14, $15, NULL) \
              ON CONFLICT (username, issuer) DO UPDATE SET \
                subject = excluded.subject, access_token = excluded.access_token, \
                id_token = excluded.id_token, refresh_token = excluded.refresh_token, \
@@ -489,7 +497,8 @@ impl Store {
                created_at = excluded.created_at, updated_at = excluded.updated_at, \
                refreshed_at = excluded.refreshed_at, previous_refresh_hash = NULL, \
                rotated_at = NULL, lease_holder = NULL, lease_until = NULL, \
-               pending_id_token = NULL, login_nonce = excluded.login_nonce, dead_reason = NULL \
+               pending_id_token = NULL, login_nonce = excluded.login_nonce, dead_reason = NULL, \
+               refresh_hash = excluded.refresh_hash, fabric_token = NULL \
              RETURNING version"
         );
         let version: i64 = sqlx::query_scalar(&sql)
@@ -507,6 +516,7 @@ impl Store {
             .bind(row.updated_at)
             .bind(row.refreshed_at)
             .bind(&row.login_nonce)
+            .bind(&row.refresh_hash)
             .fetch_all(&self.pool)
             .await?
             .pop()
@@ -529,7 +539,7 @@ impl Store {
             "UPDATE lineages SET access_token = $3, id_token = $4, refresh_token = $5, scope = $6, \
              access_expires_at = $7, version = version + 1, updated_at = $8, refreshed_at = $9, \
              previous_refresh_hash = $10, rotated_at = $11, pending_id_token = $13, \
-             lease_holder = NULL, lease_until = NULL \
+             refresh_hash = $14, fabric_token = $15, lease_holder = NULL, lease_until = NULL \
              WHERE username = $1 AND issuer = $2 AND version = $12 AND status = 'active' \
              RETURNING version",
         )
@@ -546,6 +556,8 @@ impl Store {
         .bind(row.rotated_at)
         .bind(row.version)
         .bind(&row.pending_id_token)
+        .bind(&row.refresh_hash)
+        .bind(&row.fabric_token)
         .fetch_all(&self.pool)
         .await?
         .pop();
@@ -1090,8 +1102,8 @@ impl Store {
     /// kept: nothing in the tokens changed). False when it moved on.
     pub async fn reseal_lineage(&self, row: &LineageRow) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE lineages SET access_token = $4, id_token = $5, refresh_token = $6, claims = $7, pending_id_token = $8 \
-             WHERE username = $1 AND issuer = $2 AND version = $3",
+            "UPDATE lineages SET access_token = $4, id_token = $5, refresh_token = $6, claims = $7, pending_id_token = $8, \
+             fabric_token = $9 WHERE username = $1 AND issuer = $2 AND version = $3",
         )
         .bind(&row.username)
         .bind(&row.issuer)
@@ -1101,6 +1113,7 @@ impl Store {
         .bind(&row.refresh_token)
         .bind(&row.claims)
         .bind(&row.pending_id_token)
+        .bind(&row.fabric_token)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -72,6 +72,14 @@ pub async fn token_page(State(app): State<AppState>, headers: HeaderMap, jar: Co
                 at: format!("{} ({})", timestamp(d.at), relative(d.at)),
             })
             .collect(),
+        fabric_broker: app.config.fabric.as_ref().and_then(|f| f.broker_host.clone()),
+        rc_changes: app
+            .deliveries
+            .rc_changes(&session.username)
+            .await
+            .into_iter()
+            .map(|(s, named)| (if s.is_empty() { "default server".into() } else { s }, named))
+            .collect(),
         withheld: withheld.into_iter().map(|s| if s.is_empty() { "default server".into() } else { s }).collect(),
         narrow: narrow
             .into_iter()
@@ -155,7 +163,7 @@ pub async fn download(State(app): State<AppState>, headers: HeaderMap, jar: Cook
         PageError::new(StatusCode::NOT_FOUND, "No tokens", "tokenhub holds no tokens for you.")
             .with_action("Renew", app.url("/refresh").to_string())
     })?;
-    let body = serde_json::to_string_pretty(&fabric::document(&lineage)).unwrap_or_default();
+    let body = serde_json::to_string_pretty(&fabric::document(&lineage, app.custody())).unwrap_or_default();
     app.audit.record("download", Some(&session.username), Some(lineage.version), Some("token file downloaded"));
     Ok(no_store(
         (

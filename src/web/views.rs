@@ -103,6 +103,11 @@ pub struct TokenPage<'a> {
     pub deliveries: Vec<DeliveryRow>,
     /// Servers whose tokens are withheld because they are shared.
     pub withheld: Vec<String>,
+    /// The FABRIC broker's host, when servers are pointed at it.
+    pub fabric_broker: Option<String>,
+    /// Servers whose `fabric_rc` tokenhub pointed at the broker, with the
+    /// host each named before.
+    pub rc_changes: Vec<(String, String)>,
     /// Narrower tokens held.
     pub narrow: Vec<NarrowRow>,
     /// `/narrow/drop`.

@@ -82,6 +82,17 @@ VALUE_SETS = {
             },
         },
     ),
+    "fabric-broker": merged(
+        REQUIRED,
+        {
+            "fabric": {
+                "credmgrUrl": "https://cm.fabric-testbed.net",
+                "brokerHost": "fabric-broker.hub.example.org",
+                "custody": False,
+                "ingress": {"enabled": True, "className": "nginx", "tls": {"secretName": "fabric-broker-tls"}},
+            },
+        },
+    ),
 }
 
 

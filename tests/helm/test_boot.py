@@ -44,6 +44,9 @@ NOT_FOR_THE_CHART = {
     "TOKENHUB_DATABASE_POOL_SIZE": "the database pool has safe defaults; extraEnv can set it",
     "TOKENHUB_DATABASE_CONNECT_TIMEOUT": "the database pool has safe defaults; extraEnv can set it",
     "TOKENHUB_DATABASE_STATEMENT_TIMEOUT": "the database pool has safe defaults; extraEnv can set it",
+    "TOKENHUB_BROKER_BIND": "the chart serves the FABRIC broker through its Ingress (fabric.ingress)",
+    "TOKENHUB_BROKER_TLS_CERT": "the chart serves the FABRIC broker through its Ingress (fabric.ingress)",
+    "TOKENHUB_BROKER_TLS_KEY": "the chart serves the FABRIC broker through its Ingress (fabric.ingress)",
 }
 
 
@@ -248,6 +251,13 @@ OPTIONAL = {
     "TOKENHUB_TOKEN_FILES": {"narrowTokens": {"files": [{"path": ".tokenhub/s", "audience": "https://s.example"}]}},
     "TOKENHUB_BEARER_TOKEN_AUDIENCE": {"narrowTokens": {"bearerToken": {"audience": "https://storage.example"}}},
     "TOKENHUB_BEARER_TOKEN_SCOPE": {"narrowTokens": {"bearerToken": {"scope": "storage.read"}}},
+    "TOKENHUB_FABRIC_CREDMGR_URL": {"fabric": {"credmgrUrl": "https://cm.fabric-testbed.net"}},
+    "TOKENHUB_FABRIC_BROKER_HOST": {"fabric": {"brokerHost": "fabric-broker.hub.example.org"}},
+    "TOKENHUB_FABRIC_UNKNOWN_TOKENS": {"fabric": {"unknownTokens": "refuse"}},
+    "TOKENHUB_FABRIC_CUSTODY": {"fabric": {"custody": True}},
+    "TOKENHUB_FABRIC_EDIT_RC": {"fabric": {"editRc": False}},
+    "TOKENHUB_FABRIC_MIN_VALID": {"fabric": {"minValid": 1800}},
+    "TOKENHUB_FABRIC_GRACE": {"fabric": {"grace": 3600}},
 }
 
 

@@ -330,3 +330,22 @@ def test_database_jobs_run_the_commands_with_the_vaults_settings(chart):
     # Off by default, and never for SQLite (the file belongs to the one pod).
     assert "Job" not in kinds(render(chart, VALUE_SETS["postgresql-url"])[0])
     assert "Job" not in kinds(render(chart, merged(REQUIRED, {"jobs": {"migrate": True, "rekey": True}}))[0])
+
+
+def test_the_fabric_brokers_host_gets_an_ingress_of_its_own(chart):
+    objects, _ = render(chart, VALUE_SETS["fabric-broker"])
+    ingress = find(objects, "Ingress", f"{RELEASE}-broker")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "fabric-broker.hub.example.org"
+    # Only the Credential Manager's paths reach tokenhub on that host.
+    assert rule["http"]["paths"] == [
+        {"path": "/credmgr", "pathType": "Prefix", "backend": {"service": {"name": RELEASE, "port": {"name": "http"}}}}
+    ]
+    assert ingress["spec"]["tls"] == [{"hosts": ["fabric-broker.hub.example.org"], "secretName": "fabric-broker-tls"}]
+    settings = find(objects, "ConfigMap")["data"]
+    assert settings["TOKENHUB_FABRIC_CREDMGR_URL"] == "https://cm.fabric-testbed.net"
+    assert settings["TOKENHUB_FABRIC_BROKER_HOST"] == "fabric-broker.hub.example.org"
+    assert settings["TOKENHUB_FABRIC_CUSTODY"] == "false", "false is said, not dropped"
+    # Without the broker's host, no Ingress for it.
+    objects, _ = render(chart, merged(VALUE_SETS["fabric-broker"], {"fabric": {"brokerHost": ""}}))
+    assert not [o for o in objects if o["kind"] == "Ingress"]

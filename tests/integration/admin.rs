@@ -46,6 +46,7 @@ fn tokens(seed: &str) -> TokenSet {
         refresh_token: Some(SecretString::from(format!("secret-refresh-{seed}"))),
         access_expires_at: Some(tokenhub::time::now() + 3600),
         scope: "openid offline_access".into(),
+        fabric: None,
     }
 }
 

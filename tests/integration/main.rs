@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod binary;
 mod custody;
+mod fabric;
 mod faults;
 mod hardening;
 mod id_token;

@@ -343,6 +343,7 @@ async fn import_sqlite_moves_a_thousand_lineages_to_postgresql() {
                 refresh_token: Some(format!("refresh-{user}").into()),
                 access_expires_at: Some(tokenhub::time::now() + 3600),
                 scope: "openid offline_access".into(),
+                fabric: None,
             };
             let claims = serde_json::json!({ "preferred_username": user }).as_object().unwrap().clone();
             // As a sign-in does: the name bound to the subject, the tokens stored.

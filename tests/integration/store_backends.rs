@@ -26,6 +26,7 @@ fn tokens(tag: &str) -> TokenSet {
         refresh_token: Some(format!("refresh-{tag}").into()),
         access_expires_at: Some(now() + 300),
         scope: "openid offline_access".into(),
+        fabric: None,
     }
 }
 
