@@ -27,7 +27,8 @@
 // dropped; calls by path), POST /_test/drop?count=N (the next N refreshes
 // are made at the IdP and their answers dropped: the connection is closed
 // unanswered), POST /_test/fail?count=N&status=S (the next N refreshes
-// answer S without reaching the IdP).
+// answer S without reaching the IdP), POST /_test/hold?seconds=T&count=N (the
+// next N refreshes are made at the IdP, then answered T seconds later).
 import crypto from 'node:crypto';
 import http from 'node:http';
 
@@ -43,7 +44,7 @@ const kid = crypto.randomBytes(8).toString('hex');
 const jwk = { ...publicKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' };
 
 const stats = { asked: 0, answered: 0, refused: 0, dropped: 0, failed: 0, paths: {} };
-const faults = { drop: 0, fail: 0, failStatus: 503 };
+const faults = { drop: 0, fail: 0, failStatus: 503, hold: 0, holdMs: 0 };
 
 const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 function sign(claims) {
@@ -117,6 +118,11 @@ async function refresh(req, res, url, body) {
     req.socket.destroy();
     return undefined;
   }
+  if (faults.hold > 0) {
+    faults.hold -= 1;
+    stats.held = (stats.held || 0) + 1;
+    await new Promise((resolve) => { setTimeout(resolve, faults.holdMs); });
+  }
   stats.answered += 1;
   return reply(res, 200, {
     data: [{
@@ -133,6 +139,11 @@ async function handle(req, res, url, body) {
   if (path.startsWith('/_test/')) {
     if (path === '/_test/stats') return reply(res, 200, stats);
     if (path === '/_test/drop') { faults.drop = Number(url.searchParams.get('count') || 1); return reply(res, 200, faults); }
+    if (path === '/_test/hold') {
+      faults.hold = Number(url.searchParams.get('count') || 1);
+      faults.holdMs = 1000 * Number(url.searchParams.get('seconds') || 5);
+      return reply(res, 200, faults);
+    }
     if (path === '/_test/fail') {
       faults.fail = Number(url.searchParams.get('count') || 1);
       faults.failStatus = Number(url.searchParams.get('status') || 503);

@@ -56,9 +56,13 @@ struct Sealed {
 }
 
 impl FabricToken {
-    /// Whether it answers a request for this project and scope.
+    /// Whether it answers a request for this project and scope. A project
+    /// is named by its id, or by its name when no id is given (FABlib sends
+    /// both once it has read them from a token).
     pub fn answers(&self, project_id: Option<&str>, project_name: Option<&str>, scope: &str) -> bool {
-        self.project_id.as_deref() == project_id && self.project_name.as_deref() == project_name && self.scope == scope
+        let asked = project_id.or(project_name);
+        let held = self.project_id.as_deref().or(self.project_name.as_deref());
+        asked == held && self.scope == scope
     }
 
     /// The token object, with the lineage's current refresh token (a
@@ -242,5 +246,43 @@ impl Vault {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(project_id: Option<&str>, project_name: Option<&str>) -> FabricToken {
+        FabricToken {
+            project_id: project_id.map(str::to_string),
+            project_name: project_name.map(str::to_string),
+            scope: "all".into(),
+            expires_at: 0,
+            token: r#"{"id_token":"j","refresh_token":"old","state":"Valid"}"#.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn a_project_is_named_by_its_id_else_its_name() {
+        let by_id = held(Some("p-1"), None);
+        assert!(by_id.answers(Some("p-1"), None, "all"));
+        assert!(by_id.answers(Some("p-1"), Some("My project"), "all"), "FABlib adds the name it read");
+        assert!(!by_id.answers(Some("p-2"), None, "all"));
+        assert!(!by_id.answers(Some("p-1"), None, "compute"));
+        let by_name = held(None, Some("My project"));
+        assert!(by_name.answers(None, Some("My project"), "all"));
+        assert!(!by_name.answers(None, None, "all"));
+    }
+
+    #[test]
+    fn the_object_carries_the_current_refresh_token_or_none() {
+        let token = held(None, None);
+        let current: SecretString = "new".to_string().into();
+        assert_eq!(token.object(Some(&current))["refresh_token"], "new");
+        assert!(!token.object(None).contains_key("refresh_token"));
+        let back = FabricToken::from_plain(&token.to_plain()).unwrap();
+        assert_eq!(back.field("id_token").as_deref(), Some("j"));
+        assert!(!format!("{back:?}").contains("old"));
     }
 }
