@@ -100,15 +100,20 @@ class Cm:
     """The stand-in Credential Manager, started after the stack (it needs the IdP's URL)."""
 
     def __init__(self, port: int, stack, state: Path):
+        self.port, self.stack = port, stack
         self.url = f"http://127.0.0.1:{port}"
         self.log = state / "credmgr.log"
+        self.start(3600)
+
+    def start(self, ttl: int) -> None:
+        """Starts the CM, its FABRIC JWTs valid `ttl` seconds (a new key each start)."""
         env = {
             **os.environ,
-            "CM_PORT": str(port),
-            "CM_IDP": stack.idp_url,
+            "CM_PORT": str(self.port),
+            "CM_IDP": self.stack.idp_url,
             "CM_CLIENT_ID": "tokenhub",
-            "CM_CLIENT_SECRET": stack.idp_client_secret,
-            "CM_TOKEN_TTL": "3600",
+            "CM_CLIENT_SECRET": self.stack.idp_client_secret,
+            "CM_TOKEN_TTL": str(ttl),
         }
         self.proc = subprocess.Popen(
             ["node", str(ROOT / "idp" / "credmgr.mjs")], env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT
@@ -164,6 +169,7 @@ def fabric_stack(system_user):  # noqa: F811 (the imported fixture)
                 "TOKENHUB_BROKER_BIND": "127.0.0.1:443",
                 "TOKENHUB_BROKER_TLS_CERT": str(cert),
                 "TOKENHUB_BROKER_TLS_KEY": str(key),
+                "TOKENHUB_KEEPALIVE_INTERVAL": "5",
             },
         )
         cm = Cm(cm_port, s, state)
@@ -352,3 +358,60 @@ def test_fablib_kernels_refresh_through_the_broker(fabric_stack, browser, system
     logs = stack_logs(stack, cm.log)
     assert not leaked(SEEN_TOKENS, logs), leaked(SEEN_TOKENS, logs)
     assert not leaked(SEEN_TOKENS, vault_bytes(stack))
+
+
+def test_keepalive_and_fablib_interleave_over_several_token_lifetimes(fabric_stack, browser, system_user):  # noqa: F811
+    """FABRIC JWTs of 20 s: tokenhub's keep-alive refreshes through the CM
+    every round (5 s) while kernels keep loading FABlib (each load refreshes
+    with the token file's refresh token), for more than three lifetimes.
+    No refresh token is refused anywhere, every kernel gets a valid JWT, and
+    the token file ends holding the newest tokens."""
+    stack, account, cm = fabric_stack, system_user, fabric_stack.cm
+    hub = Hub(stack)
+    user = account.pw_name
+    cm.stop()
+    cm.start(20)
+    before = cm.stats()
+    log_from = stack.hub_log.stat().st_size
+    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats", timeout=10) as r:
+        idp_errors = json.loads(r.read())["refresh_token_error"]
+    context = browser.new_context()
+    log_in_and_spawn(context.new_page(), stack, user)
+    env = hub.server_env(user)
+    token = env["JUPYTERHUB_API_TOKEN"]
+    remember(token)
+    deadline = time.monotonic() + 70
+    loads = 0
+    while time.monotonic() < deadline:
+        proc = kernel(stack, account, env)
+        got = line_of(proc)
+        finish(proc)
+        remember(got["id_token"], got["refresh_token"])
+        claims = cm.verify(got["id_token"])  # valid now, signed by the CM
+        assert claims["exp"] > time.time()
+        loads += 1
+        time.sleep(1)
+    after = cm.stats()
+    made = after["answered"] - before["answered"]
+    assert loads >= 10 and made >= 10, (loads, made)
+    assert after["refused"] == before["refused"], "the CM never had a refresh token refused"
+    with urllib.request.urlopen(f"{stack.idp_url}/_test/stats", timeout=10) as r:
+        assert json.loads(r.read())["refresh_token_error"] == idp_errors, "no refresh token refused at the IdP"
+    status, current, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
+    assert status == 200, current
+    # The file catches up with every refresh (keep-alive goes on meanwhile).
+    path = Path(env["FABRIC_TOKEN_LOCATION"])
+    deadline = time.monotonic() + 20
+    while True:
+        status, current, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
+        document = json.loads(path.read_text() or "{}")
+        if document.get("refresh_token") == current["refresh_token"]:
+            break
+        assert time.monotonic() < deadline, "the token file does not hold the newest tokens"
+        time.sleep(0.5)
+    assert document["id_token"] == current["id_token"]
+    remember(current["refresh_token"], current["id_token"])
+    with open(stack.hub_log, "rb") as log:
+        log.seek(log_from)
+        assert b"invalid_grant" not in log.read(), "no refusal in tokenhub's log meanwhile"
+    context.close()
