@@ -28,7 +28,10 @@
 // are made at the IdP and their answers dropped: the connection is closed
 // unanswered), POST /_test/fail?count=N&status=S (the next N refreshes
 // answer S without reaching the IdP), POST /_test/hold?seconds=T&count=N (the
-// next N refreshes are made at the IdP, then answered T seconds later).
+// next N refreshes are made at the IdP, then answered T seconds later),
+// POST /_test/mintfail?count=N (the next N refreshes are made at the IdP, then
+// fail making the FABRIC token: a 500 whose text carries the new refresh
+// token, as the CM's does).
 import crypto from 'node:crypto';
 import http from 'node:http';
 
@@ -44,7 +47,7 @@ const kid = crypto.randomBytes(8).toString('hex');
 const jwk = { ...publicKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' };
 
 const stats = { asked: 0, answered: 0, refused: 0, dropped: 0, failed: 0, paths: {} };
-const faults = { drop: 0, fail: 0, failStatus: 503, hold: 0, holdMs: 0 };
+const faults = { drop: 0, fail: 0, failStatus: 503, hold: 0, holdMs: 0, mintfail: 0 };
 
 const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 function sign(claims) {
@@ -103,6 +106,12 @@ async function refresh(req, res, url, body) {
     return cmError(res, 500, 'Internal Server Error',
       `(${tokens.error}) ${tokens.error_description || ''}: Refresh token is invalid or has expired, please visit ${base}/ to generate a new token!`);
   }
+  if (faults.mintfail > 0) {
+    faults.mintfail -= 1;
+    stats.mintfailed = (stats.mintfailed || 0) + 1;
+    return cmError(res, 500, 'Internal Server Error',
+      `error: the project registry did not answer, refresh_token: ${tokens.refresh_token}`);
+  }
   const idClaims = claimsOf(tokens.id_token);
   const now = Math.floor(Date.now() / 1000);
   const project = { uuid: projectId || 'all', name: projectName || 'all', tags: [], memberships: { is_member: true, is_token_holder: true } };
@@ -139,6 +148,10 @@ async function handle(req, res, url, body) {
   if (path.startsWith('/_test/')) {
     if (path === '/_test/stats') return reply(res, 200, stats);
     if (path === '/_test/drop') { faults.drop = Number(url.searchParams.get('count') || 1); return reply(res, 200, faults); }
+    if (path === '/_test/mintfail') {
+      faults.mintfail = Number(url.searchParams.get('count') || 1);
+      return reply(res, 200, faults);
+    }
     if (path === '/_test/hold') {
       faults.hold = Number(url.searchParams.get('count') || 1);
       faults.holdMs = 1000 * Number(url.searchParams.get('seconds') || 5);

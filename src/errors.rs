@@ -258,7 +258,10 @@ impl From<UpstreamError> for PageError {
                     "Your identity provider refuses this service's registration there. Please tell the operators of this service.",
                 )
             }
-            UpstreamError::Refused(d) | UpstreamError::BadResponse(d) | UpstreamError::AnswerLost(d) => Self::new(
+            UpstreamError::Refused(d)
+            | UpstreamError::BadResponse(d)
+            | UpstreamError::AnswerLost(d)
+            | UpstreamError::RotatedOnly { why: d, .. } => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "Identity provider error",
                 format!(

@@ -58,6 +58,7 @@ pub async fn spawn(
             "the spawn hook sent no server token: this server gets no token file (update the hub's tokenhub block)"
         ),
     }
+    crate::tokens::fabric::prefetch(&app, &lineage);
     tracing::info!(user = %request.user, server = %request.server, version = lineage.version, "environment handed to a spawning server");
     app.audit.record("spawn", Some(&request.user), Some(lineage.version), Some("tokens handed to a spawning server"));
     // A server shared from its start (shares outlive a stop) gets no tokens.

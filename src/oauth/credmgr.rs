@@ -81,6 +81,22 @@ pub fn error_text(body: &[u8]) -> String {
     }
 }
 
+/// The CM's error text without the refresh token it may carry, and that
+/// token: when the CM refreshed at CILogon and then failed (making the
+/// FABRIC token), it answers `error: …, refresh_token: <new token>`.
+pub fn take_refresh_token(text: &str) -> (String, Option<SecretString>) {
+    const MARK: &str = "refresh_token: ";
+    let Some(at) = text.find(MARK) else {
+        return (text.to_string(), None);
+    };
+    let rest = &text[at + MARK.len()..];
+    let end = rest.find(|c: char| c.is_whitespace() || matches!(c, ',' | '\'' | '"' | ';')).unwrap_or(rest.len());
+    let token = &rest[..end];
+    let clean = format!("{}{MARK}[token]{}", &text[..at], &rest[end..]);
+    let token = (!token.is_empty() && token != "None").then(|| SecretString::from(token.to_string()));
+    (clean, token)
+}
+
 /// The Credential Manager's client.
 #[derive(Debug, Clone)]
 pub struct CredMgr {
@@ -131,7 +147,10 @@ impl CredMgr {
         let bytes = read_bounded(response).await;
         if !status.is_success() {
             let bytes = bytes.unwrap_or_default();
-            let text = error_text(&bytes);
+            let (text, rotated) = take_refresh_token(&error_text(&bytes));
+            if let Some(refresh_token) = rotated {
+                return Err(UpstreamError::RotatedOnly { refresh_token, why: format!("it answered {status}: {text}") });
+            }
             return Err(if is_refusal(&text) {
                 UpstreamError::InvalidGrant(format!("the Credential Manager answered {status}: {text}"))
             } else if matches!(status.as_u16(), 429 | 502 | 503) {
@@ -229,6 +248,16 @@ mod tests {
         assert!(is_refusal(&text));
         assert!(!is_refusal(&error_text(b"upstream connect error or disconnect/reset before headers")));
         assert!(!is_refusal(&error_text(br#"{"errors":[{"message":"Scope x is not allowed!"}]}"#)));
+    }
+
+    #[test]
+    fn a_refresh_token_in_the_cms_error_is_taken_out() {
+        let (text, token) = take_refresh_token("error: project registry down, refresh_token: NEW-123");
+        assert_eq!(text, "error: project registry down, refresh_token: [token]");
+        assert_eq!(token.map(|t| t.expose_secret().to_string()).as_deref(), Some("NEW-123"));
+        let (text, token) = take_refresh_token("error: x, refresh_token: None");
+        assert!(token.is_none() && !text.contains("None"));
+        assert_eq!(take_refresh_token("plain").0, "plain");
     }
 
     #[test]

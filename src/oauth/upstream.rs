@@ -52,6 +52,16 @@ pub enum UpstreamError {
     /// `invalid_scope`, ...): it refuses this request.
     #[error("the identity provider returned an error: {0}")]
     Refused(String),
+    /// The FABRIC Credential Manager refreshed at the IdP but failed after
+    /// (it could not make its FABRIC token); its error carried the new
+    /// refresh token, which must be kept: the old one is spent.
+    #[error("the Credential Manager refreshed, then failed: {why}")]
+    RotatedOnly {
+        /// The new refresh token.
+        refresh_token: SecretString,
+        /// The CM's error, without the token.
+        why: String,
+    },
     /// The IdP refused tokenhub's own client (`invalid_client`,
     /// `unauthorized_client`): a configuration error for the operators.
     #[error("the identity provider refused tokenhub's client: {0}")]

@@ -75,6 +75,27 @@ pub fn add_env(app: &AppState, env: &mut Map<String, Value>) {
     }
 }
 
+/// In a FABRIC deployment, a lineage without a Credential Manager answer
+/// (a new login) gets one in the background, so the server's token file
+/// holds a FABRIC JWT from the start (in custody, FABlib cannot ask for one
+/// itself). The refresh rewrites the servers' files when it is done.
+pub fn prefetch(app: &AppState, lineage: &Lineage) {
+    let Some(fabric) = app.config.fabric.as_ref() else {
+        return;
+    };
+    if lineage.tokens.fabric.is_some() || !lineage.active {
+        return;
+    }
+    let (app, user, min_valid) = (app.clone(), lineage.username.clone(), fabric.min_valid);
+    tokio::spawn(async move {
+        let want = crate::tokens::refresh::Want { min_valid: Some(min_valid), force: false };
+        let ask = crate::oauth::credmgr::CmAsk::of(None);
+        if let Err(e) = app.refresher.fresh_for_cm(&app, &user, want, ask).await {
+            tracing::warn!(user = %user, error = %e, "no FABRIC token could be had for the new server yet");
+        }
+    });
+}
+
 /// `text` with its `FABRIC_CREDMGR_HOST=…` line naming `host`, and the host
 /// it named; `None` when no line names another host.
 pub fn pointed_at(text: &str, host: &str) -> Option<(String, String)> {

@@ -394,6 +394,18 @@ impl Refresher {
                 app.audit.record("invalid_grant", Some(username), Some(lineage.version), Some(&reason));
                 Err(RefreshError::Dead(reason))
             }
+            // The CM spent the refresh token and failed after: its
+            // replacement is stored (the rest of the lineage unchanged)
+            // before anything else, and the callers come back for a JWT.
+            Err(UpstreamError::RotatedOnly { refresh_token, why }) => {
+                tracing::warn!(user = %username, reason = %why, "the Credential Manager refreshed but failed after; its new refresh token is kept");
+                let tokens = TokenSet { refresh_token: Some(refresh_token), ..lineage.tokens.clone() };
+                self.store_answer(app, lineage.clone(), tokens, None, slot).await?;
+                slot.failed = Some((Instant::now(), false));
+                app.audit.record("refresh_failed", Some(username), Some(lineage.version), Some("the CM refreshed, then failed"));
+                self.deliver(app, username);
+                Err(RefreshError::Failed(why))
+            }
             // Anything else keeps the lineage: an outage, an unusable
             // answer, or tokenhub's own client refused (the operators'
             // matter, said as an error).
@@ -642,7 +654,9 @@ fn outcome(result: &Result<TokenReply, UpstreamError>) -> RefreshOutcome {
         Err(UpstreamError::AnswerLost(_)) => RefreshOutcome::AnswerLost,
         Err(UpstreamError::Refused(_)) => RefreshOutcome::Refused,
         Err(UpstreamError::Misconfigured(_)) => RefreshOutcome::Misconfigured,
-        Err(UpstreamError::BadResponse(_) | UpstreamError::BadIdToken(_)) => RefreshOutcome::Error,
+        Err(UpstreamError::BadResponse(_) | UpstreamError::BadIdToken(_) | UpstreamError::RotatedOnly { .. }) => {
+            RefreshOutcome::Error
+        }
     }
 }
 

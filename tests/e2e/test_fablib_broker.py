@@ -16,6 +16,7 @@ kernels' processes and the hub are the real ones."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -145,11 +146,14 @@ class Cm:
         self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def fabric_stack(system_user):  # noqa: F811 (the imported fixture)
+@contextlib.contextmanager
+def fabric_stack_running(account, **extra_env):
+    """The stack with the FABRIC broker on (its TLS listener on port 443 of
+    BROKER, named in /etc/hosts meanwhile) and the stand-in CM; servers run
+    as `account`."""
     scratch = Path(tempfile.mkdtemp(prefix="tokenhub-python-"))
     scratch.chmod(0o755)
-    python, pythonpath = server_python(system_user, scratch)
+    python, pythonpath = server_python(account, scratch)
     state = Path(tempfile.mkdtemp(prefix="tokenhub-e2e-fabric-"))
     cert, key, bundle = test_ca_and_broker_certificate(scratch)
     hosts = Path("/etc/hosts")
@@ -170,6 +174,7 @@ def fabric_stack(system_user):  # noqa: F811 (the imported fixture)
                 "TOKENHUB_BROKER_TLS_CERT": str(cert),
                 "TOKENHUB_BROKER_TLS_KEY": str(key),
                 "TOKENHUB_KEEPALIVE_INTERVAL": "5",
+                **extra_env,
             },
         )
         cm = Cm(cm_port, s, state)
@@ -182,6 +187,12 @@ def fabric_stack(system_user):  # noqa: F811 (the imported fixture)
         hosts.write_text(hosts_before)
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fabric_stack(system_user):  # noqa: F811 (the imported fixture)
+    with fabric_stack_running(system_user) as s:
+        yield s
 
 
 KERNEL = """
@@ -202,6 +213,14 @@ if sys.stdin.readline().strip() == "refresh":
     except Exception as e:
         print(json.dumps({"error": str(e)}), flush=True)
 """
+
+
+def read_json(path: Path) -> dict:
+    """The file's JSON, or {} while it is missing or being written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def kernel(stack, account, env: dict) -> subprocess.Popen:
@@ -260,12 +279,19 @@ def test_fablib_kernels_refresh_through_the_broker(fabric_stack, browser, system
     page.goto(f"{stack.tokenhub_url}/")
     assert BROKER in page.inner_text("#fabric-rc")
 
+    # The new server's token file gets a FABRIC JWT at once.
+    path = Path(env["FABRIC_TOKEN_LOCATION"])
+    deadline = time.monotonic() + 30
+    while read_json(path).get("comment") != "Created via API":
+        assert time.monotonic() < deadline, "no FABRIC JWT in the token file"
+        time.sleep(0.5)
+    assert cm.stats()["answered"] == 1
     # Two kernels load FABlib at the same moment: one refresh at the CM, one at the IdP.
     before_idp = idp_refreshes(stack, user)
     first, second = kernel(stack, account, env), kernel(stack, account, env)
     a, b = line_of(first), line_of(second)
     assert a == b, "both kernels hold the same tokens"
-    assert cm.stats()["answered"] == 1 and idp_refreshes(stack, user) - before_idp == 1
+    assert cm.stats()["answered"] == 2 and idp_refreshes(stack, user) - before_idp == 1
     claims = cm.verify(a["id_token"])
     assert claims["projects"][0]["uuid"] == "p-1"
     remember(a["id_token"], a["refresh_token"])
@@ -274,12 +300,12 @@ def test_fablib_kernels_refresh_through_the_broker(fabric_stack, browser, system
     # is rotated away under them; each still refreshes, onto the current set.
     status, forced, _ = tokenhub_call(stack, env["JUPYTERHUB_API_TOKEN"], "POST", "/api/v1/tokens/refresh")
     assert status == 200, forced
-    assert cm.stats()["answered"] == 2, "tokenhub's own refresh went through the CM"
+    assert cm.stats()["answered"] == 3, "tokenhub's own refresh went through the CM"
     remember(forced["refresh_token"], forced["id_token"])
     for proc in (first, second):
         (after,) = finish(proc, "refresh")
         assert after == {"id_token": forced["id_token"], "refresh_token": forced["refresh_token"]}, after
-    assert cm.stats()["answered"] == 2, "answered from the vault"
+    assert cm.stats()["answered"] == 3, "answered from the vault"
     assert cm.stats()["refused"] == 0, "no refresh token was ever refused at the IdP"
 
     # A refresh whose answer FABlib does not read in time (the CM answers 5 s
@@ -313,8 +339,8 @@ def test_fablib_kernels_refresh_through_the_broker(fabric_stack, browser, system
     late = json.loads(retried.stdout)
     assert cm.verify(late["id_token"])["projects"][0]["uuid"] == "p-lost"
     stats = cm.stats()
-    assert (stats["answered"], stats["held"], stats["refused"]) == (3, 1, 0), stats
-    assert stats["paths"]["/credmgr/tokens/refresh"] == 3, "one CM refresh for the retried call"
+    assert (stats["answered"], stats["held"], stats["refused"]) == (4, 1, 0), stats
+    assert stats["paths"]["/credmgr/tokens/refresh"] == 4, "one CM refresh for the retried call"
     remember(late["refresh_token"], late["id_token"])
 
     # The CM refuses (the grant is gone at the IdP): FABlib's error names
@@ -404,7 +430,7 @@ def test_keepalive_and_fablib_interleave_over_several_token_lifetimes(fabric_sta
     deadline = time.monotonic() + 20
     while True:
         status, current, _ = tokenhub_call(stack, token, "GET", "/api/v1/tokens")
-        document = json.loads(path.read_text() or "{}")
+        document = read_json(path)
         if document.get("refresh_token") == current["refresh_token"]:
             break
         assert time.monotonic() < deadline, "the token file does not hold the newest tokens"

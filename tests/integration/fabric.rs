@@ -198,10 +198,16 @@ async fn tokenhubs_own_refreshes_go_through_the_cm_and_files_get_its_document() 
     let app = app(&hub, &cm, |_| {}).await;
     let caller = signed_in(&app, &hub, "fabio").await;
     hub.running(&app, "fabio").await;
+    // A new server of a lineage without a FABRIC JWT: one is had at once.
+    wait_until(std::time::Duration::from_secs(20), "a FABRIC JWT for the new server", async || {
+        hub.token_files("fabio").await.last().is_some_and(|d| d["comment"] == "Created via API")
+    })
+    .await;
+    assert_eq!(cm.answered().await, 1);
     let response = caller.force().await;
     assert_eq!(response.status(), StatusCode::OK);
     let forced: Value = response.json().await.unwrap();
-    assert_eq!(cm.answered().await, 1, "the forced refresh went through the CM");
+    assert_eq!(cm.answered().await, 2, "the forced refresh went through the CM");
     let jwt = forced["id_token"].as_str().unwrap();
     cm.verify(jwt).await;
     // The server's token file gets the CM's document, as FABlib writes it.
@@ -275,6 +281,34 @@ async fn a_cm_outage_keeps_the_lineage() {
 }
 
 #[tokio::test]
+async fn a_cm_that_refreshed_then_failed_loses_nothing() {
+    // The CM's own failure after its refresh at the IdP: its error carries
+    // the new refresh token, which tokenhub keeps (and never shows).
+    let hub = HubMock::start().await;
+    let cm = Cm::start(Idp::shared(), 3600);
+    let app = app(&hub, &cm, |_| {}).await;
+    let caller = signed_in(&app, &hub, "fabiano").await;
+    let first = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
+    cm.fault("mintfail", "count=1").await;
+    let client = reqwest::Client::new();
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &first).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let kept = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(kept, first, "the CM's new refresh token is kept");
+    assert!(!body.to_string().contains(&kept));
+    assert!(!logs().contains(&kept), "the token in the CM's error is not logged");
+    // The kernel comes back with the token it holds: one refresh with the kept token.
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &first).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    cm.verify(body["data"][0]["id_token"].as_str().unwrap()).await;
+    let stats = cm.stats().await;
+    assert_eq!(
+        (stats["mintfailed"].as_u64(), stats["answered"].as_u64(), stats["refused"].as_u64()),
+        (Some(1), Some(1), Some(0))
+    );
+}
+
+#[tokio::test]
 async fn unknown_refresh_tokens_are_passed_on_or_refused_by_setting() {
     let hub = HubMock::start().await;
     let cm = Cm::start(Idp::shared(), 3600);
@@ -341,11 +375,14 @@ async fn custody_leaves_no_refresh_token_in_servers() {
     let spawned: Value = Hub::spawn_call(&app, "fabienne", "", &token).await.json().await.unwrap();
     assert!(spawned["env"].get("CILOGON_REFRESH_TOKEN").is_none(), "{spawned}");
     assert_eq!(spawned["env"]["FABRIC_CREDMGR_HOST"], BROKER_HOST);
+    // The spawn gets a FABRIC JWT at once (FABlib cannot ask for one here).
+    wait_until(std::time::Duration::from_secs(20), "a FABRIC JWT after the spawn", async || cm.answered().await == 1).await;
     let answer = current(&caller).await;
     assert!(answer["refresh_token"].is_null(), "the notebook API holds it back too");
+    cm.verify(answer["id_token"].as_str().unwrap()).await;
     // tokenhub keeps the JWT fresh by itself, through the CM.
     assert_eq!(caller.force().await.status(), StatusCode::OK);
-    assert_eq!(cm.answered().await, 1);
+    assert_eq!(cm.answered().await, 2);
     let document: Value = caller.get("?format=fabric").await.json().await.unwrap();
     assert!(document.get("refresh_token").is_none(), "{document:?}");
     cm.verify(document["id_token"].as_str().unwrap()).await;
