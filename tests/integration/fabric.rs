@@ -309,6 +309,31 @@ async fn a_cm_that_refreshed_then_failed_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_cm_answer_lost_after_its_refresh_is_not_sent_again_at_once() {
+    // The stand-in CM refreshes at the IdP and closes the connection
+    // unanswered: the refresh token may be spent, so tokenhub does not send
+    // it again within the call (urllib3's retries share the failure for a
+    // moment); the lineage stays until the CM itself refuses the token,
+    // which then comes back with /refresh.
+    let hub = HubMock::start().await;
+    let cm = Cm::start(Idp::shared(), 3600);
+    let app = app(&hub, &cm, |_| {}).await;
+    let caller = signed_in(&app, &hub, "fabiana").await;
+    let refresh = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
+    cm.fault("drop", "count=1").await;
+    let client = reqwest::Client::new();
+    let (status, _) = fablib_refresh(&client, &root(&app), "p", &refresh).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(cm.stats().await["dropped"], 1);
+    assert_eq!(cm.asked().await, 1, "not sent again within the call");
+    assert_eq!(caller.get("").await.status(), StatusCode::OK, "the lineage is kept");
+    // The CM spent it: the next try is refused there, and says how to go on.
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &refresh).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["reauth_url"], app.state().reauth_url.as_str());
+}
+
+#[tokio::test]
 async fn unknown_refresh_tokens_are_passed_on_or_refused_by_setting() {
     let hub = HubMock::start().await;
     let cm = Cm::start(Idp::shared(), 3600);
