@@ -237,6 +237,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             if let Err(e) = purge_state.vault.store().purge_expired(crate::time::now()).await {
                 tracing::warn!(error = %e, "purging expired codes and tokens failed");
             }
+            if let Some(fabric) = &purge_state.config.fabric
+                && let Err(e) = purge_state.vault.store().purge_predecessors(crate::time::now() - fabric.grace).await
+            {
+                tracing::warn!(error = %e, "purging replaced refresh tokens' digests failed");
+            }
         }
     });
     let keepalive = crate::tokens::keepalive::KeepAlive::start(state.clone());

@@ -458,9 +458,7 @@ impl HubApi {
         path: &str,
         credential: &SecretString,
     ) -> Result<Option<String>, HubError> {
-        let segments: Vec<String> = path.trim_start_matches('/').split('/').map(path_segment).collect();
-        let path = format!("{}api/contents/{}", ensure_slash(&server.url), segments.join("/"));
-        let mut url = join(&self.proxy_url, &path);
+        let mut url = self.contents_url(server, path);
         url.set_query(Some("type=file&format=text&content=1"));
         let _timer = self.timings.start(HubCall::WriteTokenFile);
         let response = self
@@ -474,7 +472,8 @@ impl HubApi {
             404 => Ok(None),
             s if !(200..300).contains(&s) => Err(HubError::Status { what: "the server's Contents API", status: s }),
             _ => {
-                let model: serde_json::Value = response.json().await.map_err(unreachable)?;
+                let model: serde_json::Value =
+                    response.json().await.map_err(|e| HubError::BadResponse(e.without_url().to_string()))?;
                 Ok(model.get("content").and_then(serde_json::Value::as_str).map(str::to_string))
             }
         }
@@ -485,6 +484,12 @@ impl HubApi {
         self.put_contents(server, path, &json!({ "type": "directory" }), credential).await
     }
 
+    /// The Contents API URL of `path` in a server, behind the proxy.
+    fn contents_url(&self, server: &ServerInfo, path: &str) -> Url {
+        let segments: Vec<String> = path.trim_start_matches('/').split('/').map(path_segment).collect();
+        join(&self.proxy_url, &format!("{}api/contents/{}", ensure_slash(&server.url), segments.join("/")))
+    }
+
     /// One `PUT` to the server's Contents API with the server's own token.
     async fn put_contents(
         &self,
@@ -493,9 +498,7 @@ impl HubApi {
         body: &serde_json::Value,
         credential: &SecretString,
     ) -> Result<(), HubError> {
-        let segments: Vec<String> = path.trim_start_matches('/').split('/').map(path_segment).collect();
-        let path = format!("{}api/contents/{}", ensure_slash(&server.url), segments.join("/"));
-        let url = join(&self.proxy_url, &path);
+        let url = self.contents_url(server, path);
         let _timer = self.timings.start(HubCall::WriteTokenFile);
         let response = self
             .http

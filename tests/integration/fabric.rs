@@ -334,6 +334,39 @@ async fn a_cm_answer_lost_after_its_refresh_is_not_sent_again_at_once() {
 }
 
 #[tokio::test]
+async fn replaced_refresh_tokens_are_answered_within_their_bounds_only() {
+    // The 16 newest replaced tokens of a lineage, for TOKENHUB_FABRIC_GRACE
+    // seconds; older ones are tokens tokenhub does not hold (refused here).
+    let hub = HubMock::start().await;
+    let cm = Cm::start(Idp::shared(), 3600);
+    let app = app(&hub, &cm, |s| s.fabric_unknown_tokens = Some(tokenhub::config::UnknownTokens::Refuse)).await;
+    let caller = signed_in(&app, &hub, "fabius").await;
+    let client = reqwest::Client::new();
+    let login = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
+    let (_, body) = fablib_refresh(&client, &root(&app), "p", &login).await;
+    let mut replaced = vec![login, body["data"][0]["refresh_token"].as_str().unwrap().to_string()];
+    // tokenhub's own refreshes (for the same project) replace it 17 times.
+    for _ in 0..17 {
+        let forced: Value = caller.force().await.json().await.unwrap();
+        replaced.push(forced["refresh_token"].as_str().unwrap().to_string());
+    }
+    let newest = replaced.pop().unwrap();
+    assert_eq!(replaced.len(), 18);
+    let asked = cm.asked().await;
+    // The two oldest replaced tokens fell out of the 16 kept.
+    let (status, _) = fablib_refresh(&client, &root(&app), "p", &replaced[1]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &replaced[2]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"][0]["refresh_token"], newest.as_str());
+    // Past the grace, a replaced token is not answered either.
+    app.sql("UPDATE refresh_predecessors SET rotated_at = rotated_at - 100000").await;
+    let (status, _) = fablib_refresh(&client, &root(&app), "p", &replaced[17]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(cm.asked().await, asked, "none of it reached the CM");
+}
+
+#[tokio::test]
 async fn unknown_refresh_tokens_are_passed_on_or_refused_by_setting() {
     let hub = HubMock::start().await;
     let cm = Cm::start(Idp::shared(), 3600);
