@@ -80,19 +80,19 @@ impl Cm {
 const BROKER_HOST: &str = "broker.fabric.test";
 
 async fn app(hub: &HubMock, cm: &Cm, more: impl FnOnce(&mut tokenhub::config::Settings) + Send + 'static) -> TestApp {
+    app_builder(hub, cm, more).spawn().await
+}
+
+fn app_builder(hub: &HubMock, cm: &Cm, more: impl FnOnce(&mut tokenhub::config::Settings) + Send + 'static) -> TestAppBuilder {
     let url = url::Url::parse(&cm.url).unwrap();
     let proxy = url::Url::parse(&hub.server.uri()).unwrap();
-    TestApp::builder(&Idp::shared().issuer)
-        .hub(hub)
-        .settings(move |s| {
-            s.hub_url = Some(proxy);
-            s.fabric_credmgr_url = Some(url);
-            s.fabric_broker_host = Some(BROKER_HOST.into());
-            s.fabric_min_valid = Some(30);
-            more(s);
-        })
-        .spawn()
-        .await
+    TestApp::builder(&Idp::shared().issuer).hub(hub).settings(move |s| {
+        s.hub_url = Some(proxy);
+        s.fabric_credmgr_url = Some(url);
+        s.fabric_broker_host = Some(BROKER_HOST.into());
+        s.fabric_min_valid = Some(30);
+        more(s);
+    })
 }
 
 async fn signed_in(app: &TestApp, hub: &HubMock, user: &str) -> Caller {
@@ -189,6 +189,34 @@ async fn many_fablib_refreshes_make_one_cm_refresh_and_stale_kernels_converge() 
         assert!(!logs.contains(secret.as_str()), "a token in the log");
         assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "a token in the database");
     }
+}
+
+#[tokio::test]
+async fn two_replicas_on_postgresql_make_one_cm_refresh() {
+    let hub = HubMock::start().await;
+    let cm = Cm::start(Idp::shared(), 3600);
+    let database = Postgres::shared().new_database().await;
+    let (a, b) = (
+        app_builder(&hub, &cm, |_| {}).database(database.clone()).spawn().await,
+        app_builder(&hub, &cm, |_| {}).database(database.clone()).spawn().await,
+    );
+    let caller = signed_in(&a, &hub, "fabrizia").await;
+    let refresh = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
+    let idp_before = Idp::shared().refreshes("fabrizia").await;
+    let client = reqwest::Client::new();
+    let (root_a, root_b) = (root(&a), root(&b));
+    let calls = (0..20).map(|i| fablib_refresh(&client, if i % 2 == 0 { &root_a } else { &root_b }, "p", &refresh));
+    let answers = futures::future::join_all(calls).await;
+    let tokens: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            body["data"][0]["refresh_token"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "both replicas answer the one refresh");
+    assert_eq!(cm.answered().await, 1, "one refresh at the CM across replicas");
+    assert_eq!(Idp::shared().refreshes("fabrizia").await - idp_before, 1);
 }
 
 #[tokio::test]
