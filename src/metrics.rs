@@ -249,6 +249,9 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 13))
 }
 
+/// How the FABRIC broker answered a refresh (`tokenhub_fabric_broker_refreshes`).
+pub const BROKER_OUTCOMES: [&str; 7] = ["vault", "refreshed", "grace", "refused", "passed_on", "unknown_refused", "unavailable"];
+
 /// The metrics of one `App`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -270,6 +273,7 @@ pub struct Metrics {
     refresh_seconds: Histogram,
     refresh_outcomes: Family<Label, Counter>,
     token_file_writes: Family<Label, Counter>,
+    fabric_refreshes: Family<Label, Counter>,
     /// Hub call latencies (shared with `HubApi`).
     pub hub_calls: HubTimings,
     lineages: Family<Label, Gauge>,
@@ -331,6 +335,17 @@ impl Metrics {
         for outcome in ["ok", "failed"] {
             let _ = token_file_writes.get_or_create(&[("outcome", outcome)]);
         }
+        let fabric_refreshes = Family::<Label, Counter>::default();
+        registry.register(
+            "fabric_broker_refreshes",
+            "FABlib's refreshes the FABRIC broker answered, by outcome (vault: from the vault; refreshed: after a \
+             refresh through the CM, made or shared; grace: a replaced refresh token; refused: the CM refused the \
+             lineage; passed_on, unknown_refused: a refresh token tokenhub does not hold; unavailable).",
+            fabric_refreshes.clone(),
+        );
+        for outcome in BROKER_OUTCOMES {
+            let _ = fabric_refreshes.get_or_create(&[("outcome", outcome)]);
+        }
         let hub_calls = HubTimings::default();
         registry.register_with_unit(
             "hub_call_duration",
@@ -362,6 +377,7 @@ impl Metrics {
             refresh_seconds,
             refresh_outcomes,
             token_file_writes,
+            fabric_refreshes,
             hub_calls,
             lineages,
             lineages_counted: Default::default(),
@@ -377,6 +393,12 @@ impl Metrics {
     /// Records a token file write.
     pub fn token_file_write(&self, ok: bool) {
         self.token_file_writes.get_or_create(&[("outcome", if ok { "ok" } else { "failed" })]).inc();
+    }
+
+    /// Counts a refresh the FABRIC broker answered (one of [`BROKER_OUTCOMES`]).
+    pub fn fabric_refresh(&self, outcome: &'static str) {
+        debug_assert!(BROKER_OUTCOMES.contains(&outcome));
+        self.fabric_refreshes.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     /// Counts lineages by state, unless counted within the last second. A

@@ -133,6 +133,11 @@ async fn answer(app: &AppState, owner: &RefreshOwner, ask: CmAsk, min_valid: i64
                 return unavailable("no Credential Manager answer is held yet; try again shortly");
             };
             let event = if owner.replaced_at.is_some() { "fabric_grace" } else { "fabric_refresh" };
+            app.metrics.fabric_refresh(match (owner.replaced_at.is_some(), fresh.refreshed) {
+                (_, true) => "refreshed",
+                (true, false) => "grace",
+                (false, false) => "vault",
+            });
             let detail = if fresh.refreshed { "refreshed through the Credential Manager" } else { "answered from the vault" };
             app.audit.record(event, Some(user), Some(lineage.version), Some(detail));
             let body = json!({
@@ -150,6 +155,7 @@ async fn answer(app: &AppState, owner: &RefreshOwner, ask: CmAsk, min_valid: i64
                 _ => reason,
             };
             app.audit.record("fabric_refused", Some(user), None, Some(&reason));
+            app.metrics.fabric_refresh("refused");
             let status = status_named_in(&reason).unwrap_or(StatusCode::UNAUTHORIZED);
             cm_error(status, "Refresh token is invalid or has expired", &format!("{reason}."), Some(&app.reauth_url))
         }
@@ -157,6 +163,7 @@ async fn answer(app: &AppState, owner: &RefreshOwner, ask: CmAsk, min_valid: i64
             cm_error(StatusCode::UNAUTHORIZED, "Unauthorized", "tokenhub no longer holds this login.", Some(&app.reauth_url))
         }
         Err(e) if e.is_temporary() => {
+            app.metrics.fabric_refresh("unavailable");
             tracing::warn!(user = %user, error = %e, "the broker could not refresh; the lineage is kept");
             unavailable(
                 "the Credential Manager or the identity provider is not answering; your tokens are kept, try again shortly",
@@ -188,6 +195,7 @@ async fn unknown(app: &AppState, policy: UnknownTokens, query: Option<&str>, hea
     match policy {
         UnknownTokens::Refuse => {
             app.audit.record("fabric_unknown_refused", None, None, None);
+            app.metrics.fabric_refresh("unknown_refused");
             cm_error(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -197,6 +205,7 @@ async fn unknown(app: &AppState, policy: UnknownTokens, query: Option<&str>, hea
         }
         UnknownTokens::Pass => {
             app.audit.record("fabric_passed_on", None, None, Some("tokens/refresh"));
+            app.metrics.fabric_refresh("passed_on");
             forwarded(app, Method::POST, "tokens/refresh", query, headers, body).await
         }
     }

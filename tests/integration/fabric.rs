@@ -171,6 +171,11 @@ async fn many_fablib_refreshes_make_one_cm_refresh_and_stale_kernels_converge() 
         assert_eq!(body["data"][0]["refresh_token"], new_refresh.as_str());
     }
     assert_eq!(cm.asked().await, 1, "no further call at the CM");
+    let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
+    for (outcome, n) in [("refreshed", 20), ("grace", 1), ("vault", 1), ("refused", 0)] {
+        let line = format!("tokenhub_fabric_broker_refreshes_total{{outcome=\"{outcome}\"}} {n}\n");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
 
     // Another project needs the CM again (one refresh), and the replaced
     // tokens still converge on it.
