@@ -419,7 +419,7 @@ def test_keepalive_and_fablib_interleave_over_several_token_lifetimes(fabric_sta
         time.sleep(1)
     after = cm.stats()
     made = after["answered"] - before["answered"]
-    assert loads >= 10 and made >= 10, (loads, made)
+    assert loads >= 5 and made >= 10, (loads, made)
     assert after["refused"] == before["refused"], "the CM never had a refresh token refused"
     with urllib.request.urlopen(f"{stack.idp_url}/_test/stats", timeout=10) as r:
         assert json.loads(r.read())["refresh_token_error"] == idp_errors, "no refresh token refused at the IdP"
