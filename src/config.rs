@@ -1254,6 +1254,37 @@ mod tests {
     }
 
     #[test]
+    fn fabric_broker_settings_are_checked() {
+        let cm = || Some(Url::parse("https://cm.example.org/").unwrap());
+        assert!(minimal().into_config(None).unwrap().fabric.is_none(), "off unless a Credential Manager is set");
+        let config = Settings { fabric_credmgr_url: cm(), fabric_broker_host: Some("broker.example.org".into()), ..minimal() }
+            .into_config(None)
+            .unwrap();
+        let fabric = config.fabric.unwrap();
+        assert_eq!(fabric.credmgr_url.as_str(), "https://cm.example.org/");
+        assert_eq!((fabric.min_valid, fabric.grace, fabric.custody, fabric.edit_rc), (2100, 86_400, false, true));
+        assert_eq!(fabric.unknown_tokens, UnknownTokens::Pass);
+        assert!(fabric.listener.is_none());
+        let refused = |settings: Settings, says: &str| {
+            let err = settings.into_config(None).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        };
+        refused(Settings { fabric_broker_host: Some("b".into()), ..minimal() }, "TOKENHUB_FABRIC_CREDMGR_URL");
+        refused(
+            Settings { fabric_credmgr_url: cm(), fabric_broker_host: Some("https://b/".into()), ..minimal() },
+            "TOKENHUB_FABRIC_BROKER_HOST",
+        );
+        refused(
+            Settings { fabric_credmgr_url: cm(), broker_bind: Some(([127, 0, 0, 1], 443).into()), ..minimal() },
+            "TOKENHUB_BROKER_TLS_CERT",
+        );
+        refused(
+            Settings { fabric_credmgr_url: Some(Url::parse("ftp://cm.example.org/").unwrap()), ..minimal() },
+            "TOKENHUB_FABRIC_CREDMGR_URL",
+        );
+    }
+
+    #[test]
     fn narrower_token_settings_are_checked() {
         let with = |rules: &str, files: &str| {
             Settings { token_rules: Some(rules.into()), token_files: Some(files.into()), ..minimal() }.into_config(None)
