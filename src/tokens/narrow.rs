@@ -258,37 +258,52 @@ async fn by_exchange(
     let key = request.key();
     let slot = app.refresher.slot_for(&format!("{}\0narrow\0{key}", lineage_key(username, issuer)));
     let _flight = slot.lock().await;
-    // The subject token must outlive the exchange by a margin.
-    let fresh = app.refresher.fresh(app, username, Want { min_valid: Some(SUBJECT_MIN_VALID), force: false }).await?;
-    let lineage: Arc<Lineage> = fresh.lineage;
-    if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
-        && serves(&held, freshness)
-    {
-        return Ok(held);
+    loop {
+        // The subject token must outlive the exchange by a margin.
+        let want = Want { min_valid: Some(SUBJECT_MIN_VALID), force: false };
+        let lineage: Arc<Lineage> = app.refresher.fresh(app, username, want).await?.lineage;
+        if let Some(held) = app.vault.narrow_token(&lineage, &key).await?
+            && serves(&held, freshness)
+        {
+            return Ok(held);
+        }
+        // Across replicas, the lineage's lease: another replica exchanging
+        // for the same request meanwhile stored its token before it gave
+        // the lease back, so holding it we see that token.
+        if let Lease::RefreshedElsewhere(_) = app.refresher.take_lease(app, &lineage).await? {
+            continue; // the lineage was refreshed meanwhile: start again from it
+        }
+        let obtained = exchange_under_lease(app, &lineage, request, freshness).await;
+        // An exchange spends nothing: the lease goes back whatever the answer.
+        if let Err(e) = app.vault.store().release_lease(username, issuer, &app.refresher.holder).await {
+            tracing::warn!(user = %username, error = %e, "the lease was not given back; it runs out in seconds");
+        }
+        return obtained;
     }
-    // Across replicas, the lineage's lease: another replica exchanging for
-    // the same user meanwhile has stored its token by the time we hold it.
-    if let Lease::Ours = app.refresher.take_lease(app, &lineage).await?
-        && let Some(held) = app.vault.narrow_token(&lineage, &key).await?
+}
+
+/// The exchange itself, the lease held: the token held if another replica
+/// obtained it meanwhile, else a new one, stored before the lease goes back.
+async fn exchange_under_lease(
+    app: &AppState,
+    lineage: &Lineage,
+    request: &NarrowRequest,
+    freshness: Freshness,
+) -> Result<NarrowToken, NarrowError> {
+    let (username, key) = (&lineage.username, request.key());
+    if let Some(held) = app.vault.narrow_token(lineage, &key).await?
         && serves(&held, freshness)
     {
-        app.vault.store().release_lease(username, issuer, &app.refresher.holder).await.map_err(RefreshError::from)?;
         return Ok(held);
     }
     let audience = audience_param(app, NarrowMechanism::Exchange, request);
-    let reply = app.upstream.exchange_grant(&lineage.tokens.access_token, &request.scopes, audience).await;
-    // An exchange spends nothing: the lease goes back whatever the answer.
-    let released = app.vault.store().release_lease(username, issuer, &app.refresher.holder).await;
-    let reply = reply.map_err(|e| {
+    let reply = app.upstream.exchange_grant(&lineage.tokens.access_token, &request.scopes, audience).await.map_err(|e| {
         tracing::warn!(user = %username, error = %e, "token exchange failed");
         RefreshError::from_exchange(e)
     })?;
-    if let Err(e) = released {
-        tracing::warn!(user = %username, error = %e, "the lease was not given back; it runs out in seconds");
-    }
     let token = from_reply(&reply, request);
     app.audit.record("narrow_token", Some(username), Some(lineage.version), Some(&describe(request, "token exchange")));
-    if let Err(e) = app.vault.save_narrow_token(&lineage, &key, &token).await {
+    if let Err(e) = app.vault.save_narrow_token(lineage, &key, &token).await {
         tracing::warn!(user = %username, error = %e, "the narrower token was not kept; it is obtained again next time");
     }
     Ok(token)
