@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
-use crate::config::AuditTarget;
+use crate::config::{AuditTarget, LogFormat};
 
 /// The request an event belongs to.
 #[derive(Debug, Clone, Default)]
@@ -42,8 +42,28 @@ pub async fn scope<F: std::future::Future>(context: Context, future: F) -> F::Ou
 }
 
 enum Sink {
-    Log,
+    /// The normal log: through tracing, or straight into the log's own
+    /// writer when tokenhub was given it ([`LogWriter`]).
+    Log(Option<LogWriter>),
     Writer(Mutex<Box<dyn std::io::Write + Send>>),
+}
+
+/// The log's own writer (tracing-appender's queue to stderr) and format:
+/// audit lines written into it directly are formatted here, byte for byte
+/// as tracing-subscriber's formatter would (a test holds them equal),
+/// without the generic formatter's per-field machinery, which was most of
+/// a fetch line's cost.
+pub struct LogWriter {
+    writer: Mutex<Box<dyn std::io::Write + Send>>,
+    format: LogFormat,
+}
+
+impl LogWriter {
+    /// Audit lines in `format` go to `writer` (one `write` call per line,
+    /// as tracing-appender wants it).
+    pub fn new(writer: Box<dyn std::io::Write + Send>, format: LogFormat) -> Self {
+        Self { writer: Mutex::new(writer), format }
+    }
 }
 
 /// The most fetch lines waiting for the writer thread (the queue's memory
@@ -85,9 +105,10 @@ impl std::fmt::Debug for Audit {
 impl Audit {
     /// Opens the sink (a file is created if missing, mode 0600, and appended
     /// to) and starts the writer thread of fetch lines.
-    pub fn open(target: &AuditTarget) -> std::io::Result<Self> {
+    /// With `log`, lines for the normal log are written into it directly.
+    pub fn open(target: &AuditTarget, log: Option<LogWriter>) -> std::io::Result<Self> {
         let sink = std::sync::Arc::new(match target {
-            AuditTarget::Log => Sink::Log,
+            AuditTarget::Log => Sink::Log(log),
             AuditTarget::Stdout => Sink::Writer(Mutex::new(Box::new(std::io::stdout()))),
             AuditTarget::File(path) => {
                 let mut options = std::fs::OpenOptions::new();
@@ -169,7 +190,25 @@ impl Sink {
         client: &Option<String>,
     ) {
         match self {
-            Sink::Log => tracing::info!(
+            Sink::Log(Some(log)) => {
+                // The log's filter still decides whether audit lines are written.
+                if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
+                    return;
+                }
+                let mut line = Vec::with_capacity(256);
+                let fields =
+                    Fields { event, user, version, detail, request_id: request_id.as_deref(), client: client.as_deref() };
+                match log.format {
+                    LogFormat::Text => fields.text_line(&mut line, at),
+                    LogFormat::Json => fields.json_line(&mut line, at),
+                }
+                let mut writer = log.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Err(e) = writer.write_all(&line) {
+                    drop(writer);
+                    tracing::error!(error = %e, "writing an audit line to the log failed");
+                }
+            }
+            Sink::Log(None) => tracing::info!(
                 target: "audit",
                 event,
                 user = user.unwrap_or("-"),
@@ -200,6 +239,103 @@ impl Sink {
     }
 }
 
+/// An audit line's fields, as the log shows them (`-`, `-1` and an empty
+/// detail for what is missing, as in the line tracing writes).
+struct Fields<'a> {
+    event: &'a str,
+    user: Option<&'a str>,
+    version: Option<i64>,
+    detail: Option<&'a str>,
+    request_id: Option<&'a str>,
+    client: Option<&'a str>,
+}
+
+impl Fields<'_> {
+    /// The string fields before the version, in the order tracing records them.
+    fn leading(&self) -> [(&'static str, &str); 3] {
+        [("event", self.event), ("user", self.user.unwrap_or("-")), ("client", self.client.unwrap_or("-"))]
+    }
+
+    /// tracing-subscriber's text line: `<time>  INFO audit: audit event="…" … detail="…"`.
+    fn text_line(&self, out: &mut Vec<u8>, at: time::OffsetDateTime) {
+        timestamp(out, at);
+        out.extend_from_slice(b"  INFO audit: audit");
+        for (name, value) in self.leading() {
+            text_field(out, name, value);
+        }
+        out.extend_from_slice(b" version=");
+        out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
+        text_field(out, "request_id", self.request_id.unwrap_or("-"));
+        text_field(out, "detail", self.detail.unwrap_or(""));
+        out.push(b'\n');
+    }
+
+    /// tracing-subscriber's JSON line: time, level, the fields (message
+    /// first), then the target.
+    fn json_line(&self, out: &mut Vec<u8>, at: time::OffsetDateTime) {
+        let string = |out: &mut Vec<u8>, value: &str| serde_json::to_writer(&mut *out, value).expect("a string serializes");
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp(out, at);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"audit\"");
+        for (name, value) in self.leading() {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            string(out, value);
+        }
+        out.extend_from_slice(b",\"version\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
+        out.extend_from_slice(b",\"request_id\":");
+        string(out, self.request_id.unwrap_or("-"));
+        out.extend_from_slice(b",\"detail\":");
+        string(out, self.detail.unwrap_or(""));
+        out.extend_from_slice(b"},\"target\":\"audit\"}\n");
+    }
+}
+
+/// ` name="value"`, the value quoted and escaped as Rust's `Debug` does
+/// (what tracing's text format writes for a string field).
+fn text_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(b' ');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'=');
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else {
+        use std::io::Write as _;
+        let _ = write!(out, "{value:?}");
+    }
+}
+
+/// `2026-12-07T13:01:02.123456Z`, as tracing-subscriber's default timer.
+fn timestamp(out: &mut Vec<u8>, at: time::OffsetDateTime) {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    padded(out, at.year().max(0) as u32, 4);
+    let parts = [
+        (b'-', u32::from(u8::from(at.month())), 2),
+        (b'-', u32::from(at.day()), 2),
+        (b'T', u32::from(at.hour()), 2),
+        (b':', u32::from(at.minute()), 2),
+        (b':', u32::from(at.second()), 2),
+        (b'.', at.microsecond(), 6),
+    ];
+    for (separator, value, width) in parts {
+        out.push(separator);
+        padded(out, value, width);
+    }
+    out.push(b'Z');
+}
+
+/// `value` in decimal, zero-padded to `width` digits.
+fn padded(out: &mut Vec<u8>, value: u32, width: usize) {
+    let mut buffer = itoa::Buffer::new();
+    let text = buffer.format(value);
+    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(text.len())));
+    out.extend_from_slice(text.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,7 +344,7 @@ mod tests {
     async fn file_lines_are_json_with_the_request_context() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let audit = Audit::open(&AuditTarget::File(path.clone())).unwrap();
+        let audit = Audit::open(&AuditTarget::File(path.clone()), None).unwrap();
         let context = Context { request_id: Some("rid-1".into()), client: Some("10.1.2.3".into()) };
         CONTEXT.scope(context, async { audit.record("notebook_fetch", Some("alice"), Some(3), None) }).await;
         audit.record("revoke", Some("bob"), None, Some("user asked"));
@@ -232,6 +368,88 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt as _;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+
+    /// A buffer both tracing and the audit write into.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    /// The time tracing's default timer wrote at the start of `line`.
+    fn time_of(line: &str) -> time::OffsetDateTime {
+        let n = |range: std::ops::Range<usize>| line[range].parse::<u32>().unwrap();
+        let month = time::Month::try_from(n(5..7) as u8).unwrap();
+        let date = time::Date::from_calendar_date(n(0..4) as i32, month, n(8..10) as u8).unwrap();
+        let clock = time::Time::from_hms_micro(n(11..13) as u8, n(14..16) as u8, n(17..19) as u8, n(20..26)).unwrap();
+        time::PrimitiveDateTime::new(date, clock).assume_utc()
+    }
+
+    /// The audit's own lines in the log are byte for byte those tracing's
+    /// formatter writes for the same event, text and JSON, with names that
+    /// need escaping and fields missing.
+    #[test]
+    fn lines_written_into_the_log_are_tracings_own() {
+        let through_tracing = Audit::open(&AuditTarget::Log, None).unwrap();
+        let cases: [(&str, Option<&str>, Option<i64>, Option<&str>, Context); 3] = [
+            (
+                "notebook_fetch",
+                Some("alice"),
+                Some(7),
+                None,
+                Context { request_id: Some("rid-1".into()), client: Some("10.0.0.1".into()) },
+            ),
+            ("refused", None, None, Some("unknown token"), Context::default()),
+            (
+                "refresh",
+                Some("bob \"the\\ user\"\n\u{7f}é"),
+                Some(-3),
+                Some("tab\there"),
+                Context { request_id: Some("ü".into()), client: None },
+            ),
+        ];
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let (theirs, ours) = (Shared::default(), Shared::default());
+            let direct = Audit::open(&AuditTarget::Log, Some(LogWriter::new(Box::new(ours.clone()), format))).unwrap();
+            let writer = theirs.clone();
+            let builder = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone());
+            let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+                LogFormat::Text => Box::new(builder.finish()),
+                LogFormat::Json => Box::new(builder.json().finish()),
+            };
+            tracing::subscriber::with_default(subscriber, || {
+                for (event, user, version, detail, context) in &cases {
+                    let (request_id, client) = (&context.request_id, &context.client);
+                    through_tracing.sink.write(
+                        time::OffsetDateTime::now_utc(),
+                        event,
+                        *user,
+                        *version,
+                        *detail,
+                        request_id,
+                        client,
+                    );
+                    let line = theirs.take();
+                    let at = time_of(line.trim_start_matches("{\"timestamp\":\""));
+                    direct.sink.write(at, event, *user, *version, *detail, request_id, client);
+                    assert_eq!(ours.take(), line, "{format:?}");
+                }
+            });
         }
     }
 }

@@ -179,9 +179,9 @@ pub fn main() -> ExitCode {
                 }
             };
             // Held to the end: dropping it writes out the lines still queued.
-            let _log_writer = init_logging(&config);
+            let (_log_writer, log) = init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(config, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "tokenhub stopped");
@@ -196,8 +196,10 @@ pub fn main() -> ExitCode {
 /// of their own (tracing-appender): a request formats its line and queues
 /// it, the write to stderr happens off the request's path. The queue never
 /// drops a line: when it is full, the request waits (an audit line is never
-/// lost). Returns the writer's guard, which flushes the queue when dropped.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+/// lost). Returns the writer's guard, which flushes the queue when dropped,
+/// and the writer for the audit's lines (written into the log directly;
+/// none on a terminal, where tracing colours the lines).
+fn init_logging(config: &Config) -> (tracing_appender::non_blocking::WorkerGuard, Option<crate::audit::LogWriter>) {
     let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -207,19 +209,21 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
         .buffered_lines_limit(8192)
         .thread_name("tokenhub-log")
         .finish(std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(writer);
+    let terminal = std::io::stderr().is_terminal();
+    let audit_lines = (!terminal).then(|| crate::audit::LogWriter::new(Box::new(writer.clone()), config.log.format));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).with_writer(writer);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    guard
+    (guard, audit_lines)
 }
 
 /// Runs the service until SIGINT or SIGTERM, then drains requests in flight.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// `log`: the log's writer, for the audit's lines.
+pub async fn serve(config: Config, log: Option<crate::audit::LogWriter>) -> anyhow::Result<()> {
     let bind = config.http.bind;
-    let state = App::new(config).await?;
+    let state = App::with_log(config, log).await?;
     state.upstream.warm_up().await;
     let listener = tokio::net::TcpListener::bind(bind).await?;
     tracing::info!(

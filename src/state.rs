@@ -81,6 +81,12 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 impl App {
     /// Opens the vault and prepares the upstream client.
     pub async fn new(config: Config) -> Result<AppState, StartError> {
+        Self::with_log(config, None).await
+    }
+
+    /// [`App::new`], the audit writing its lines for the normal log into
+    /// `log` (the log's own writer) rather than through tracing.
+    pub async fn with_log(config: Config, log: Option<crate::audit::LogWriter>) -> Result<AppState, StartError> {
         let keys = Arc::new(KeyRing::parse(config.vault.crypt_key.expose_secret())?);
         let store = Store::open(&config.vault.database_url, true, &config.vault.database).await?;
         let http = http_client()?;
@@ -97,7 +103,7 @@ impl App {
             deliveries: Deliveries::default(),
             refresher: Refresher::default(),
             reauth_url: crate::config::join(&config.http.public_url, "/refresh").to_string(),
-            audit: crate::audit::Audit::open(&config.log.audit)?,
+            audit: crate::audit::Audit::open(&config.log.audit, log)?,
             limiter: Default::default(),
             origin: config.http.public_url.origin().ascii_serialization(),
             config,
