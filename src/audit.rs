@@ -406,7 +406,8 @@ mod tests {
     #[test]
     fn lines_written_into_the_log_are_tracings_own() {
         let through_tracing = Audit::open(&AuditTarget::Log, None).unwrap();
-        let cases: [(&str, Option<&str>, Option<i64>, Option<&str>, Context); 3] = [
+        type Case<'a> = (&'a str, Option<&'a str>, Option<i64>, Option<&'a str>, Context);
+        let cases: [Case; 3] = [
             (
                 "notebook_fetch",
                 Some("alice"),
