@@ -12,7 +12,10 @@
 //! deep in the refresher need not carry them around.
 
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::sync::Mutex;
+
+use axum::http::HeaderValue;
 
 use serde_json::json;
 
@@ -21,10 +24,10 @@ use crate::config::{AuditTarget, LogFormat};
 /// The request an event belongs to.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
-    /// `x-request-id`.
-    pub request_id: Option<String>,
+    /// `x-request-id` (a cheap clone; made text when a line is written).
+    pub request_id: Option<HeaderValue>,
     /// The client address (see [`crate::security::client_of`]).
-    pub client: Option<String>,
+    pub client: Option<IpAddr>,
 }
 
 tokio::task_local! {
@@ -33,7 +36,17 @@ tokio::task_local! {
 
 /// The client address of the request being served.
 pub fn client() -> Option<String> {
-    CONTEXT.try_with(|c| c.client.clone()).ok().flatten()
+    CONTEXT.try_with(|c| c.client.map(|ip| ip.to_string())).ok().flatten()
+}
+
+/// The longest request id kept in the audit log.
+const MAX_AUDITED_ID: usize = 64;
+
+/// A request id as the audit shows it: text only, at most
+/// [`MAX_AUDITED_ID`] characters (a header value that is text is ASCII).
+fn shown_id(id: Option<&HeaderValue>) -> Option<&str> {
+    let id = id?.to_str().ok()?;
+    Some(&id[..id.len().min(MAX_AUDITED_ID)])
 }
 
 /// Runs `future` (the rest of a request) with its [`Context`].
@@ -85,8 +98,8 @@ struct Line {
     user: Option<String>,
     version: Option<i64>,
     detail: Option<String>,
-    request_id: Option<String>,
-    client: Option<String>,
+    request_id: Option<HeaderValue>,
+    client: Option<IpAddr>,
 }
 
 /// Writes audit lines: most as they happen, the one line of every notebook
@@ -125,7 +138,9 @@ impl Audit {
             for item in queued {
                 match item {
                     Queued::Line(l) => {
-                        writer.write(l.at, l.event, l.user.as_deref(), l.version, l.detail.as_deref(), &l.request_id, &l.client)
+                        let client = l.client.map(|ip| ip.to_string());
+                        let (request_id, client) = (shown_id(l.request_id.as_ref()), client.as_deref());
+                        writer.write(l.at, l.event, l.user.as_deref(), l.version, l.detail.as_deref(), request_id, client)
                     }
                     Queued::Flush(done) => {
                         let _ = done.send(());
@@ -141,9 +156,12 @@ impl Audit {
     pub fn record(&self, event: &str, user: Option<&str>, version: Option<i64>, detail: Option<&str>) {
         let at = time::OffsetDateTime::now_utc();
         // The request's context is read where it is, not copied.
-        let written = CONTEXT.try_with(|c| self.sink.write(at, event, user, version, detail, &c.request_id, &c.client));
+        let written = CONTEXT.try_with(|c| {
+            let client = c.client.map(|ip| ip.to_string());
+            self.sink.write(at, event, user, version, detail, shown_id(c.request_id.as_ref()), client.as_deref())
+        });
         if written.is_err() {
-            self.sink.write(at, event, user, version, detail, &None, &None);
+            self.sink.write(at, event, user, version, detail, None, None);
         }
     }
 
@@ -152,7 +170,7 @@ impl Audit {
     /// (in order with the other fetch lines, a moment after it happened; its
     /// time is when it happened).
     pub fn record_off_path(&self, event: &'static str, user: &str, version: Option<i64>, detail: Option<&str>) {
-        let (request_id, client) = CONTEXT.try_with(|c| (c.request_id.clone(), c.client.clone())).unwrap_or_default();
+        let (request_id, client) = CONTEXT.try_with(|c| (c.request_id.clone(), c.client)).unwrap_or_default();
         let line = Line {
             at: time::OffsetDateTime::now_utc(),
             event,
@@ -186,8 +204,8 @@ impl Sink {
         user: Option<&str>,
         version: Option<i64>,
         detail: Option<&str>,
-        request_id: &Option<String>,
-        client: &Option<String>,
+        request_id: Option<&str>,
+        client: Option<&str>,
     ) {
         match self {
             Sink::Log(Some(log)) => {
@@ -196,8 +214,7 @@ impl Sink {
                     return;
                 }
                 let mut line = Vec::with_capacity(256);
-                let fields =
-                    Fields { event, user, version, detail, request_id: request_id.as_deref(), client: client.as_deref() };
+                let fields = Fields { event, user, version, detail, request_id, client };
                 match log.format {
                     LogFormat::Text => fields.text_line(&mut line, at),
                     LogFormat::Json => fields.json_line(&mut line, at),
@@ -212,9 +229,9 @@ impl Sink {
                 target: "audit",
                 event,
                 user = user.unwrap_or("-"),
-                client = client.as_deref().unwrap_or("-"),
+                client = client.unwrap_or("-"),
                 version = version.unwrap_or(-1),
-                request_id = request_id.as_deref().unwrap_or("-"),
+                request_id = request_id.unwrap_or("-"),
                 detail = detail.unwrap_or(""),
                 "audit"
             ),
@@ -345,11 +362,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let audit = Audit::open(&AuditTarget::File(path.clone()), None).unwrap();
-        let context = Context { request_id: Some("rid-1".into()), client: Some("10.1.2.3".into()) };
+        let context = Context { request_id: Some(HeaderValue::from_static("rid-1")), client: Some("10.1.2.3".parse().unwrap()) };
         CONTEXT.scope(context, async { audit.record("notebook_fetch", Some("alice"), Some(3), None) }).await;
         audit.record("revoke", Some("bob"), None, Some("user asked"));
         // A fetch line, written by the audit's thread, with its context.
-        let context = Context { request_id: Some("rid-2".into()), client: Some("10.1.2.4".into()) };
+        let context = Context { request_id: Some(HeaderValue::from_static("rid-2")), client: Some("10.1.2.4".parse().unwrap()) };
         CONTEXT.scope(context, async { audit.record_off_path("notebook_fetch", "carol", Some(5), None) }).await;
         audit.flush();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -406,23 +423,12 @@ mod tests {
     #[test]
     fn lines_written_into_the_log_are_tracings_own() {
         let through_tracing = Audit::open(&AuditTarget::Log, None).unwrap();
-        type Case<'a> = (&'a str, Option<&'a str>, Option<i64>, Option<&'a str>, Context);
+        // Event, user, version, detail, request id, client.
+        type Case<'a> = (&'a str, Option<&'a str>, Option<i64>, Option<&'a str>, Option<&'a str>, Option<&'a str>);
         let cases: [Case; 3] = [
-            (
-                "notebook_fetch",
-                Some("alice"),
-                Some(7),
-                None,
-                Context { request_id: Some("rid-1".into()), client: Some("10.0.0.1".into()) },
-            ),
-            ("refused", None, None, Some("unknown token"), Context::default()),
-            (
-                "refresh",
-                Some("bob \"the\\ user\"\n\u{7f}é"),
-                Some(-3),
-                Some("tab\there"),
-                Context { request_id: Some("ü".into()), client: None },
-            ),
+            ("notebook_fetch", Some("alice"), Some(7), None, Some("rid-1"), Some("10.0.0.1")),
+            ("refused", None, None, Some("unknown token"), None, None),
+            ("refresh", Some("bob \"the\\ user\"\n\u{7f}é"), Some(-3), Some("tab\there"), Some("ü"), None),
         ];
         for format in [LogFormat::Text, LogFormat::Json] {
             let (theirs, ours) = (Shared::default(), Shared::default());
@@ -434,20 +440,11 @@ mod tests {
                 LogFormat::Json => Box::new(builder.json().finish()),
             };
             tracing::subscriber::with_default(subscriber, || {
-                for (event, user, version, detail, context) in &cases {
-                    let (request_id, client) = (&context.request_id, &context.client);
-                    through_tracing.sink.write(
-                        time::OffsetDateTime::now_utc(),
-                        event,
-                        *user,
-                        *version,
-                        *detail,
-                        request_id,
-                        client,
-                    );
+                for (event, user, version, detail, request_id, client) in cases {
+                    through_tracing.sink.write(time::OffsetDateTime::now_utc(), event, user, version, detail, request_id, client);
                     let line = theirs.take();
                     let at = time_of(line.trim_start_matches("{\"timestamp\":\""));
-                    direct.sink.write(at, event, *user, *version, *detail, request_id, client);
+                    direct.sink.write(at, event, user, version, detail, request_id, client);
                     assert_eq!(ours.take(), line, "{format:?}");
                 }
             });

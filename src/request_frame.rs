@@ -22,9 +22,6 @@ use tracing::Instrument as _;
 /// The request-id header.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The longest request id kept in the audit log.
-const MAX_AUDITED_ID: usize = 64;
-
 /// Wraps a service in the [`RequestFrame`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestFrameLayer;
@@ -81,10 +78,8 @@ where
         };
         let shown = id.to_str().ok();
         let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = shown.unwrap_or("-"));
-        let context = crate::audit::Context {
-            request_id: shown.map(|v| v.chars().take(MAX_AUDITED_ID).collect()),
-            client: crate::security::client_of_request(&request),
-        };
+        let context =
+            crate::audit::Context { request_id: Some(id.clone()), client: crate::security::client_of_request(&request) };
         // The clone that was made ready is the one that serves (tower's rule).
         let fresh = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, fresh);
