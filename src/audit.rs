@@ -84,6 +84,9 @@ impl LogWriter {
 /// waits for room (a line is never dropped).
 const QUEUE: usize = 4096;
 
+/// How long the writer thread lets fetch lines gather after the first.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// What the writer thread is handed.
 enum Queued {
     Line(Line),
@@ -100,6 +103,20 @@ struct Line {
     detail: Option<String>,
     request_id: Option<HeaderValue>,
     client: Option<IpAddr>,
+}
+
+impl Line {
+    fn fields(&self) -> Fields<'_> {
+        Fields {
+            at: self.at,
+            event: self.event,
+            user: self.user.as_deref(),
+            version: self.version,
+            detail: self.detail.as_deref(),
+            request_id: shown_id(self.request_id.as_ref()),
+            client: self.client,
+        }
+    }
 }
 
 /// Writes audit lines: most as they happen, the one line of every notebook
@@ -135,14 +152,24 @@ impl Audit {
         let writer = sink.clone();
         // Ends when the last sender (this Audit) is dropped.
         std::thread::Builder::new().name("tokenhub-audit".into()).spawn(move || {
-            for item in queued {
-                match item {
-                    Queued::Line(l) => {
-                        let client = l.client.map(|ip| ip.to_string());
-                        let (request_id, client) = (shown_id(l.request_id.as_ref()), client.as_deref());
-                        writer.write(l.at, l.event, l.user.as_deref(), l.version, l.detail.as_deref(), request_id, client)
-                    }
-                    Queued::Flush(done) => {
+            let mut batch = Vec::with_capacity(QUEUE);
+            while let Ok(first) = queued.recv() {
+                // A moment for the lines of a busy time to gather: one write
+                // (and one wake of the log's thread) then serves them all,
+                // where a wake per line cost more than the line.
+                std::thread::sleep(BATCH_WAIT);
+                batch.push(first);
+                batch.extend(queued.try_iter().take(QUEUE));
+                let lines: Vec<Fields> = batch
+                    .iter()
+                    .filter_map(|item| match item {
+                        Queued::Line(l) => Some(l.fields()),
+                        Queued::Flush(_) => None,
+                    })
+                    .collect();
+                writer.write(&lines);
+                for item in batch.drain(..) {
+                    if let Queued::Flush(done) = item {
                         let _ = done.send(());
                     }
                 }
@@ -156,12 +183,11 @@ impl Audit {
     pub fn record(&self, event: &str, user: Option<&str>, version: Option<i64>, detail: Option<&str>) {
         let at = time::OffsetDateTime::now_utc();
         // The request's context is read where it is, not copied.
-        let written = CONTEXT.try_with(|c| {
-            let client = c.client.map(|ip| ip.to_string());
-            self.sink.write(at, event, user, version, detail, shown_id(c.request_id.as_ref()), client.as_deref())
-        });
+        let line = Fields { at, event, user, version, detail, request_id: None, client: None };
+        let written = CONTEXT
+            .try_with(|c| self.sink.write(&[Fields { request_id: shown_id(c.request_id.as_ref()), client: c.client, ..line }]));
         if written.is_err() {
-            self.sink.write(at, event, user, version, detail, None, None);
+            self.sink.write(&[line]);
         }
     }
 
@@ -196,62 +222,36 @@ impl Audit {
 }
 
 impl Sink {
-    #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        at: time::OffsetDateTime,
-        event: &str,
-        user: Option<&str>,
-        version: Option<i64>,
-        detail: Option<&str>,
-        request_id: Option<&str>,
-        client: Option<&str>,
-    ) {
-        match self {
+    /// Writes `lines`, formatted into one buffer and written at once.
+    fn write(&self, lines: &[Fields<'_>]) {
+        let mut out = Vec::with_capacity(256 * lines.len());
+        let (writer, flush) = match self {
+            Sink::Log(None) => return lines.iter().for_each(Fields::trace),
             Sink::Log(Some(log)) => {
                 // The log's filter still decides whether audit lines are written.
                 if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
                     return;
                 }
-                let mut line = Vec::with_capacity(256);
-                let fields = Fields { event, user, version, detail, request_id, client };
-                match log.format {
-                    LogFormat::Text => fields.text_line(&mut line, at),
-                    LogFormat::Json => fields.json_line(&mut line, at),
+                for line in lines {
+                    match log.format {
+                        LogFormat::Text => line.text_line(&mut out),
+                        LogFormat::Json => line.json_line(&mut out),
+                    }
                 }
-                let mut writer = log.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                if let Err(e) = writer.write_all(&line) {
-                    drop(writer);
-                    tracing::error!(error = %e, "writing an audit line to the log failed");
-                }
+                (&log.writer, false)
             }
-            Sink::Log(None) => tracing::info!(
-                target: "audit",
-                event,
-                user = user.unwrap_or("-"),
-                client = client.unwrap_or("-"),
-                version = version.unwrap_or(-1),
-                request_id = request_id.unwrap_or("-"),
-                detail = detail.unwrap_or(""),
-                "audit"
-            ),
             Sink::Writer(writer) => {
-                let at = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-                let line = json!({
-                    "ts": at,
-                    "event": event,
-                    "user": user,
-                    "client": client,
-                    "version": version,
-                    "request_id": request_id,
-                    "detail": detail,
-                });
-                let mut writer = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                // An audit line that cannot be written is logged, not fatal.
-                if let Err(e) = writeln!(writer, "{line}").and_then(|_| writer.flush()) {
-                    tracing::error!(error = %e, "writing the audit log failed");
+                for line in lines {
+                    line.file_line(&mut out);
                 }
+                (writer, true)
             }
+        };
+        let mut writer = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // An audit line that cannot be written is logged, not fatal.
+        if let Err(e) = writer.write_all(&out).and_then(|_| if flush { writer.flush() } else { Ok(()) }) {
+            drop(writer);
+            tracing::error!(error = %e, "writing the audit log failed");
         }
     }
 }
@@ -259,26 +259,42 @@ impl Sink {
 /// An audit line's fields, as the log shows them (`-`, `-1` and an empty
 /// detail for what is missing, as in the line tracing writes).
 struct Fields<'a> {
+    at: time::OffsetDateTime,
     event: &'a str,
     user: Option<&'a str>,
     version: Option<i64>,
     detail: Option<&'a str>,
     request_id: Option<&'a str>,
-    client: Option<&'a str>,
+    client: Option<IpAddr>,
 }
 
 impl Fields<'_> {
-    /// The string fields before the version, in the order tracing records them.
-    fn leading(&self) -> [(&'static str, &str); 3] {
-        [("event", self.event), ("user", self.user.unwrap_or("-")), ("client", self.client.unwrap_or("-"))]
+    /// The line through tracing (target `audit`).
+    fn trace(&self) {
+        let client = self.client.map(|ip| ip.to_string());
+        tracing::info!(
+            target: "audit",
+            event = self.event,
+            user = self.user.unwrap_or("-"),
+            client = client.as_deref().unwrap_or("-"),
+            version = self.version.unwrap_or(-1),
+            request_id = self.request_id.unwrap_or("-"),
+            detail = self.detail.unwrap_or(""),
+            "audit"
+        )
     }
 
     /// tracing-subscriber's text line: `<time>  INFO audit: audit event="…" … detail="…"`.
-    fn text_line(&self, out: &mut Vec<u8>, at: time::OffsetDateTime) {
-        timestamp(out, at);
+    fn text_line(&self, out: &mut Vec<u8>) {
+        timestamp(out, self.at);
         out.extend_from_slice(b"  INFO audit: audit");
-        for (name, value) in self.leading() {
-            text_field(out, name, value);
+        text_field(out, "event", self.event);
+        text_field(out, "user", self.user.unwrap_or("-"));
+        match self.client {
+            Some(ip) => {
+                let _ = write!(out, " client=\"{ip}\"");
+            }
+            None => out.extend_from_slice(b" client=\"-\""),
         }
         out.extend_from_slice(b" version=");
         out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
@@ -289,16 +305,19 @@ impl Fields<'_> {
 
     /// tracing-subscriber's JSON line: time, level, the fields (message
     /// first), then the target.
-    fn json_line(&self, out: &mut Vec<u8>, at: time::OffsetDateTime) {
+    fn json_line(&self, out: &mut Vec<u8>) {
         let string = |out: &mut Vec<u8>, value: &str| serde_json::to_writer(&mut *out, value).expect("a string serializes");
         out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(out, at);
-        out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"audit\"");
-        for (name, value) in self.leading() {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            string(out, value);
+        timestamp(out, self.at);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"audit\",\"event\":");
+        string(out, self.event);
+        out.extend_from_slice(b",\"user\":");
+        string(out, self.user.unwrap_or("-"));
+        match self.client {
+            Some(ip) => {
+                let _ = write!(out, ",\"client\":\"{ip}\"");
+            }
+            None => out.extend_from_slice(b",\"client\":\"-\""),
         }
         out.extend_from_slice(b",\"version\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
@@ -307,6 +326,21 @@ impl Fields<'_> {
         out.extend_from_slice(b",\"detail\":");
         string(out, self.detail.unwrap_or(""));
         out.extend_from_slice(b"},\"target\":\"audit\"}\n");
+    }
+
+    /// The audit file's JSON line (`null` for what is missing).
+    fn file_line(&self, out: &mut Vec<u8>) {
+        let at = self.at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let line = json!({
+            "ts": at,
+            "event": self.event,
+            "user": self.user,
+            "client": self.client.map(|ip| ip.to_string()),
+            "version": self.version,
+            "request_id": self.request_id,
+            "detail": self.detail,
+        });
+        let _ = writeln!(out, "{line}");
     }
 }
 
@@ -419,7 +453,7 @@ mod tests {
 
     /// The audit's own lines in the log are byte for byte those tracing's
     /// formatter writes for the same event, text and JSON, with names that
-    /// need escaping and fields missing.
+    /// need escaping and fields missing, several lines in one write.
     #[test]
     fn lines_written_into_the_log_are_tracings_own() {
         let through_tracing = Audit::open(&AuditTarget::Log, None).unwrap();
@@ -440,13 +474,18 @@ mod tests {
                 LogFormat::Json => Box::new(builder.json().finish()),
             };
             tracing::subscriber::with_default(subscriber, || {
+                let (mut expected, mut lines) = (String::new(), Vec::new());
                 for (event, user, version, detail, request_id, client) in cases {
-                    through_tracing.sink.write(time::OffsetDateTime::now_utc(), event, user, version, detail, request_id, client);
-                    let line = theirs.take();
-                    let at = time_of(line.trim_start_matches("{\"timestamp\":\""));
-                    direct.sink.write(at, event, user, version, detail, request_id, client);
-                    assert_eq!(ours.take(), line, "{format:?}");
+                    let client = client.map(|c| c.parse().unwrap());
+                    let line = |at| Fields { at, event, user, version, detail, request_id, client };
+                    through_tracing.sink.write(&[line(time::OffsetDateTime::now_utc())]);
+                    let theirs = theirs.take();
+                    lines.push(line(time_of(theirs.trim_start_matches("{\"timestamp\":\""))));
+                    expected.push_str(&theirs);
                 }
+                // Written together, as the writer thread writes a batch.
+                direct.sink.write(&lines);
+                assert_eq!(ours.take(), expected, "{format:?}");
             });
         }
     }
