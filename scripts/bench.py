@@ -8,7 +8,9 @@ machine (see README, "Benchmark"):
   - the ceiling: a minimal axum handler returning a body of the same size.
 
 Prints requests/s, p50 and p99 per concurrency level, and tokenhub's
-resident memory. Run it with scripts/bench.sh. With BENCH_PROFILE=<file>,
+resident memory. Run it with scripts/bench.sh. BENCH_LOG sets tokenhub's
+log filter (default `info`; `info,tokenhub::request_frame=warn` leaves the
+request spans out and keeps the audit lines, to see what the spans cost). With BENCH_PROFILE=<file>,
 perf records tokenhub's stacks during the load into <file>
 (scripts/profile.sh turns that into a flame graph). With
 BENCH_INSTRUCTIONS=1, tokenhub and the ceiling run under callgrind instead,
@@ -133,7 +135,7 @@ def main() -> None:
         tokenhub_port=tokenhub_port,
         tokenhub_bin=callgrind_wrapper(release, out_dir) if counting else release,
         # The default log level: each fetch writes its audit line, as in production.
-        extra_env={"TOKENHUB_LOG": "info"},
+        extra_env={"TOKENHUB_LOG": os.environ.get("BENCH_LOG", "info")},
     )
     stack.start()
     try:
