@@ -233,10 +233,7 @@ impl Sink {
                     return;
                 }
                 for line in lines {
-                    match log.format {
-                        LogFormat::Text => line.text_line(&mut out),
-                        LogFormat::Json => line.json_line(&mut out),
-                    }
+                    line.log_line(&mut out, log.format);
                 }
                 (&log.writer, false)
             }
@@ -284,48 +281,39 @@ impl Fields<'_> {
         )
     }
 
-    /// tracing-subscriber's text line: `<time>  INFO audit: audit event="…" … detail="…"`.
-    fn text_line(&self, out: &mut Vec<u8>) {
-        timestamp(out, self.at);
-        out.extend_from_slice(b"  INFO audit: audit");
-        text_field(out, "event", self.event);
-        text_field(out, "user", self.user.unwrap_or("-"));
-        match self.client {
-            Some(ip) => {
-                let _ = write!(out, " client=\"{ip}\"");
-            }
-            None => out.extend_from_slice(b" client=\"-\""),
+    /// The line as tracing-subscriber's formatter writes it: text,
+    /// `<time>  INFO audit: audit event="…" … detail="…"`; or JSON, time,
+    /// level, the fields (message first), then the target.
+    fn log_line(&self, out: &mut Vec<u8>, format: LogFormat) {
+        let json = format == LogFormat::Json;
+        if json {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(out, self.at);
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"audit\"");
+        } else {
+            timestamp(out, self.at);
+            out.extend_from_slice(b"  INFO audit: audit");
         }
-        out.extend_from_slice(b" version=");
-        out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
-        text_field(out, "request_id", self.request_id.unwrap_or("-"));
-        text_field(out, "detail", self.detail.unwrap_or(""));
-        out.push(b'\n');
-    }
-
-    /// tracing-subscriber's JSON line: time, level, the fields (message
-    /// first), then the target.
-    fn json_line(&self, out: &mut Vec<u8>) {
-        let string = |out: &mut Vec<u8>, value: &str| serde_json::to_writer(&mut *out, value).expect("a string serializes");
-        out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(out, self.at);
-        out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"audit\",\"event\":");
-        string(out, self.event);
-        out.extend_from_slice(b",\"user\":");
-        string(out, self.user.unwrap_or("-"));
-        match self.client {
-            Some(ip) => {
-                let _ = write!(out, ",\"client\":\"{ip}\"");
+        let mut version = itoa::Buffer::new();
+        let client = self.client.map(|ip| ip.to_string());
+        for (name, value, quoted) in [
+            ("event", self.event, true),
+            ("user", self.user.unwrap_or("-"), true),
+            ("client", client.as_deref().unwrap_or("-"), true),
+            ("version", version.format(self.version.unwrap_or(-1)), false),
+            ("request_id", self.request_id.unwrap_or("-"), true),
+            ("detail", self.detail.unwrap_or(""), true),
+        ] {
+            out.extend_from_slice(if json { b",\"" } else { b" " });
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(if json { b"\":" } else { b"=" });
+            match (quoted, json) {
+                (false, _) => out.extend_from_slice(value.as_bytes()),
+                (true, true) => serde_json::to_writer(&mut *out, value).expect("a string serializes"),
+                (true, false) => debug_str(out, value),
             }
-            None => out.extend_from_slice(b",\"client\":\"-\""),
         }
-        out.extend_from_slice(b",\"version\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.version.unwrap_or(-1)).as_bytes());
-        out.extend_from_slice(b",\"request_id\":");
-        string(out, self.request_id.unwrap_or("-"));
-        out.extend_from_slice(b",\"detail\":");
-        string(out, self.detail.unwrap_or(""));
-        out.extend_from_slice(b"},\"target\":\"audit\"}\n");
+        out.extend_from_slice(if json { b"},\"target\":\"audit\"}\n" } else { b"\n" });
     }
 
     /// The audit file's JSON line (`null` for what is missing).
@@ -344,18 +332,14 @@ impl Fields<'_> {
     }
 }
 
-/// ` name="value"`, the value quoted and escaped as Rust's `Debug` does
-/// (what tracing's text format writes for a string field).
-fn text_field(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(b' ');
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'=');
+/// A string quoted and escaped as Rust's `Debug` does (what tracing's
+/// text format writes for a string field).
+fn debug_str(out: &mut Vec<u8>, value: &str) {
     if value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
         out.push(b'"');
         out.extend_from_slice(value.as_bytes());
         out.push(b'"');
     } else {
-        use std::io::Write as _;
         let _ = write!(out, "{value:?}");
     }
 }
