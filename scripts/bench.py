@@ -10,8 +10,8 @@ machine (see README, "Benchmark"):
 Prints requests/s, p50 and p99 per concurrency level, and tokenhub's
 resident memory. Run it with scripts/bench.sh. BENCH_LOG sets tokenhub's
 log filter (default `info`; `info,tokenhub::request_frame=warn` leaves the
-request spans out and keeps the audit lines, to see what the spans cost). With BENCH_PROFILE=<file>,
-perf records tokenhub's stacks during the load into <file>
+request spans out and keeps the audit lines, to see what the spans cost).
+With BENCH_PROFILE=<file>, perf records tokenhub's stacks during the load into <file>
 (scripts/profile.sh turns that into a flame graph). With
 BENCH_INSTRUCTIONS=1, tokenhub and the ceiling run under callgrind instead,
 and it prints the instructions each executes per request (at 1 and 16

@@ -72,8 +72,8 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Audit lines in `format` go to `writer` (one `write` call per line,
-    /// as tracing-appender wants it).
+    /// Audit lines in `format` go to `writer`, one `write` call per batch
+    /// of whole lines (tracing-appender passes each call on as one piece).
     pub fn new(writer: Box<dyn std::io::Write + Send>, format: LogFormat) -> Self {
         Self { writer: Mutex::new(writer), format }
     }
