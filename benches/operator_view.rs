@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 use tokenhub::config::KeepaliveConfig;
 use tokenhub::tokens::keepalive::plan;
+use tokenhub::vault::predecessors::Replaced;
 use tokenhub::vault::store::{LineageFilter, LineageRow, LineageSort, Store};
 
 const ISSUER: &str = "https://idp.example.org";
@@ -90,7 +91,7 @@ async fn main() {
     let mut rng = rand::thread_rng();
     let start = Instant::now();
     for i in 0..users {
-        store.replace_lineage(&lineage(&mut rng, i, now)).await.unwrap();
+        store.replace_lineage(&lineage(&mut rng, i, now), Replaced::Keep).await.unwrap();
     }
     println!("{backend}: {users} lineages written in {:.1} s (one login each)\n", start.elapsed().as_secs_f64());
     println!("{:<44} {:>6} {:>9} {:>9}", "query", "rows", "p50 ms", "p99 ms");

@@ -256,7 +256,14 @@ impl Refresher {
         cm_ask: Option<CmAsk>,
     ) -> Result<(Fresh, bool), RefreshError> {
         let issuer = app.upstream.issuer();
-        let lineage = app.vault.load_cached(username, issuer).await?.ok_or(RefreshError::NoLineage)?;
+        // A forced refresh is skipped only for a refresh completed after the
+        // request began: the version it starts from must be the database's,
+        // not a cached copy that may be a moment behind.
+        let lineage = match want.force {
+            true => app.vault.load(username, issuer).await?.map(Arc::new),
+            false => app.vault.load_cached(username, issuer).await?,
+        };
+        let lineage = lineage.ok_or(RefreshError::NoLineage)?;
         let capped = capped_by(want);
         if !lineage.active {
             return Err(RefreshError::Dead("the lineage was marked dead".into()));

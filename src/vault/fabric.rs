@@ -9,13 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sqlx::Row;
 
+pub use super::predecessors::PREDECESSORS_KEPT;
 use super::store::{Store, StoreError};
 use super::{Vault, VaultError};
-
-/// Replaced refresh tokens remembered per lineage, newest first: a kernel
-/// or a retry holding one of them is answered with the current tokens
-/// (while the age setting allows).
-pub const PREDECESSORS_KEPT: i64 = 16;
 
 /// The Credential Manager's answer to a refresh, opened: its token object
 /// (`id_token` is the FABRIC JWT) and what it was asked for.
@@ -140,43 +136,6 @@ impl Store {
             }
             None => None,
         })
-    }
-
-    /// Remembers a replaced refresh token's digest for its lineage, keeping
-    /// the newest [`PREDECESSORS_KEPT`] of the lineage.
-    pub async fn add_predecessor(&self, hash: &str, username: &str, issuer: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO refresh_predecessors (refresh_hash, username, issuer, rotated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (refresh_hash) DO UPDATE SET username = excluded.username, issuer = excluded.issuer, \
-             rotated_at = excluded.rotated_at",
-        )
-        .bind(hash)
-        .bind(username)
-        .bind(issuer)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        sqlx::query(
-            "DELETE FROM refresh_predecessors WHERE username = $1 AND issuer = $2 AND refresh_hash NOT IN \
-             (SELECT refresh_hash FROM refresh_predecessors WHERE username = $1 AND issuer = $2 \
-              ORDER BY rotated_at DESC LIMIT $3)",
-        )
-        .bind(username)
-        .bind(issuer)
-        .bind(PREDECESSORS_KEPT)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Forgets a lineage's replaced refresh tokens (a login of another subject).
-    pub async fn forget_predecessors(&self, username: &str, issuer: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM refresh_predecessors WHERE username = $1 AND issuer = $2")
-            .bind(username)
-            .bind(issuer)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Drops replaced refresh tokens older than `before`.

@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod fabric;
 pub mod narrow;
+pub mod predecessors;
 pub mod rekey;
 pub mod store;
 
@@ -20,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::time::now;
 use crypto::{CryptoError, KeyRing};
+use predecessors::Replaced;
 use store::{LineageRow, Store, StoreError};
 
 /// The tokens the upstream IdP issued at login or at the last refresh.
@@ -224,17 +226,15 @@ impl Vault {
             refresh_hash: tokens.refresh_token.as_ref().map(|t| crypto::digest_hex(t.expose_secret())),
             fabric_token: None,
         };
+        let old_hash = replaced.as_ref().filter(|old| old.subject == subject).and_then(|old| old.refresh_hash.clone());
+        let predecessors = match (&replaced, &old_hash) {
+            (Some(_), Some(hash)) if Some(hash) != row.refresh_hash.as_ref() => Replaced::Add { hash, at: now },
+            (Some(old), _) if old.subject != subject => Replaced::Forget,
+            _ => Replaced::Keep,
+        };
         self.forget(username, issuer);
-        let version = self.store.replace_lineage(&row).await?;
-        match replaced {
-            Some(old) if old.subject == subject => {
-                if let Some(hash) = old.refresh_hash.filter(|h| Some(h) != row.refresh_hash.as_ref()) {
-                    self.store.add_predecessor(&hash, username, issuer, now).await?;
-                }
-            }
-            Some(_) => self.store.forget_predecessors(username, issuer).await?,
-            None => {}
-        }
+        let version = self.store.replace_lineage(&row, predecessors).await?;
+        self.forget(username, issuer);
         Ok(version)
     }
 
@@ -287,18 +287,15 @@ impl Vault {
             refresh_hash: new_refresh.as_deref().map(crypto::digest_hex),
             fabric_token: tokens.fabric.as_ref().map(|f| self.keys.seal(&f.to_plain(), &aad(username, issuer, "fabric_token"))),
         };
+        let old_hash = old_refresh.as_deref().filter(|_| rotated).map(crypto::digest_hex);
+        let predecessors = old_hash.as_deref().map_or(Replaced::Keep, |hash| Replaced::Add { hash, at: now });
         self.forget(username, issuer);
-        match self.store.store_refresh(&row).await? {
-            Some(_) => {
-                if rotated && let Some(old) = old_refresh.as_deref() {
-                    // Only the broker's grace for the old token is lost if
-                    // this fails: the refresh itself is stored.
-                    if let Err(e) = self.store.add_predecessor(&crypto::digest_hex(old), username, issuer, now).await {
-                        tracing::warn!(user = %username, error = %e, "the replaced refresh token's digest was not kept");
-                    }
-                }
-                self.load(username, issuer).await
-            }
+        let stored = self.store.store_refresh(&row, predecessors).await?;
+        // Also after the write: a reader between the first forget and the
+        // commit may have cached the row it replaced.
+        self.forget(username, issuer);
+        match stored {
+            Some(_) => self.load(username, issuer).await,
             None => Ok(None),
         }
     }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+use super::predecessors::{Replaced, note_replaced};
+
 /// A database failure. Callers turn it into a 500/503; the text never holds
 /// token values because no query binds plaintext secrets.
 #[derive(Debug, thiserror::Error)]
@@ -483,8 +485,9 @@ impl Store {
 
     /// Stores `row` as the user's lineage for its issuer, replacing any
     /// earlier one. The stored version is one more than the replaced row's
-    /// (1 for a first login); it is returned.
-    pub async fn replace_lineage(&self, row: &LineageRow) -> Result<i64, StoreError> {
+    /// (1 for a first login); it is returned. `replaced` is applied to the
+    /// lineage's replaced refresh tokens in the same transaction.
+    pub async fn replace_lineage(&self, row: &LineageRow, replaced: Replaced<'_>) -> Result<i64, StoreError> {
         let sql = format!(
             "INSERT INTO lineages ({LINEAGE_COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, NULL, NULL, NULL, $14, $15, NULL) \
@@ -501,6 +504,7 @@ impl Store {
                refresh_hash = excluded.refresh_hash, fabric_token = NULL \
              RETURNING version"
         );
+        let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar(&sql)
             .bind(&row.username)
             .bind(&row.issuer)
@@ -517,10 +521,12 @@ impl Store {
             .bind(row.refreshed_at)
             .bind(&row.login_nonce)
             .bind(&row.refresh_hash)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?
             .pop()
             .ok_or(sqlx::Error::RowNotFound)?;
+        note_replaced(&mut tx, &row.username, &row.issuer, replaced).await?;
+        tx.commit().await?;
         Ok(version)
     }
 
@@ -533,8 +539,10 @@ impl Store {
 
     /// Stores the result of a refresh, only if the lineage is still at
     /// `row.version` (a lost race changes nothing and returns `None`). The new
-    /// version is returned; the refresh lease is released.
-    pub async fn store_refresh(&self, row: &LineageRow) -> Result<Option<i64>, StoreError> {
+    /// version is returned; the refresh lease is released; `replaced` is
+    /// applied to the lineage's replaced refresh tokens in the same transaction.
+    pub async fn store_refresh(&self, row: &LineageRow, replaced: Replaced<'_>) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let version: Option<i64> = sqlx::query_scalar(
             "UPDATE lineages SET access_token = $3, id_token = $4, refresh_token = $5, scope = $6, \
              access_expires_at = $7, version = version + 1, updated_at = $8, refreshed_at = $9, \
@@ -558,9 +566,13 @@ impl Store {
         .bind(&row.pending_id_token)
         .bind(&row.refresh_hash)
         .bind(&row.fabric_token)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?
         .pop();
+        if version.is_some() {
+            note_replaced(&mut tx, &row.username, &row.issuer, replaced).await?;
+        }
+        tx.commit().await?;
         Ok(version)
     }
 

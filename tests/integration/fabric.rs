@@ -523,3 +523,51 @@ async fn the_brokers_own_tls_listener_answers_fablib() {
     let untrusting = reqwest::Client::builder().resolve(BROKER_HOST, addr).build().unwrap();
     assert!(untrusting.get(format!("{base}/credmgr/version")).send().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_refresh_token_is_found_at_every_moment_of_its_replacement() {
+    // A kernel presenting the token being replaced must find it, as the
+    // current one or as replaced, at every instant: one found as neither
+    // would be passed to the CM, and a rotating IdP that sees a spent token
+    // ends the whole grant. On both backends, the lineage is rotated 150
+    // times while lookups of the token being replaced run beside.
+    let hub = HubMock::start().await;
+    let cm = Cm::start(Idp::shared(), 3600);
+    let postgres = Postgres::shared().new_database().await;
+    for (backend, database) in [("SQLite", None), ("PostgreSQL", Some(postgres))] {
+        let mut builder = app_builder(&hub, &cm, |_| {});
+        if let Some(url) = database {
+            builder = builder.database(url);
+        }
+        let app = builder.spawn().await;
+        let _caller = signed_in(&app, &hub, "fabienne").await;
+        let state = app.state().clone();
+        let issuer = state.upstream.issuer().to_string();
+        let mut misses = 0;
+        for round in 0..150 {
+            let lineage = state.vault.load("fabienne", &issuer).await.unwrap().unwrap();
+            let replaced = lineage.tokens.refresh_token.as_ref().map(secrecy::ExposeSecret::expose_secret).unwrap();
+            let hash = tokenhub::vault::crypto::digest_hex(replaced);
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let lookups = tokio::spawn({
+                let (state, done) = (state.clone(), done.clone());
+                async move {
+                    let mut missed = 0;
+                    loop {
+                        let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                        missed += u32::from(state.vault.store().refresh_owner(&hash, 0).await.unwrap().is_none());
+                        if finished {
+                            return missed;
+                        }
+                    }
+                }
+            });
+            let tokens =
+                tokenhub::vault::TokenSet { refresh_token: Some(format!("rotated-{round}").into()), ..lineage.tokens.clone() };
+            assert!(state.vault.save_refresh(&lineage, &tokens, None).await.unwrap().is_some());
+            done.store(true, std::sync::atomic::Ordering::Release);
+            misses += lookups.await.unwrap();
+        }
+        assert_eq!(misses, 0, "{backend}: lookups that found the token neither current nor replaced");
+    }
+}
