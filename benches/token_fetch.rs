@@ -6,7 +6,8 @@
 //! `{"name": …, "url": …, "auth": "token …", "pid": …}`; the url `builtin` is
 //! the ceiling: a minimal axum handler returning a body of
 //! `BENCH_CEILING_BYTES` bytes, run as a process of its own like tokenhub, so
-//! both compete with the load generator for the CPU in the same way.
+//! both compete with the load generator for the CPU in the same way;
+//! `builtin-loop` is the same handler in tokenhub's own server loop.
 //!
 //! The targets take turns, `BENCH_ROUNDS` times (default 3), and each row
 //! is the round with the median requests per second: a machine whose speed
@@ -100,23 +101,52 @@ fn rss_mb(pid: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The ceiling server: `token_fetch --serve-ceiling <bytes>` prints its port.
-fn serve_ceiling(bytes: usize) {
+/// The ceiling server: `token_fetch --serve-ceiling <bytes> [loop]` prints
+/// its port. With `loop`, the same handler is served by tokenhub's own
+/// server loop (its connection limits and timeouts, [`tokenhub::server`])
+/// rather than `axum::serve`: the difference between the two rows is what
+/// the loop costs, the rest of tokenhub's is its handler's and middleware's.
+fn serve_ceiling(bytes: usize, tokenhubs_loop: bool) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let body: &'static str = Box::leak("x".repeat(bytes).into_boxed_str());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap().port());
+        let address = listener.local_addr().unwrap();
+        println!("{}", address.port());
         let app =
             axum::Router::new().route("/tokens", get(move || async move { ([("content-type", "application/json")], body) }));
-        axum::serve(listener, app).await.unwrap();
+        if tokenhubs_loop {
+            let http = tokenhub::config::HttpConfig {
+                bind: address,
+                public_url: format!("http://{address}").parse().unwrap(),
+                base_path: String::new(),
+                secure_cookies: false,
+                limits: Default::default(),
+                trusted_proxies: Default::default(),
+            };
+            tokenhub::server::serve(listener, app, &http, std::future::pending()).await.unwrap();
+        } else {
+            axum::serve(listener, app).await.unwrap();
+        }
     });
+}
+
+/// Starts a ceiling server process (see [`serve_ceiling`]); its URL.
+fn start_ceiling(bytes: usize, mode: &str) -> (std::process::Child, String) {
+    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--serve-ceiling", &bytes.to_string(), mode])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut port).unwrap();
+    (server, format!("http://127.0.0.1:{}/tokens", port.trim()))
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve-ceiling") {
-        return serve_ceiling(args[2].parse().unwrap());
+        return serve_ceiling(args[2].parse().unwrap(), args.get(3).map(String::as_str) == Some("loop"));
     }
     let targets: Vec<Target> = serde_json::from_str(&std::env::var("BENCH_TARGETS").expect("BENCH_TARGETS")).unwrap();
     let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
@@ -128,14 +158,15 @@ fn main() {
     let body_bytes: usize = std::env::var("BENCH_CEILING_BYTES").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
     let pid = std::env::var("TOKENHUB_PID").ok();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--serve-ceiling", &body_bytes.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut port).unwrap();
-    let ceiling = format!("http://127.0.0.1:{}/tokens", port.trim());
+    // The ceilings: `builtin` (axum::serve) and `builtin-loop` (tokenhub's server loop).
+    let mut ceilings: Vec<(String, std::process::Child, String)> = Vec::new();
+    for (url, mode) in [("builtin", "plain"), ("builtin-loop", "loop")] {
+        if targets.iter().any(|t| t.url == url) {
+            let (child, address) = start_ceiling(body_bytes, mode);
+            ceilings.push((url.to_string(), child, address));
+        }
+    }
+    let ceiling_of = |target: &Target| ceilings.iter().find(|(url, _, _)| *url == target.url);
     runtime.block_on(async {
         if let Some(pid) = &pid {
             println!("tokenhub resident memory before load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
@@ -143,8 +174,8 @@ fn main() {
         println!("\n| target | connections | requests/s | p50 ms | p99 ms | server CPU µs/request | errors |");
         println!("|---|---:|---:|---:|---:|---:|---:|");
         let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-        let url_of = |target: &Target| if target.url == "builtin" { ceiling.clone() } else { target.url.clone() };
-        let pid_of = |target: &Target| if target.url == "builtin" { Some(server.id()) } else { target.pid };
+        let url_of = |target: &Target| ceiling_of(target).map_or(target.url.clone(), |(_, _, address)| address.clone());
+        let pid_of = |target: &Target| ceiling_of(target).map_or(target.pid, |(_, child, _)| Some(child.id()));
         for target in &targets {
             // Warm up (connections, caches) before measuring.
             run(&url_of(target), target.auth.as_deref(), 4, Duration::from_millis(500)).await;
@@ -172,5 +203,8 @@ fn main() {
             println!("\ntokenhub resident memory after load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
         }
     });
-    let _ = server.kill();
+    for (_, mut child, _) in ceilings {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -5,10 +5,13 @@ machine (see README, "Benchmark"):
     through the hub's proxy, with a real server's JUPYTERHUB_API_TOKEN;
   - the same job done as the OAuthenticator docs recommend: the hub's REST
     API, GET /hub/api/users/{name} with auth_state (admin:auth_state scope);
-  - the ceiling: a minimal axum handler returning a body of the same size.
+  - the ceiling: a minimal axum handler returning a body of the same size;
+    and the same handler in tokenhub's own server loop (connection limits
+    and timeouts), to tell what the loop costs from what the rest does.
 
 Prints requests/s, p50 and p99 per concurrency level, and tokenhub's
-resident memory. Run it with scripts/bench.sh. BENCH_LOG sets tokenhub's
+resident memory. BENCH_ONLY (say `direct,ceiling`) runs only the targets
+whose names contain one of its words. Run it with scripts/bench.sh. BENCH_LOG sets tokenhub's
 log filter (default `info`; `info,tokenhub::request_frame=warn` leaves the
 request spans out and keeps the audit lines, to see what the spans cost).
 With BENCH_PROFILE=<file>, perf records tokenhub's stacks during the load into <file>
@@ -157,7 +160,12 @@ def main() -> None:
             {"name": "tokenhub /api/v1/tokens (via proxy)", "url": f"{stack.tokenhub_url}/api/v1/tokens", "auth": f"token {server_token}", "pid": int(pid)},
             {"name": "hub REST /hub/api/users/{name} + auth_state", "url": f"{stack.hub_url}/hub/api/users/bench", "auth": f"token {stack.admin_token}"},
             {"name": "ceiling: minimal axum handler", "url": "builtin"},
+            # The same handler in tokenhub's server loop: what the loop costs.
+            {"name": "ceiling in tokenhub's server loop", "url": "builtin-loop"},
         ]
+        # BENCH_ONLY=direct,ceiling: only the targets whose names contain one of these words.
+        only = [w for w in os.environ.get("BENCH_ONLY", "").split(",") if w]
+        targets = [t for t in targets if not only or any(w in t["name"] for w in only)]
         print(f"token document: {size} bytes; tokenhub pid {pid}", flush=True)
         env = {
             **os.environ,
