@@ -144,9 +144,10 @@ pub async fn service_caller(app: &AppState, headers: &HeaderMap) -> Result<crate
 /// anything else meets the limiter first, then the hub (or the cache of
 /// refused tokens).
 async fn verdict_of(app: &AppState, headers: &HeaderMap) -> Result<(Verdict, String), ApiError> {
-    let client = crate::audit::client();
+    // The client's address as text only where the limiter needs it: a token
+    // the hub vouched for passes without it.
     let Some(token) = presented_token(headers) else {
-        app.limiter.check(client.as_deref())?;
+        app.limiter.check(crate::audit::client().as_deref())?;
         return Err(refuse(
             app,
             ApiError::invalid_token("send the server's JUPYTERHUB_API_TOKEN as `Authorization: token …`"),
@@ -157,7 +158,7 @@ async fn verdict_of(app: &AppState, headers: &HeaderMap) -> Result<(Verdict, Str
     if let Some(verdict @ Verdict::User(_)) = app.hub.cached(&token_digest) {
         return Ok((verdict, token_digest));
     }
-    app.limiter.check(client.as_deref())?;
+    app.limiter.check(crate::audit::client().as_deref())?;
     let verdict = app.hub.identify(token, &token_digest).await?;
     Ok((verdict, token_digest))
 }

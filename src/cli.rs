@@ -214,7 +214,7 @@ fn init_logging(config: &Config) -> (tracing_appender::non_blocking::WorkerGuard
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).with_writer(writer);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(crate::request_frame::LogFields).init(),
     }
     (guard, audit_lines)
 }

@@ -4,7 +4,9 @@
 //! span (method and path only: query strings carry codes and state), an
 //! error line for a 5xx answer, and the security headers on the answer
 //! ([`crate::security::add_security_headers`]). One layer costs the hot
-//! path one boxed future where five stacked layers cost five.
+//! path one boxed future where five stacked layers cost five. The text
+//! log writes the span's fields through [`LogFields`], which every request
+//! would otherwise pay tracing-subscriber's generic formatter for.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,11 +15,15 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::Request;
-use axum::http::HeaderValue;
 use axum::http::header::HeaderName;
+use axum::http::{HeaderValue, Method};
 use axum::response::Response;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 
 /// The request-id header.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -54,6 +60,68 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text[..written]).expect("base64url is a valid header value")
 }
 
+/// The names of the request span's fields, in their order.
+const SPAN_FIELDS: [&str; 3] = ["method", "path", "request_id"];
+
+/// A request's span: its method, its path (never the query) and its id.
+pub fn request_span(method: &Method, path: &str, request_id: &str) -> tracing::Span {
+    tracing::info_span!("http", method = %method, path = %path, request_id)
+}
+
+/// The text log's field formatter: the request span's fields, which every
+/// request formats, written directly; everything else by
+/// tracing-subscriber's [`DefaultFields`]. The bytes are DefaultFields'
+/// without colours (a unit test holds them equal); with colours (a
+/// terminal) DefaultFields writes them all.
+#[derive(Debug, Default)]
+pub struct LogFields;
+
+impl<'writer> FormatFields<'writer> for LogFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> std::fmt::Result {
+        let mut names = SpanFieldNames::default();
+        fields.record(&mut names);
+        if names.seen != SPAN_FIELDS.len() || !names.all_span_fields || writer.has_ansi_escapes() {
+            return DefaultFields::new().format_fields(writer, fields);
+        }
+        let mut written = SpanFieldsWriter { writer: &mut writer, first: true, result: Ok(()) };
+        fields.record(&mut written);
+        written.result
+    }
+}
+
+/// Tells whether a set of fields is the request span's (the same names,
+/// each once).
+#[derive(Default)]
+struct SpanFieldNames {
+    seen: usize,
+    all_span_fields: bool,
+}
+
+impl Visit for SpanFieldNames {
+    fn record_debug(&mut self, field: &Field, _: &dyn std::fmt::Debug) {
+        self.all_span_fields = (self.seen == 0 || self.all_span_fields) && SPAN_FIELDS.get(self.seen) == Some(&field.name());
+        self.seen += 1;
+    }
+}
+
+/// Writes the request span's fields as DefaultFields does without colours:
+/// `name=value`, the value as `Debug` shows it, separated by a space.
+struct SpanFieldsWriter<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl Visit for SpanFieldsWriter<'_, '_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let pad = if std::mem::take(&mut self.first) { "" } else { " " };
+        self.result = write!(self.writer, "{pad}{}={value:?}", field.name());
+    }
+}
+
 impl<S> Service<Request> for RequestFrame<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -76,8 +144,7 @@ where
                 id
             }
         };
-        let shown = id.to_str().ok();
-        let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = shown.unwrap_or("-"));
+        let span = request_span(request.method(), request.uri().path(), id.to_str().unwrap_or("-"));
         let context =
             crate::audit::Context { request_id: Some(id.clone()), client: crate::security::client_of_request(&request) };
         // The clone that was made ready is the one that serves (tower's rule).
@@ -97,5 +164,68 @@ where
             headers.insert(X_REQUEST_ID.clone(), id);
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a subscriber with these fields writes for the same spans and
+    /// events (no time, no colours).
+    fn written<N>(fields: N) -> String
+    where
+        N: for<'w> FormatFields<'w> + Send + Sync + 'static,
+    {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(fields)
+            .with_writer(move || SharedBuffer(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let get = Method::GET;
+            for (method, path, id) in [(&get, "/services/tokenhub/api/v1/tokens", "AbC-12_x"), (&Method::POST, "/a b/\"q\"", "-")]
+            {
+                request_span(method, path, id).in_scope(|| {
+                    tracing::error!(status = 500u16, latency_ms = 3u64, "response failed");
+                    tracing::warn!(user = "ann \"x\"", "a \"quoted\"\nmessage");
+                });
+            }
+            // The same names in another order, fewer of them, or another
+            // field among them: not the request span, DefaultFields writes them.
+            tracing::info_span!("other", path = "/p", method = "GET", request_id = "r").in_scope(|| tracing::info!("one"));
+            tracing::info_span!("fewer", method = "GET", path = "/p").in_scope(|| tracing::info!("two"));
+            tracing::info_span!("more", method = "GET", path = "/p", request_id = "r", r#type = 1)
+                .in_scope(|| tracing::info!(r#type = "t", "three"));
+            let error = std::io::Error::other("disk \"full\"");
+            tracing::warn!(error = &error as &(dyn std::error::Error + 'static), count = 2, flag = true, "four");
+        });
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    #[derive(Clone)]
+    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The log's lines with [`LogFields`] are byte for byte DefaultFields'.
+    #[test]
+    fn log_fields_write_what_default_fields_write() {
+        let (ours, theirs) = (written(LogFields), written(DefaultFields::new()));
+        assert!(theirs.contains("http{method=GET path=/services/tokenhub/api/v1/tokens request_id=\"AbC-12_x\"}"), "{theirs}");
+        assert_eq!(ours.lines().count(), 10, "{ours}");
+        assert_eq!(ours, theirs);
     }
 }

@@ -169,7 +169,8 @@ async fn alg_none_is_refused() {
 async fn wrong_audience_expired_wrong_nonce_and_wrong_issuer_are_refused() {
     let idp = MockIdp::start().await;
     let app = TestApp::builder(&idp.issuer()).spawn().await;
-    let cases: [(&str, fn(&mut Value)); 4] = [
+    type Case = (&'static str, fn(&mut Value));
+    let cases: [Case; 4] = [
         ("audience", |c| c["aud"] = json!("someone-else")),
         ("expired", |c| {
             c["exp"] = json!(tokenhub::time::now() - 600);

@@ -152,7 +152,7 @@ async fn fifty_concurrent_callers_cause_one_grant() {
     let app = app(&hub, NarrowMechanism::Refresh, "*").await;
     let caller = Arc::new(signed_in(&app, &hub, "narrow-storm").await);
     let before = idp.refreshes("narrow-storm").await;
-    let tokens = all_at_once(&[caller.clone()], 50, "storage.modify storage.read").await;
+    let tokens = all_at_once(std::slice::from_ref(&caller), 50, "storage.modify storage.read").await;
     assert_eq!(tokens.len(), 1, "every caller got the one token obtained");
     assert_eq!(idp.refreshes("narrow-storm").await, before + 1, "one grant at the IdP");
     let response = caller.force().await;
@@ -169,7 +169,7 @@ async fn the_second_audience_by_a_token_exchange() {
     let caller = Arc::new(signed_in(&app, &hub, "narrow-exchange").await);
     let refreshes = idp.refreshes("narrow-exchange").await;
     let exchanges = || async { idp.stats_of("narrow-exchange").await["token_exchange"].as_u64().unwrap_or(0) };
-    let tokens = all_at_once(&[caller.clone()], 20, "storage.read").await;
+    let tokens = all_at_once(std::slice::from_ref(&caller), 20, "storage.read").await;
     assert_eq!(tokens.len(), 1);
     let claims = jwt_claims(tokens.iter().next().unwrap());
     assert_eq!((claims["aud"].as_str(), claims["scope"].as_str()), (Some(STORAGE), Some("storage.read")), "{claims}");

@@ -116,7 +116,7 @@ async fn rekey_while_two_replicas_serve_loses_nothing() {
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let caller = &callers[i % callers.len()];
-                let response = if i % 7 == 0 { caller.force().await } else { caller.get("").await };
+                let response = if i.is_multiple_of(7) { caller.force().await } else { caller.get("").await };
                 if response.status() == StatusCode::OK {
                     served.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -236,7 +236,7 @@ async fn through_an_outage(app: &TestApp, hub: &HubMock, prefix: &str, outage: O
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let caller = &callers[i % callers.len()];
-                let response = if i % 3 == 0 { caller.force().await } else { caller.get("").await };
+                let response = if i.is_multiple_of(3) { caller.force().await } else { caller.get("").await };
                 let status = response.status();
                 let retry_after = response.headers().contains_key("retry-after");
                 let body = response.text().await.unwrap_or_default();
