@@ -14,7 +14,9 @@
 //! drifts during the run then affects every target alike. Where the
 //! server's pid is known (the ceiling's, and `pid` in a target), the row
 //! also gives the server's CPU time per request (user + system, from
-//! /proc), which the load generator's share of the CPU does not blur.
+//! /proc), which the load generator's share of the CPU does not blur, and
+//! its threads' context switches per request (threads woken and put to
+//! sleep, the cost beyond the instructions).
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,20 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / *PER_SECOND)
 }
 
+/// Context switches of all the process's threads so far (voluntary and
+/// not): each is a thread put to sleep or woken, which costs the CPU time
+/// beyond the instructions.
+fn switches(pid: u32) -> Option<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for line in status.lines().filter(|l| l.contains("ctxt_switches:")) {
+            total += line.split_whitespace().nth(1)?.parse::<f64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
 fn rss_mb(pid: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
@@ -171,8 +187,8 @@ fn main() {
         if let Some(pid) = &pid {
             println!("tokenhub resident memory before load: {:.1} MB", rss_mb(pid).unwrap_or(f64::NAN));
         }
-        println!("\n| target | connections | requests/s | p50 ms | p99 ms | server CPU µs/request | errors |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        println!("\n| target | connections | requests/s | p50 ms | p99 ms | server CPU µs/request | server context switches/request | errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
         let url_of = |target: &Target| ceiling_of(target).map_or(target.url.clone(), |(_, _, address)| address.clone());
         let pid_of = |target: &Target| ceiling_of(target).map_or(target.pid, |(_, child, _)| Some(child.id()));
@@ -181,22 +197,28 @@ fn main() {
             run(&url_of(target), target.auth.as_deref(), 4, Duration::from_millis(500)).await;
         }
         for &c in &levels {
-            let mut seen: Vec<Vec<(Result, Option<f64>)>> = vec![Vec::new(); targets.len()];
+            let mut seen: Vec<Vec<(Result, Option<f64>, Option<f64>)>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
                 for (i, target) in targets.iter().enumerate() {
-                    let before = pid_of(target).and_then(cpu_seconds);
+                    let pid = pid_of(target);
+                    let before = (pid.and_then(cpu_seconds), pid.and_then(switches));
                     let r = run(&url_of(target), target.auth.as_deref(), c, Duration::from_secs(seconds)).await;
-                    let after = pid_of(target).and_then(cpu_seconds);
+                    let after = (pid.and_then(cpu_seconds), pid.and_then(switches));
                     let served = r.rps * seconds as f64;
-                    let cpu = before.zip(after).filter(|_| served > 0.0).map(|(b, a)| (a - b) / served * 1e6);
-                    seen[i].push((r, cpu));
+                    let per_request =
+                        |b: Option<f64>, a: Option<f64>| b.zip(a).filter(|_| served > 0.0).map(|(b, a)| (a - b) / served);
+                    seen[i].push((r, per_request(before.0, after.0).map(|s| s * 1e6), per_request(before.1, after.1)));
                 }
             }
             for (target, mut rows) in targets.iter().zip(seen) {
                 rows.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
-                let (r, cpu) = rows[rows.len() / 2];
+                let (r, cpu, switched) = rows[rows.len() / 2];
                 let cpu = cpu.map_or("".to_string(), |c| format!("{c:.1}"));
-                println!("| {} | {c} | {:.0} | {:.2} | {:.2} | {cpu} | {} |", target.name, r.rps, r.p50_ms, r.p99_ms, r.errors);
+                let switched = switched.map_or("".to_string(), |s| format!("{s:.2}"));
+                println!(
+                    "| {} | {c} | {:.0} | {:.2} | {:.2} | {cpu} | {switched} | {} |",
+                    target.name, r.rps, r.p50_ms, r.p99_ms, r.errors
+                );
             }
         }
         if let Some(pid) = &pid {

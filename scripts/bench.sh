@@ -5,7 +5,8 @@
 # 5), BENCH_ROUNDS (default 3) and BENCH_CONCURRENCY (default 1,16,64) tune
 # it; BENCH_INSTRUCTIONS=1 counts instructions per request under callgrind
 # instead (needs valgrind), BENCH_PROFILE=<file> records perf samples
-# (scripts/profile.sh).
+# (scripts/profile.sh), BENCH_ONLY=direct,ceiling runs only the targets
+# whose names hold one of those words.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
