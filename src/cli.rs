@@ -242,7 +242,8 @@ pub async fn serve(config: Config, log: Option<crate::audit::LogWriter>) -> anyh
                 tracing::warn!(error = %e, "purging expired codes and tokens failed");
             }
             if let Some(fabric) = &purge_state.config.fabric
-                && let Err(e) = purge_state.vault.store().purge_predecessors(crate::time::now() - fabric.grace).await
+                && let Err(e) =
+                    purge_state.vault.store().purge_predecessors(crate::time::now() - fabric.grace, crate::time::now()).await
             {
                 tracing::warn!(error = %e, "purging replaced refresh tokens' digests failed");
             }

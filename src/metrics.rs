@@ -250,7 +250,8 @@ fn latency_histogram() -> Histogram {
 }
 
 /// How the FABRIC broker answered a refresh (`tokenhub_fabric_broker_refreshes`).
-pub const BROKER_OUTCOMES: [&str; 7] = ["vault", "refreshed", "grace", "refused", "passed_on", "unknown_refused", "unavailable"];
+pub const BROKER_OUTCOMES: [&str; 8] =
+    ["vault", "refreshed", "grace", "retired", "refused", "passed_on", "unknown_refused", "unavailable"];
 
 /// The metrics of one `App`.
 #[derive(Debug)]

@@ -10,8 +10,11 @@
 //! after one refresh through the CM shared by every caller (the refresher's
 //! single flight, across replicas). A replaced token gets the current
 //! answer too: FABlib's retries and kernels holding an older copy converge
-//! instead of burning the lineage. A token tokenhub does not hold is passed
-//! to the CM unchanged, or refused (`TOKENHUB_FABRIC_UNKNOWN_TOKENS`).
+//! instead of burning the lineage. One replaced longer ago than that
+//! (past the grace period or out of the newest few) is refused, never
+//! passed on: it is spent, and an identity provider that sees a spent
+//! refresh token may end the whole login. A token tokenhub does not hold is
+//! passed to the CM unchanged, or refused (`TOKENHUB_FABRIC_UNKNOWN_TOKENS`).
 //!
 //! Every other CM call is passed on unchanged; a revoke of a refresh token
 //! tokenhub holds also ends its lineage.
@@ -113,6 +116,9 @@ async fn refresh(State(app): State<AppState>, RawQuery(query): RawQuery, headers
     let Some(owner) = owner else {
         return unknown(&app, fabric.unknown_tokens, query.as_deref(), &headers, body).await;
     };
+    if owner.retired {
+        return retired(&app, &owner);
+    }
     let ask = CmAsk {
         project_id: params.project_id,
         project_name: params.project_name,
@@ -189,6 +195,21 @@ fn status_named_in(reason: &str) -> Option<StatusCode> {
     StatusCode::from_bytes(after.get(..3)?.as_bytes()).ok()
 }
 
+/// A refresh token the lineage replaced longer ago than the broker answers
+/// for: refused, and never passed to the CM, where it would reach the
+/// identity provider spent (some end the whole login for that).
+fn retired(app: &AppState, owner: &RefreshOwner) -> Response {
+    app.audit.record("fabric_retired_refused", Some(&owner.username), None, None);
+    app.metrics.fabric_refresh("retired");
+    cm_error(
+        StatusCode::UNAUTHORIZED,
+        "Refresh token is invalid or has expired",
+        "this refresh token was replaced long ago (tokenhub answers for replaced tokens for a while only) and is spent; \
+         load FABlib again to read the current token file, or sign in again.",
+        Some(&app.reauth_url),
+    )
+}
+
 /// A refresh token tokenhub does not hold: passed to the CM (nothing of it
 /// kept), or refused.
 async fn unknown(app: &AppState, policy: UnknownTokens, query: Option<&str>, headers: &HeaderMap, body: Bytes) -> Response {
@@ -245,7 +266,8 @@ fn revoked_refresh_token(body: &[u8]) -> Option<String> {
 async fn end_revoked(app: &AppState, token: &str) {
     let grace = app.config.fabric.as_ref().map_or(0, |f| f.grace);
     let owner = match app.vault.store().refresh_owner(&digest_hex(token), now() - grace).await {
-        Ok(Some(owner)) if owner.issuer == app.upstream.issuer() => owner,
+        // A retired token is spent: revoking it ends nothing that still works.
+        Ok(Some(owner)) if owner.issuer == app.upstream.issuer() && !owner.retired => owner,
         Ok(_) => return,
         Err(e) => {
             tracing::error!(error = %e, "a revoke at the Credential Manager could not be matched to a lineage");

@@ -8,8 +8,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
-pub use super::predecessors::PREDECESSORS_KEPT;
+pub use super::predecessors::{PREDECESSORS_KEPT, RETIRED_FOR};
 use super::store::{Store, StoreError};
 use super::{Vault, VaultError};
 
@@ -112,39 +113,65 @@ pub struct RefreshOwner {
     /// `None` for the lineage's current refresh token; for one it replaced,
     /// when that happened.
     pub replaced_at: Option<i64>,
+    /// A token the lineage replaced longer ago than the broker answers for
+    /// (past the grace period, or out of the newest few): spent, refused.
+    pub retired: bool,
 }
 
 impl Store {
-    /// The lineage whose current refresh token, or one it replaced since
-    /// `replaced_since`, has this digest.
+    /// The lineage whose current refresh token, or one it replaced, has
+    /// this digest; one replaced before `replaced_since`, or retired, is
+    /// said to be retired.
     pub async fn refresh_owner(&self, hash: &str, replaced_since: i64) -> Result<Option<RefreshOwner>, StoreError> {
+        let owner = |row: &AnyRow, replaced_at: Option<i64>, retired: bool| -> Result<RefreshOwner, sqlx::Error> {
+            Ok(RefreshOwner { username: row.try_get(0)?, issuer: row.try_get(1)?, replaced_at, retired })
+        };
+        // In the order a token moves (each move is one transaction with
+        // the write that makes it), so a token is never missed between two.
         let current =
             sqlx::query("SELECT username, issuer FROM lineages WHERE refresh_hash = $1").bind(hash).fetch_all(&self.pool).await?;
         if let Some(row) = current.first() {
-            return Ok(Some(RefreshOwner { username: row.try_get(0)?, issuer: row.try_get(1)?, replaced_at: None }));
+            return Ok(Some(owner(row, None, false)?));
         }
-        let replaced = sqlx::query(
-            "SELECT username, issuer, rotated_at FROM refresh_predecessors WHERE refresh_hash = $1 AND rotated_at >= $2",
-        )
-        .bind(hash)
-        .bind(replaced_since)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(match replaced.first() {
-            Some(row) => {
-                Some(RefreshOwner { username: row.try_get(0)?, issuer: row.try_get(1)?, replaced_at: Some(row.try_get(2)?) })
-            }
+        let replaced = sqlx::query("SELECT username, issuer, rotated_at FROM refresh_predecessors WHERE refresh_hash = $1")
+            .bind(hash)
+            .fetch_all(&self.pool)
+            .await?;
+        if let Some(row) = replaced.first() {
+            let at: i64 = row.try_get(2)?;
+            return Ok(Some(owner(row, Some(at), at < replaced_since)?));
+        }
+        let retired = sqlx::query("SELECT username, issuer, retired_at FROM retired_refresh_tokens WHERE refresh_hash = $1")
+            .bind(hash)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(match retired.first() {
+            Some(row) => Some(owner(row, Some(row.try_get(2)?), true)?),
             None => None,
         })
     }
 
-    /// Drops replaced refresh tokens older than `before`.
-    pub async fn purge_predecessors(&self, before: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM refresh_predecessors WHERE rotated_at < $1")
-            .bind(before)
-            .execute(&self.pool)
+    /// Retires replaced refresh tokens older than `before` and forgets
+    /// retired ones older than [`RETIRED_FOR`]; returns how many were forgotten.
+    pub async fn purge_predecessors(&self, before: i64, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO retired_refresh_tokens (refresh_hash, username, issuer, retired_at) \
+             SELECT refresh_hash, username, issuer, CAST($2 AS BIGINT) FROM refresh_predecessors WHERE rotated_at < $1 \
+             ON CONFLICT (refresh_hash) DO NOTHING",
+        )
+        .bind(before)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM refresh_predecessors WHERE rotated_at < $1").bind(before).execute(&mut *tx).await?;
+        let forgotten = sqlx::query("DELETE FROM retired_refresh_tokens WHERE retired_at < $1")
+            .bind(now - RETIRED_FOR)
+            .execute(&mut *tx)
             .await?
-            .rows_affected())
+            .rows_affected();
+        tx.commit().await?;
+        Ok(forgotten)
     }
 
     /// Lineages with a refresh token but no digest of it (written by a

@@ -2,11 +2,24 @@
 //! broker's grace, [`super::fabric`]), as written together with the
 //! lineage itself: one transaction for both, so that a lookup never finds
 //! a token neither current nor replaced.
+//!
+//! Two sets: the newest [`PREDECESSORS_KEPT`] replaced tokens, which the
+//! broker answers with the current tokens (within the grace period); and
+//! older ones, retired, which it refuses instead of passing them to the
+//! Credential Manager (an identity provider that sees a spent refresh
+//! token may end the whole login): the newest [`RETIRED_KEPT`] of a
+//! lineage, for [`RETIRED_FOR`] seconds.
 
 /// Replaced refresh tokens remembered per lineage, newest first: a kernel
 /// or a retry holding one of them is answered with the current tokens
 /// (while the age setting allows).
 pub const PREDECESSORS_KEPT: i64 = 16;
+
+/// Retired refresh tokens remembered per lineage (refused, never passed on).
+pub const RETIRED_KEPT: i64 = 256;
+
+/// How long a retired refresh token is remembered, in seconds (30 days).
+pub const RETIRED_FOR: i64 = 30 * 24 * 3600;
 
 /// What a write of a lineage does to the refresh tokens it replaced. It
 /// happens in the write's own transaction: a broker lookup in between must
@@ -26,7 +39,8 @@ pub enum Replaced<'a> {
         /// When (unix seconds).
         at: i64,
     },
-    /// The lineage now belongs to another subject: its replaced tokens are forgotten.
+    /// The lineage now belongs to another subject: its replaced tokens,
+    /// answered or retired, are forgotten.
     Forget,
 }
 
@@ -40,11 +54,13 @@ pub(super) async fn note_replaced(
     match replaced {
         Replaced::Keep => {}
         Replaced::Forget => {
-            sqlx::query("DELETE FROM refresh_predecessors WHERE username = $1 AND issuer = $2")
-                .bind(username)
-                .bind(issuer)
-                .execute(&mut *conn)
-                .await?;
+            for table in ["refresh_predecessors", "retired_refresh_tokens"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE username = $1 AND issuer = $2"))
+                    .bind(username)
+                    .bind(issuer)
+                    .execute(&mut *conn)
+                    .await?;
+            }
         }
         Replaced::Add { hash, at } => {
             sqlx::query(
@@ -58,16 +74,41 @@ pub(super) async fn note_replaced(
             .bind(at)
             .execute(&mut *conn)
             .await?;
-            sqlx::query(
+            // Those beyond the newest few retire.
+            let beyond: Vec<String> = sqlx::query_scalar(
                 "DELETE FROM refresh_predecessors WHERE username = $1 AND issuer = $2 AND refresh_hash NOT IN \
                  (SELECT refresh_hash FROM refresh_predecessors WHERE username = $1 AND issuer = $2 \
-                  ORDER BY rotated_at DESC LIMIT $3)",
+                  ORDER BY rotated_at DESC LIMIT $3) RETURNING refresh_hash",
             )
             .bind(username)
             .bind(issuer)
             .bind(PREDECESSORS_KEPT)
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+            for retired in &beyond {
+                sqlx::query(
+                    "INSERT INTO retired_refresh_tokens (refresh_hash, username, issuer, retired_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (refresh_hash) DO NOTHING",
+                )
+                .bind(retired)
+                .bind(username)
+                .bind(issuer)
+                .bind(at)
+                .execute(&mut *conn)
+                .await?;
+            }
+            if !beyond.is_empty() {
+                sqlx::query(
+                    "DELETE FROM retired_refresh_tokens WHERE username = $1 AND issuer = $2 AND refresh_hash NOT IN \
+                     (SELECT refresh_hash FROM retired_refresh_tokens WHERE username = $1 AND issuer = $2 \
+                      ORDER BY retired_at DESC, refresh_hash DESC LIMIT $3)",
+                )
+                .bind(username)
+                .bind(issuer)
+                .bind(RETIRED_KEPT)
+                .execute(&mut *conn)
+                .await?;
+            }
         }
     }
     Ok(())

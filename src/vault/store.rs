@@ -675,7 +675,7 @@ impl Store {
 
     /// Deletes the user's lineage and every token issued to the hub for it.
     pub async fn delete_lineage(&self, username: &str, issuer: &str) -> Result<bool, StoreError> {
-        for table in ["hub_tokens", "narrow_tokens", "refresh_predecessors"] {
+        for table in ["hub_tokens", "narrow_tokens", "refresh_predecessors", "retired_refresh_tokens"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE username = $1 AND issuer = $2"))
                 .bind(username)
                 .bind(issuer)

@@ -369,10 +369,12 @@ async fn a_cm_answer_lost_after_its_refresh_is_not_sent_again_at_once() {
 #[tokio::test]
 async fn replaced_refresh_tokens_are_answered_within_their_bounds_only() {
     // The 16 newest replaced tokens of a lineage, for TOKENHUB_FABRIC_GRACE
-    // seconds; older ones are tokens tokenhub does not hold (refused here).
+    // seconds; older ones are retired: refused, and never passed to the CM
+    // (a rotating IdP that sees a spent token may end the login), even
+    // though tokens tokenhub never held are passed on (the default).
     let hub = HubMock::start().await;
     let cm = Cm::start(Idp::shared(), 3600);
-    let app = app(&hub, &cm, |s| s.fabric_unknown_tokens = Some(tokenhub::config::UnknownTokens::Refuse)).await;
+    let app = app(&hub, &cm, |_| {}).await;
     let caller = signed_in(&app, &hub, "fabius").await;
     let client = reqwest::Client::new();
     let login = current(&caller).await["refresh_token"].as_str().unwrap().to_string();
@@ -386,17 +388,41 @@ async fn replaced_refresh_tokens_are_answered_within_their_bounds_only() {
     let newest = replaced.pop().unwrap();
     assert_eq!(replaced.len(), 18);
     let asked = cm.asked().await;
-    // The two oldest replaced tokens fell out of the 16 kept.
-    let (status, _) = fablib_refresh(&client, &root(&app), "p", &replaced[1]).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let refused_as_retired = |status: StatusCode, body: &Value| {
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["reauth_url"], app.state().reauth_url.as_str());
+        assert!(body["errors"][0]["details"].as_str().unwrap().contains("replaced long ago"), "{body}");
+    };
+    // The two oldest replaced tokens fell out of the 16 answered.
+    for old in &replaced[..2] {
+        let (status, body) = fablib_refresh(&client, &root(&app), "p", old).await;
+        refused_as_retired(status, &body);
+    }
     let (status, body) = fablib_refresh(&client, &root(&app), "p", &replaced[2]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["data"][0]["refresh_token"], newest.as_str());
-    // Past the grace, a replaced token is not answered either.
+    // Past the grace, a replaced token is retired too; and still after the
+    // periodic purge has moved it out of the answered ones.
     app.sql("UPDATE refresh_predecessors SET rotated_at = rotated_at - 100000").await;
-    let (status, _) = fablib_refresh(&client, &root(&app), "p", &replaced[17]).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(cm.asked().await, asked, "none of it reached the CM");
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &replaced[17]).await;
+    refused_as_retired(status, &body);
+    let now = tokenhub::time::now();
+    app.state().vault.store().purge_predecessors(now - 86_400, now).await.unwrap();
+    assert!(app.sql("SELECT * FROM refresh_predecessors").await.is_empty());
+    for old in [&replaced[0], &replaced[17]] {
+        let (status, body) = fablib_refresh(&client, &root(&app), "p", old).await;
+        refused_as_retired(status, &body);
+    }
+    assert_eq!(cm.asked().await, asked, "no retired token reached the CM");
+    // The lineage lives on: its current token is answered.
+    let (status, body) = fablib_refresh(&client, &root(&app), "p", &newest).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tokenhub_fabric_broker_refreshes_total{outcome=\"retired\"} 5\n"), "{metrics}");
+    // Retired digests are forgotten after 30 days.
+    app.sql("UPDATE retired_refresh_tokens SET retired_at = retired_at - 2592001").await;
+    app.state().vault.store().purge_predecessors(now - 86_400, now).await.unwrap();
+    assert!(app.sql("SELECT * FROM retired_refresh_tokens").await.is_empty());
 }
 
 #[tokio::test]
