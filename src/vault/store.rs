@@ -93,7 +93,7 @@ struct Imported {
 
 /// What moves from one database to another; hub codes (a minute long) and
 /// leases do not.
-const IMPORTED: [Imported; 4] = [
+const IMPORTED: [Imported; 6] = [
     Imported {
         name: "lineages",
         columns: &[
@@ -157,6 +157,18 @@ const IMPORTED: [Imported; 4] = [
             ("created_at", Kind::Int),
         ],
         key: &["username", "server_name"],
+    },
+    // The FABRIC broker's digests of replaced refresh tokens: without them
+    // a kernel's replaced token would be passed to the CM spent.
+    Imported {
+        name: "refresh_predecessors",
+        columns: &[("refresh_hash", Kind::Text), ("username", Kind::Text), ("issuer", Kind::Text), ("rotated_at", Kind::Int)],
+        key: &["refresh_hash"],
+    },
+    Imported {
+        name: "retired_refresh_tokens",
+        columns: &[("refresh_hash", Kind::Text), ("username", Kind::Text), ("issuer", Kind::Text), ("retired_at", Kind::Int)],
+        key: &["refresh_hash"],
     },
 ];
 
@@ -1054,8 +1066,8 @@ impl LineageFilter {
 }
 
 impl Store {
-    /// Copies every lineage, hub token, server token and name binding of
-    /// `source` into this database, as stored (sealed values stay sealed:
+    /// Copies every lineage, hub token, server token, name binding and the
+    /// broker's refresh-token digests of `source` into this database, as stored (sealed values stay sealed:
     /// they are bound to user and issuer, not to a database), in batches; a
     /// row already here is kept. Leases are not copied. Returns the rows
     /// copied per table. For `tokenhub import-sqlite`.

@@ -350,12 +350,20 @@ async fn import_sqlite_moves_a_thousand_lineages_to_postgresql() {
             store.bind_name(&user, &issuer, &format!("sub-{user}"), tokenhub::time::now()).await.unwrap();
             vault.save_login(&user, &issuer, &format!("sub-{user}"), &tokens, &claims, "nonce").await.unwrap();
         }
+        // One lineage rotated 18 times: the FABRIC broker's digests of 16
+        // replaced tokens (answered) and of 2 older ones (retired).
+        let mut lineage = vault.load("moved0001", &issuer).await.unwrap().unwrap();
+        for n in 0..18 {
+            let tokens = TokenSet { refresh_token: Some(format!("rotated-{n}").into()), ..lineage.tokens.clone() };
+            lineage = vault.save_refresh(&lineage, &tokens, None).await.unwrap().unwrap();
+        }
     }
     let postgres = Postgres::shared().new_database().await;
     let env = [("TOKENHUB_DATABASE_URL", postgres.as_str())];
     let out = run(&["import-sqlite", "--from", &sqlite], &env);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("copied 1000 lineages, 1000 name_bindings"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("16 refresh_predecessors, 2 retired_refresh_tokens"), "{}", text(&out.stdout));
     let again = run(&["import-sqlite", "--from", &sqlite], &env);
     assert!(text(&again.stdout).contains("copied 0 lineages, 0 name_bindings"), "{}", text(&again.stdout));
 
@@ -366,9 +374,18 @@ async fn import_sqlite_moves_a_thousand_lineages_to_postgresql() {
     for i in 0..1000 {
         let user = format!("moved{i:04}");
         let lineage = app.state().vault.load(&user, &issuer).await.unwrap().expect("moved");
-        assert_eq!(lineage.tokens.refresh_token.unwrap().expose_secret(), format!("refresh-{user}"));
+        let current = if user == "moved0001" { "rotated-17".to_string() } else { format!("refresh-{user}") };
+        assert_eq!(lineage.tokens.refresh_token.unwrap().expose_secret(), current);
         assert_eq!(lineage.subject, format!("sub-{user}"));
     }
+    // The broker still tells a replaced token from a retired one.
+    let owner = |token: &str| {
+        let store = app.state().vault.store().clone();
+        let hash = tokenhub::vault::crypto::digest_hex(token);
+        async move { store.refresh_owner(&hash, 0).await.unwrap().expect("the digest moved") }
+    };
+    assert!(!owner("rotated-16").await.retired);
+    assert!(owner("refresh-moved0001").await.retired);
     for user in ["moved0000", "moved0500", "moved0999"] {
         let response = Caller::new(&app, &hub, user).await.get("").await;
         assert_eq!(response.status(), StatusCode::OK);
