@@ -372,7 +372,7 @@ fn padded(out: &mut Vec<u8>, value: u32, width: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test]
@@ -406,9 +406,10 @@ mod tests {
         }
     }
 
-    /// A buffer both tracing and the audit write into.
+    /// A buffer both tracing and the audit write into (also the request
+    /// frame's log test's).
     #[derive(Clone, Default)]
-    struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Shared {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -421,7 +422,8 @@ mod tests {
     }
 
     impl Shared {
-        fn take(&self) -> String {
+        /// What was written so far, taken out.
+        pub(crate) fn take(&self) -> String {
             String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
         }
     }

@@ -238,12 +238,12 @@ pub async fn serve(config: Config, log: Option<crate::audit::LogWriter>) -> anyh
         let mut tick = tokio::time::interval(Duration::from_secs(300));
         loop {
             tick.tick().await;
-            if let Err(e) = purge_state.vault.store().purge_expired(crate::time::now()).await {
+            let now = crate::time::now();
+            if let Err(e) = purge_state.vault.store().purge_expired(now).await {
                 tracing::warn!(error = %e, "purging expired codes and tokens failed");
             }
             if let Some(fabric) = &purge_state.config.fabric
-                && let Err(e) =
-                    purge_state.vault.store().purge_predecessors(crate::time::now() - fabric.grace, crate::time::now()).await
+                && let Err(e) = purge_state.vault.store().purge_predecessors(now - fabric.grace, now).await
             {
                 tracing::warn!(error = %e, "purging replaced refresh tokens' digests failed");
             }

@@ -80,7 +80,7 @@ impl<'writer> FormatFields<'writer> for LogFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> std::fmt::Result {
         let mut names = SpanFieldNames::default();
         fields.record(&mut names);
-        if names.seen != SPAN_FIELDS.len() || !names.all_span_fields || writer.has_ansi_escapes() {
+        if names.seen != SPAN_FIELDS.len() || names.other || writer.has_ansi_escapes() {
             return DefaultFields::new().format_fields(writer, fields);
         }
         let mut written = SpanFieldsWriter { writer: &mut writer, first: true, result: Ok(()) };
@@ -93,13 +93,15 @@ impl<'writer> FormatFields<'writer> for LogFields {
 /// each once).
 #[derive(Default)]
 struct SpanFieldNames {
+    /// Fields seen.
     seen: usize,
-    all_span_fields: bool,
+    /// Whether a field was not the span's field at its place.
+    other: bool,
 }
 
 impl Visit for SpanFieldNames {
     fn record_debug(&mut self, field: &Field, _: &dyn std::fmt::Debug) {
-        self.all_span_fields = (self.seen == 0 || self.all_span_fields) && SPAN_FIELDS.get(self.seen) == Some(&field.name());
+        self.other |= SPAN_FIELDS.get(self.seen) != Some(&field.name());
         self.seen += 1;
     }
 }
@@ -170,7 +172,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::audit::tests::Shared;
 
     /// What a subscriber with these fields writes for the same spans and
     /// events (no time, no colours).
@@ -178,13 +180,13 @@ mod tests {
     where
         N: for<'w> FormatFields<'w> + Send + Sync + 'static,
     {
-        let out = Arc::new(Mutex::new(Vec::new()));
+        let out = Shared::default();
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .without_time()
             .fmt_fields(fields)
-            .with_writer(move || SharedBuffer(sink.clone()))
+            .with_writer(move || sink.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             let get = Method::GET;
@@ -204,20 +206,7 @@ mod tests {
             let error = std::io::Error::other("disk \"full\"");
             tracing::warn!(error = &error as &(dyn std::error::Error + 'static), count = 2, flag = true, "four");
         });
-        String::from_utf8(out.lock().unwrap().clone()).unwrap()
-    }
-
-    #[derive(Clone)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for SharedBuffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        out.take()
     }
 
     /// The log's lines with [`LogFields`] are byte for byte DefaultFields'.

@@ -259,9 +259,10 @@ impl Refresher {
         // A forced refresh is skipped only for a refresh completed after the
         // request began: the version it starts from must be the database's,
         // not a cached copy that may be a moment behind.
-        let lineage = match want.force {
-            true => app.vault.load(username, issuer).await?.map(Arc::new),
-            false => app.vault.load_cached(username, issuer).await?,
+        let lineage = if want.force {
+            app.vault.load(username, issuer).await?.map(Arc::new)
+        } else {
+            app.vault.load_cached(username, issuer).await?
         };
         let lineage = lineage.ok_or(RefreshError::NoLineage)?;
         let capped = capped_by(want);

@@ -226,11 +226,14 @@ impl Vault {
             refresh_hash: tokens.refresh_token.as_ref().map(|t| crypto::digest_hex(t.expose_secret())),
             fabric_token: None,
         };
-        let old_hash = replaced.as_ref().filter(|old| old.subject == subject).and_then(|old| old.refresh_hash.clone());
-        let predecessors = match (&replaced, &old_hash) {
-            (Some(_), Some(hash)) if Some(hash) != row.refresh_hash.as_ref() => Replaced::Add { hash, at: now },
-            (Some(old), _) if old.subject != subject => Replaced::Forget,
-            _ => Replaced::Keep,
+        let predecessors = match &replaced {
+            Some(old) if old.subject != subject => Replaced::Forget,
+            Some(old) => old
+                .refresh_hash
+                .as_deref()
+                .filter(|hash| Some(*hash) != row.refresh_hash.as_deref())
+                .map_or(Replaced::Keep, |hash| Replaced::Add { hash, at: now }),
+            None => Replaced::Keep,
         };
         self.forget(username, issuer);
         let version = self.store.replace_lineage(&row, predecessors).await?;
