@@ -15,7 +15,7 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, Uri};
 
 use serde_json::json;
 
@@ -28,6 +28,11 @@ pub struct Context {
     pub request_id: Option<HeaderValue>,
     /// The client address (see [`crate::security::client_of`]).
     pub client: Option<IpAddr>,
+    /// The request's method, for the log's request span.
+    pub method: Method,
+    /// The request's URI (a cheap clone), for the log's request span,
+    /// which shows its path only (query strings carry codes and state).
+    pub uri: Uri,
 }
 
 tokio::task_local! {
@@ -37,6 +42,11 @@ tokio::task_local! {
 /// The client address of the request being served.
 pub fn client() -> Option<String> {
     CONTEXT.try_with(|c| c.client.map(|ip| ip.to_string())).ok().flatten()
+}
+
+/// `f` of the context of the request being served, if any.
+pub fn with_context<R>(f: impl FnOnce(&Context) -> R) -> Option<R> {
+    CONTEXT.try_with(f).ok()
 }
 
 /// The longest request id kept in the audit log.
@@ -295,11 +305,11 @@ impl Fields<'_> {
             out.extend_from_slice(b"  INFO audit: audit");
         }
         let mut version = itoa::Buffer::new();
-        let client = self.client.map(|ip| ip.to_string());
+        let client = self.client.map(IpText::new);
         for (name, value, quoted) in [
             ("event", self.event, true),
             ("user", self.user.unwrap_or("-"), true),
-            ("client", client.as_deref().unwrap_or("-"), true),
+            ("client", client.as_ref().map_or("-", IpText::as_str), true),
             ("version", version.format(self.version.unwrap_or(-1)), false),
             ("request_id", self.request_id.unwrap_or("-"), true),
             ("detail", self.detail.unwrap_or(""), true),
@@ -329,6 +339,45 @@ impl Fields<'_> {
             "detail": self.detail,
         });
         let _ = writeln!(out, "{line}");
+    }
+}
+
+/// An address as `Display` writes it, without allocating: a fetch line's
+/// client was a string made and dropped per fetch.
+struct IpText {
+    bytes: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut text = Self { bytes: [0; 45], len: 0 };
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b".");
+                    }
+                    text.push(itoa::Buffer::new().format(octet).as_bytes());
+                }
+            }
+            IpAddr::V6(v6) => {
+                // The longest IPv6 text (an IPv4 tail) is 45 bytes.
+                let mut cursor = std::io::Cursor::new(&mut text.bytes[..]);
+                let _ = write!(cursor, "{v6}");
+                text.len = cursor.position() as usize;
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("an address's text is ASCII")
     }
 }
 
@@ -380,11 +429,19 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let audit = Audit::open(&AuditTarget::File(path.clone()), None).unwrap();
-        let context = Context { request_id: Some(HeaderValue::from_static("rid-1")), client: Some("10.1.2.3".parse().unwrap()) };
+        let context = Context {
+            request_id: Some(HeaderValue::from_static("rid-1")),
+            client: Some("10.1.2.3".parse().unwrap()),
+            ..Context::default()
+        };
         CONTEXT.scope(context, async { audit.record("notebook_fetch", Some("alice"), Some(3), None) }).await;
         audit.record("revoke", Some("bob"), None, Some("user asked"));
         // A fetch line, written by the audit's thread, with its context.
-        let context = Context { request_id: Some(HeaderValue::from_static("rid-2")), client: Some("10.1.2.4".parse().unwrap()) };
+        let context = Context {
+            request_id: Some(HeaderValue::from_static("rid-2")),
+            client: Some("10.1.2.4".parse().unwrap()),
+            ..Context::default()
+        };
         CONTEXT.scope(context, async { audit.record_off_path("notebook_fetch", "carol", Some(5), None) }).await;
         audit.flush();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -406,8 +463,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// A buffer both tracing and the audit write into (also the request
-    /// frame's log test's).
+    /// A buffer both tracing and the audit write into.
     #[derive(Clone, Default)]
     pub(crate) struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
 
@@ -426,6 +482,17 @@ pub(crate) mod tests {
         pub(crate) fn take(&self) -> String {
             String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
         }
+    }
+
+    /// Addresses as `Display` writes them, the longest IPv6 included.
+    #[test]
+    fn ip_text_is_display() {
+        for ip in ["0.0.0.0", "10.1.2.3", "255.255.255.255", "::", "2001:db8::1", "::ffff:255.255.255.255"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::new(ip).as_str(), ip.to_string());
+        }
+        let longest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(IpText::new(longest).as_str(), longest.to_string());
     }
 
     /// The time tracing's default timer wrote at the start of `line`.

@@ -213,8 +213,8 @@ fn init_logging(config: &Config) -> (tracing_appender::non_blocking::WorkerGuard
     let audit_lines = (!terminal).then(|| crate::audit::LogWriter::new(Box::new(writer.clone()), config.log.format));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).with_writer(writer);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.fmt_fields(crate::request_frame::LogFields).init(),
+        LogFormat::Json => builder.json().map_event_format(crate::request_frame::RequestEvents).init(),
+        LogFormat::Text => builder.map_event_format(crate::request_frame::RequestEvents).init(),
     }
     (guard, audit_lines)
 }

@@ -61,8 +61,16 @@ fn missing_settings_are_named_and_exit_2() {
     assert!(!err.contains("not-a-key"), "the key value is not echoed");
 }
 
-#[tokio::test]
-async fn serve_logs_no_secrets_and_stops_on_sigterm() {
+/// What `tokenhub serve` logged (format `format`) while a user logged in,
+/// until SIGTERM stopped it; and the secrets of that login.
+struct ServedLogin {
+    logs: String,
+    secrets: Vec<String>,
+    app: TestApp,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve_and_log_in(format: &str) -> ServedLogin {
     let idp = Idp::shared();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -72,7 +80,7 @@ async fn serve_logs_no_secrets_and_stops_on_sigterm() {
         .arg("serve")
         .env_clear()
         .envs(serve_env(&idp.issuer, port, &format!("sqlite://{}?mode=rwc", dir.path().join("th.sqlite").display())))
-        .envs([("TOKENHUB_LOG", "debug,hyper=info,h2=info,rustls=info"), ("TOKENHUB_LOG_FORMAT", "json")])
+        .envs([("TOKENHUB_LOG", "debug,hyper=info,h2=info,rustls=info"), ("TOKENHUB_LOG_FORMAT", format)])
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -99,11 +107,6 @@ async fn serve_logs_no_secrets_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "graceful shutdown exits 0: {status}");
-
-    let logs = std::fs::read_to_string(&log_path).unwrap();
-    let lines: Vec<Value> = logs.lines().map(|l| serde_json::from_str(l).expect("every log line is JSON")).collect();
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "login stored"), "{logs}");
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "tokenhub stopped"), "{logs}");
     let secrets = [
         code.as_str(),
         tokens["access_token"].as_str().unwrap(),
@@ -112,11 +115,49 @@ async fn serve_logs_no_secrets_and_stops_on_sigterm() {
         IDP_CLIENT_SECRET,
         CRYPT_KEY,
     ];
-    for secret in secrets {
-        assert!(!logs.contains(secret), "a secret is in tokenhub's log");
+    let secrets = secrets.map(String::from).to_vec();
+    ServedLogin { logs: std::fs::read_to_string(&log_path).unwrap(), secrets, app, _dir: dir }
+}
+
+#[tokio::test]
+async fn serve_logs_no_secrets_and_stops_on_sigterm() {
+    let ServedLogin { logs, secrets, app, _dir } = serve_and_log_in("json").await;
+    let lines: Vec<Value> = logs.lines().map(|l| serde_json::from_str(l).expect("every log line is JSON")).collect();
+    let stored = lines.iter().find(|l| l["fields"]["message"] == "login stored").expect(&logs);
+    // Written while the callback was served: the request's span, made
+    // when the line was, with its method, path and id.
+    assert_eq!(stored["span"]["name"], "http", "{stored}");
+    assert_eq!(stored["span"]["method"], "GET", "{stored}");
+    assert!(stored["span"]["path"].as_str().is_some_and(|p| p.ends_with("/callback")), "{stored}");
+    assert!(stored["span"]["request_id"].as_str().is_some_and(|id| id.len() == 22), "{stored}");
+    assert_eq!(stored["spans"].as_array().map(Vec::len), Some(1), "{stored}");
+    // Outside any request: no span.
+    let stopped = lines.iter().find(|l| l["fields"]["message"] == "tokenhub stopped").expect(&logs);
+    assert!(stopped.get("span").is_none(), "{stopped}");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret is in tokenhub's log");
     }
     let database = app.database_bytes();
     for secret in &secrets[..3] {
         assert!(!database.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
+
+/// The text log: a line written during a request carries the request's
+/// span as tracing writes a span, `http{method=… path=… request_id="…"}:`.
+#[tokio::test]
+async fn text_log_lines_of_a_request_carry_its_span() {
+    let ServedLogin { logs, secrets, .. } = serve_and_log_in("text").await;
+    let stored = logs.lines().find(|l| l.ends_with("login stored") || l.contains(": login stored")).expect(&logs);
+    let (_, after_level) = stored.split_once("  INFO ").expect(stored);
+    let span = after_level.strip_prefix("http{method=GET path=").expect(stored);
+    let (path, rest) = span.split_once(' ').expect(stored);
+    assert!(path.ends_with("/callback"), "{stored}");
+    let id = rest.strip_prefix("request_id=\"").and_then(|r| r.split_once("\"}: tokenhub::oauth::login: login stored"));
+    assert!(id.is_some_and(|(id, _)| id.len() == 22), "{stored}");
+    let stopped = logs.lines().find(|l| l.contains("tokenhub stopped")).expect(&logs);
+    assert!(!stopped.contains("http{"), "{stopped}");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret is in tokenhub's log");
     }
 }
