@@ -17,7 +17,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
@@ -116,14 +115,15 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
-/// The client of a request (peer from `ConnectInfo` and the trusted
-/// proxies, both put there by [`crate::server::serve`]; tests driving the
-/// router directly have neither, so no client).
+/// A request's client, told by [`crate::server::serve`] from the peer and
+/// the trusted proxies ([`client_of`]) and put among its extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Client(pub IpAddr);
+
+/// The client of a request ([`Client`]; tests driving the router directly
+/// have none).
 pub fn client_of_request<B>(request: &Request<B>) -> Option<IpAddr> {
-    static NONE: std::sync::LazyLock<TrustedProxies> = std::sync::LazyLock::new(TrustedProxies::default);
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let trusted = request.extensions().get::<TrustedProxies>().unwrap_or(&NONE);
-    client_of(request.headers(), peer, trusted)
+    request.extensions().get::<Client>().map(|c| c.0)
 }
 
 /// Failures allowed in a row before a client is slowed down.

@@ -15,10 +15,9 @@
 //!   above that, `accept` waits until one closes (the kernel's backlog holds
 //!   the rest).
 //!
-//! Every request carries the peer address (`ConnectInfo<SocketAddr>`) and
-//! the trusted proxies (`TOKENHUB_TRUSTED_PROXIES`), from which
-//! [`crate::security::client_of_request`] tells the client the failure
-//! limiter and the audit log count by. SIGINT/SIGTERM (or
+//! Every request carries its client ([`Client`]), told from the peer
+//! address and the trusted proxies (`TOKENHUB_TRUSTED_PROXIES`): the
+//! address the failure limiter and the audit log count by. SIGINT/SIGTERM (or
 //! whatever `shutdown` is) stops accepting, closes idle connections at once
 //! and lets requests in flight finish (a head still arriving has until its
 //! header timeout).
@@ -28,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -40,6 +38,7 @@ use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::config::{ConnectionLimits, HttpConfig};
+use crate::security::{Client, client_of};
 
 /// The smallest read buffer hyper accepts.
 const MIN_BUF_SIZE: usize = 8192;
@@ -121,8 +120,9 @@ pub async fn serve_with(
         let trusted = http.trusted_proxies.clone();
         let service = ServiceBuilder::new()
             .map_request(move |mut request: axum::http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request.extensions_mut().insert(trusted.clone());
+                if let Some(client) = client_of(request.headers(), Some(peer), &trusted) {
+                    request.extensions_mut().insert(Client(client));
+                }
                 request
             })
             .layer(RequestBodyTimeoutLayer::new(body_timeout))
