@@ -421,7 +421,7 @@ fn padded(out: &mut Vec<u8>, value: u32, width: usize) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     #[tokio::test]
@@ -465,7 +465,7 @@ pub(crate) mod tests {
 
     /// A buffer both tracing and the audit write into.
     #[derive(Clone, Default)]
-    pub(crate) struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+    struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Shared {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -479,7 +479,7 @@ pub(crate) mod tests {
 
     impl Shared {
         /// What was written so far, taken out.
-        pub(crate) fn take(&self) -> String {
+        fn take(&self) -> String {
             String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
         }
     }

@@ -68,9 +68,11 @@ pub fn request_span(method: &Method, path: &str, request_id: &str) -> tracing::S
 }
 
 /// The log's event formatter `F`, with the request span around each event
-/// written while a request is served, made then from the request's context
-/// (the same span every event of the request had when one was made per
-/// request; a unit test holds the lines equal).
+/// written while a request is served, made then from the request's context:
+/// the same span the event had when one was made for every request (the
+/// binary's tests read it in the text and the JSON log). The span is made
+/// through the global subscriber, as `tokenhub serve` installs its log
+/// (tracing gives a span made during an event nothing under a scoped one).
 #[derive(Debug)]
 pub struct RequestEvents<F>(pub F);
 
