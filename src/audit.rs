@@ -41,7 +41,7 @@ tokio::task_local! {
 
 /// The client address of the request being served.
 pub fn client() -> Option<String> {
-    CONTEXT.try_with(|c| c.client.map(|ip| ip.to_string())).ok().flatten()
+    with_context(|c| c.client.map(|ip| ip.to_string())).flatten()
 }
 
 /// `f` of the context of the request being served, if any.

@@ -63,7 +63,7 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// A request's span: its method, its path (never the query) and its id.
-pub fn request_span(method: &Method, path: &str, request_id: &str) -> tracing::Span {
+fn request_span(method: &Method, path: &str, request_id: &str) -> tracing::Span {
     tracing::info_span!("http", method = %method, path = %path, request_id)
 }
 
